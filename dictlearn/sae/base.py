@@ -1,0 +1,250 @@
+"""What every SAE architecture shares: parameters, the registry, and the pieces of a loss.
+
+An architecture is a small class with ``init``, ``encode``, ``decode`` and ``loss``. The loss is
+written from the point of view of ONE device inside ``shard_map``: it sees its slice of the batch
+(``batch/data``) and its slice of the features (``features/model``), and uses explicit collectives
+(``psum`` over ``model`` to finish a reconstruction, over ``data`` to finish a mean). The same code
+therefore runs on a 1x1 mesh (the single-device reference) and on any larger mesh.
+
+Conventions (the field's, see SAELens / OpenAI / Anthropic):
+    W_enc [d_model, n_features], b_enc [n_features], W_dec [n_features, d_model], b_dec [d_model].
+    pre = (x - b_dec) @ W_enc + b_enc;  x_hat = f @ W_dec + b_dec.
+    Inputs are normalised (x * norm_scale) so E||x||^2 = d_model; the reconstruction loss is the
+    mean over tokens of the squared error summed over d_model.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import ClassVar, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from pydantic import Field
+
+from dictlearn.config import StrictModel
+from sharding import D_MODEL, DATA, FEATURES, MODEL
+
+Params = dict[str, jax.Array]
+ArchState = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class BaseSAEConfig(StrictModel):
+    """Fields every architecture has. Subclasses add their own and a literal ``architecture``."""
+
+    architecture: str = Field(description="Registered architecture name.")
+    n_features: int = Field(16384, gt=0, description="Number of latents (d_sae).")
+    d_model: int | None = Field(
+        None, gt=0, description="Input width; None takes it from the activation dataset."
+    )
+    decoder_init_norm: float = Field(
+        1.0, gt=0, description="L2 norm of each decoder row at initialisation."
+    )
+    init_b_dec_to_mean: bool = Field(
+        True, description="Initialise b_dec at the (normalised) data mean."
+    )
+    dead_window_tokens: int = Field(
+        10_000_000,
+        gt=0,
+        description="A latent that has not fired for this many tokens counts as dead.",
+    )
+
+
+class LossContext(NamedTuple):
+    """Per-step values a loss needs that are not parameters."""
+
+    global_batch: int
+    """Tokens in the global batch (static)."""
+    sparsity_scale: jax.Array | float = 1.0
+    """Multiplier on the sparsity penalty in [0, 1] (its warm-up); traced inside the step."""
+
+
+class Architecture(abc.ABC):
+    """One SAE variant. Instances are cheap and hold only the (static) config."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[BaseSAEConfig]]
+    unit_norm_decoder: ClassVar[bool] = True
+    """Keep decoder rows at unit norm (gradient projection + renormalisation each step)."""
+
+    def __init__(self, config: BaseSAEConfig, d_model: int):
+        self.config = config
+        self.d_model = d_model
+
+    # --- parameters -------------------------------------------------------------------------
+    def param_axes(self) -> dict[str, tuple[str | None, ...]]:
+        """Logical axes of every parameter (``sharding`` maps them to the mesh)."""
+        return {
+            "W_enc": (D_MODEL, FEATURES),
+            "b_enc": (FEATURES,),
+            "W_dec": (FEATURES, D_MODEL),
+            "b_dec": (D_MODEL,),
+        }
+
+    def init(self, key: jax.Array, data_mean: jax.Array | None) -> Params:
+        """Unit-norm (scaled) random decoder rows, encoder = decoder transpose, b_dec = mean."""
+        cfg = self.config
+        w_dec = jax.random.normal(key, (cfg.n_features, self.d_model), jnp.float32)
+        w_dec = w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True) * cfg.decoder_init_norm
+        b_dec = jnp.zeros((self.d_model,), jnp.float32)
+        if cfg.init_b_dec_to_mean and data_mean is not None:
+            b_dec = jnp.asarray(data_mean, jnp.float32)
+        return {
+            "W_enc": w_dec.T,
+            "b_enc": jnp.zeros((cfg.n_features,), jnp.float32),
+            "W_dec": w_dec,
+            "b_dec": b_dec,
+        }
+
+    def state_axes(self) -> dict[str, tuple[str | None, ...]]:
+        """Logical axes of the architecture's non-trained state (e.g. a running threshold)."""
+        return {}
+
+    def init_state(self) -> ArchState:
+        return {}
+
+    # --- dense single-device API (inference, export, eval of small models) ----------------
+    @abc.abstractmethod
+    def encode(self, params: Params, x: jax.Array, state: ArchState) -> jax.Array:
+        """Dense latents ``[batch, n_features]`` for normalised inputs (inference semantics)."""
+
+    def decode(self, params: Params, latents: jax.Array) -> jax.Array:
+        return latents @ params["W_dec"] + params["b_dec"]
+
+    # --- training ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def local_loss(
+        self, params: Params, x: jax.Array, state: ArchState, dead: jax.Array, ctx: LossContext
+    ) -> tuple[jax.Array, LocalOutputs]:
+        """Loss on one device's shard (inside ``shard_map``); see the module docstring.
+
+        Args:
+            params: this device's parameter slices.
+            x: this device's normalised batch slice ``[batch/data, d_model]``.
+            state: this device's slice of the architecture state.
+            dead: bool ``[n_features/model]``, latents currently counted dead.
+            ctx: global batch size and the sparsity warm-up scale.
+
+        Returns:
+            The GLOBAL scalar loss (already reduced over ``data``), and the outputs below.
+        """
+
+    def update_state(self, state: ArchState, stats: dict[str, jax.Array]) -> ArchState:
+        """Fold per-step statistics (from ``LocalOutputs.state_stats``) into the state."""
+        return state
+
+
+class LocalOutputs(NamedTuple):
+    """What a local loss returns besides the loss."""
+
+    metrics: Metrics
+    """Global scalars (already reduced over every mesh axis)."""
+    fire_counts: jax.Array
+    """int32 ``[n_features/model]``: tokens of the global batch on which each latent fired."""
+    state_stats: dict[str, jax.Array]
+    """Architecture-specific global statistics for ``update_state``."""
+
+
+# --- registry ------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Architecture]] = {}
+
+
+def register(cls: type[Architecture]) -> type[Architecture]:
+    """Class decorator: make ``cls`` selectable as ``sae.architecture: <cls.name>``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"architecture {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_architecture(config: BaseSAEConfig, d_model: int) -> Architecture:
+    """Instantiate the registered architecture named by ``config.architecture``."""
+    try:
+        cls = _REGISTRY[config.architecture]
+    except KeyError:
+        raise ValueError(
+            f"sae.architecture={config.architecture!r} is not registered; "
+            f"choose one of {sorted(_REGISTRY)}"
+        ) from None
+    return cls(config, d_model)
+
+
+def registered_architectures() -> dict[str, type[Architecture]]:
+    return dict(_REGISTRY)
+
+
+# --- shared loss pieces (device-local, collective-aware) -----------------------------------
+def as_varying(x: jax.Array, axes: tuple[str, ...] = (DATA, MODEL)) -> jax.Array:
+    """Mark ``x`` as per-device over ``axes`` (inside shard_map).
+
+    The sparse backward rule produces per-device cotangents (each device saw different tokens
+    and features); casting its replicated inputs to "varying" first makes JAX sum those
+    cotangents over the axes the input was replicated on, which is exactly the gradient.
+    """
+    already = jax.typeof(x).manual_axis_type.varying
+    missing = tuple(a for a in axes if a not in already)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def global_sum(value: jax.Array) -> jax.Array:
+    """Sum a per-token quantity over the data axis (each device holds different tokens)."""
+    return jax.lax.psum(value, DATA)
+
+
+def finish_reconstruction(partial: jax.Array, b_dec: jax.Array) -> jax.Array:
+    """Sum per-shard partial reconstructions over the feature shards and add the bias."""
+    return jax.lax.psum(partial, MODEL) + b_dec
+
+
+def preactivations(params: Params, x: jax.Array) -> jax.Array:
+    """``(x - b_dec) @ W_enc + b_enc`` for this device's feature slice."""
+    return (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+
+
+def reconstruction_metrics(
+    x: jax.Array, x_hat: jax.Array, l0_per_token: jax.Array, global_batch: int
+) -> tuple[jax.Array, Metrics]:
+    """Reconstruction loss (global mean of summed squared error) and the standard metrics.
+
+    ``l0_per_token`` is this device's per-token count of active latents in its feature slice;
+    it is summed over ``model`` here.
+    """
+    err = x_hat - x
+    sq = jnp.sum(err * err, axis=-1)
+    sum_sq = global_sum(jnp.sum(sq))
+    recon = sum_sq / global_batch
+    # FVU against the batch mean: sum||x - x_hat||^2 / sum||x - mean(x)||^2.
+    mean_x = global_sum(jnp.sum(x, axis=0)) / global_batch
+    total_var = global_sum(jnp.sum((x - mean_x) ** 2))
+    l0 = global_sum(jnp.sum(jax.lax.psum(l0_per_token, MODEL))) / global_batch
+    metrics = {
+        "recon_loss": recon,
+        "mse": recon / x.shape[-1],
+        "fvu": sum_sq / total_var,
+        "l0": l0,
+    }
+    return recon, metrics
+
+
+def fire_counts_from_dense(active: jax.Array) -> jax.Array:
+    """Per-latent number of tokens (over the global batch) on which each local latent fired."""
+    return global_sum(jnp.sum(active, axis=0, dtype=jnp.int32))
+
+
+def remove_parallel_component(grad_w_dec: jax.Array, w_dec: jax.Array) -> jax.Array:
+    """Project out the gradient component along each (unit) decoder row (OpenAI's TopK recipe).
+
+    Without it Adam's update partly fights the renormalisation that follows every step.
+    """
+    unit = w_dec / (jnp.linalg.norm(w_dec, axis=1, keepdims=True) + 1e-12)
+    return grad_w_dec - jnp.sum(grad_w_dec * unit, axis=1, keepdims=True) * unit
+
+
+def renormalise_rows(w_dec: jax.Array) -> jax.Array:
+    return w_dec / (jnp.linalg.norm(w_dec, axis=1, keepdims=True) + 1e-12)
+
+
+Reduction = Callable[[jax.Array], jax.Array]
+ArchitectureName = Literal["topk", "batchtopk", "jumprelu", "relu_l1"]

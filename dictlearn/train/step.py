@@ -1,0 +1,230 @@
+"""The train state and the pure, jitted train step.
+
+``train_step(state, batch) -> (state, metrics)`` is one function over a pytree state, jitted once
+with explicit shardings and the state donated. Everything that changes per step lives inside it:
+the loss (in ``shard_map``, see ``dictlearn.sae.base``), the decoder-norm projection, the
+optimizer update, dead-latent bookkeeping and the architecture's running statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from dictlearn.sae import Architecture, LocalOutputs, LossContext
+from dictlearn.sae.base import remove_parallel_component, renormalise_rows
+from dictlearn.train.config import OptimizerConfig
+from dictlearn.train.optimizer import learning_rate_schedule, make_optimizer, sparsity_schedule
+from sharding import BATCH, D_MODEL, FEATURES, logical_to_spec, named_sharding, replicated
+
+
+class TrainState(NamedTuple):
+    """Everything a resumed run needs from the device side."""
+
+    step: jax.Array
+    params: dict[str, jax.Array]
+    opt_state: Any
+    arch_state: dict[str, jax.Array]
+    tokens_since_fired: jax.Array
+    """int32 ``[n_features]``: tokens since each latent last fired (saturates at the window)."""
+
+
+class TrainProgram:
+    """Compiled init / train / eval functions for one architecture on one mesh.
+
+    Args:
+        arch: the SAE architecture (holds its config).
+        optimizer_config: optimizer and schedules.
+        total_steps: length of the run (for the lr decay).
+        global_batch: tokens per global batch.
+        mesh: the ``(data, model)`` mesh.
+        norm_scale: input normalisation factor applied inside the step.
+    """
+
+    def __init__(
+        self,
+        arch: Architecture,
+        optimizer_config: OptimizerConfig,
+        total_steps: int,
+        global_batch: int,
+        mesh: Mesh,
+        norm_scale: float,
+    ):
+        self.arch = arch
+        self.mesh = mesh
+        self.global_batch = global_batch
+        self.norm_scale = float(norm_scale)
+        self.optimizer = make_optimizer(optimizer_config, total_steps)
+        self.lr_schedule = learning_rate_schedule(optimizer_config, total_steps)
+        self.sparsity_schedule = sparsity_schedule(optimizer_config)
+        self.dead_window = arch.config.dead_window_tokens
+        self._check_divisible()
+
+        self.param_shardings = {
+            k: named_sharding(mesh, axes) for k, axes in arch.param_axes().items()
+        }
+        self.arch_state_shardings = {
+            k: named_sharding(mesh, axes) for k, axes in arch.state_axes().items()
+        }
+        self.batch_sharding = named_sharding(mesh, (BATCH, D_MODEL))
+        self.state_shardings = self._state_shardings()
+
+        self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        self.eval_step = jax.jit(
+            self._eval_step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=replicated(mesh),
+        )
+
+    # --- layout ------------------------------------------------------------------------------
+    def _check_divisible(self) -> None:
+        data, model = self.mesh.shape["data"], self.mesh.shape["model"]
+        n = self.arch.config.n_features
+        if n % model:
+            raise ValueError(f"sae.n_features={n} must be divisible by mesh.model={model}")
+        if self.global_batch % data:
+            raise ValueError(
+                f"train.batch_size={self.global_batch} must be divisible by mesh.data={data}"
+            )
+
+    def _state_shardings(self) -> TrainState:
+        rep = replicated(self.mesh)
+        abstract_params = jax.eval_shape(lambda: self.arch.init(jax.random.key(0), None))
+        opt_shape = jax.eval_shape(self.optimizer.init, abstract_params)
+        opt_shardings = optax.tree_map_params(
+            self.optimizer,
+            lambda _, sharding: sharding,
+            opt_shape,
+            self.param_shardings,
+            transform_non_params=lambda _: rep,
+        )
+        return TrainState(
+            step=rep,
+            params=self.param_shardings,
+            opt_state=opt_shardings,
+            arch_state=self.arch_state_shardings,
+            tokens_since_fired=named_sharding(self.mesh, (FEATURES,)),
+        )
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state, allocating nothing (for restore/compile)."""
+        shapes = jax.eval_shape(self._init, jax.random.key(0), jnp.zeros(self.arch.d_model))
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            shapes,
+            self.state_shardings,
+        )
+
+    def abstract_batch(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(
+            (self.global_batch, self.arch.d_model), jnp.float32, sharding=self.batch_sharding
+        )
+
+    # --- functions ---------------------------------------------------------------------------
+    def _init(self, key: jax.Array, data_mean: jax.Array) -> TrainState:
+        params = self.arch.init(key, data_mean * self.norm_scale)
+        return TrainState(
+            step=jnp.int32(0),
+            params=params,
+            opt_state=self.optimizer.init(params),
+            arch_state=self.arch.init_state(),
+            tokens_since_fired=jnp.zeros((self.arch.config.n_features,), jnp.int32),
+        )
+
+    def _loss(self, params, arch_state, dead, x, sparsity_scale):
+        arch, ctx_batch = self.arch, self.global_batch
+        param_specs = {k: s.spec for k, s in self.param_shardings.items()}
+        arch_specs = {k: s.spec for k, s in self.arch_state_shardings.items()}
+        rep = logical_to_spec(())
+
+        def local(params, arch_state, dead, x, sparsity_scale):
+            ctx = LossContext(global_batch=ctx_batch, sparsity_scale=sparsity_scale)
+            return arch.local_loss(params, x, arch_state, dead, ctx)
+
+        out = jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(
+                param_specs,
+                arch_specs,
+                logical_to_spec((FEATURES,)),
+                logical_to_spec((BATCH, D_MODEL)),
+                rep,
+            ),
+            out_specs=(rep, LocalOutputs(rep, logical_to_spec((FEATURES,)), rep)),
+        )(params, arch_state, dead, x, sparsity_scale)
+        loss, (metrics, fire_counts, state_stats) = out
+        return loss, (metrics, fire_counts, state_stats)
+
+    def _dead(self, state: TrainState) -> jax.Array:
+        return state.tokens_since_fired >= self.dead_window
+
+    def _train_step(self, state: TrainState, batch: jax.Array):
+        x = batch * self.norm_scale
+        dead = self._dead(state)
+        scale = self.sparsity_schedule(state.step)
+        (_, (metrics, fire_counts, stats)), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            state.params, state.arch_state, dead, x, scale
+        )
+        if self.arch.unit_norm_decoder:
+            grads = grads | {
+                "W_dec": remove_parallel_component(grads["W_dec"], state.params["W_dec"])
+            }
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if self.arch.unit_norm_decoder:
+            params = params | {"W_dec": renormalise_rows(params["W_dec"])}
+        tokens_since_fired = jnp.where(
+            fire_counts > 0,
+            0,
+            jnp.minimum(state.tokens_since_fired + self.global_batch, self.dead_window),
+        )
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            arch_state=self.arch.update_state(state.arch_state, stats),
+            tokens_since_fired=tokens_since_fired,
+        )
+        metrics = metrics | {
+            "dead_fraction": jnp.mean(dead.astype(jnp.float32)),
+            "grad_norm": grad_norm,
+            "lr": self.lr_schedule(state.step),
+            "sparsity_scale": jnp.asarray(scale, jnp.float32),
+        }
+        return new_state, metrics
+
+    def _eval_step(self, state: TrainState, batch: jax.Array):
+        x = batch * self.norm_scale
+        _, (metrics, _, _) = self._loss(
+            state.params, state.arch_state, self._dead(state), x, jnp.float32(1.0)
+        )
+        return metrics
+
+    # --- host helpers -----------------------------------------------------------------------
+    def global_batch_array(self, local_rows: np.ndarray) -> jax.Array:
+        """Assemble this process's rows into the global, data-sharded batch array."""
+        return jax.make_array_from_process_local_data(
+            self.batch_sharding,
+            np.ascontiguousarray(local_rows, dtype=np.float32),
+            (self.global_batch, self.arch.d_model),
+        )
+
+
+def unsharded_copy(tree: Any) -> Any:
+    """Host copy of a (possibly sharded) pytree: for comparisons and exports."""
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
