@@ -226,5 +226,3 @@ class TrainProgram:
 def unsharded_copy(tree: Any) -> Any:
     """Host copy of a (possibly sharded) pytree: for comparisons and exports."""
     return jax.tree.map(np.asarray, jax.device_get(tree))
-
-

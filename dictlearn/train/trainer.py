@@ -1,0 +1,297 @@
+"""``dictlearn train``: train an SAE on an activation dataset.
+
+    dictlearn train launch/configs/train_tiny.yaml data.path=/data/acts train.steps=2000
+
+``main(config) -> TrainResult`` is the entry point (the CLI only parses and calls it). The run
+directory ``<run.output_dir>/<run name>`` holds ``config.yaml`` (the resolved config),
+``metrics.jsonl``, W&B's offline files and ``checkpoints/``. Re-running the same command resumes
+from the newest checkpoint; the result is bit-identical to a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from dictlearn.config import to_yaml
+from dictlearn.data import ActivationDataset, BatchStream, DatasetError
+from dictlearn.data.planted import load_planted_truth, recovery_score
+from dictlearn.sae import get_architecture
+from dictlearn.tracking import Tracker
+from dictlearn.train.checkpoint import Checkpointer
+from dictlearn.train.config import TrainConfig
+from dictlearn.train.step import TrainProgram, TrainState
+from sharding import make_mesh
+
+# Config sections that may change between a run and its resumption without changing its result.
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "checkpoint",
+    "tracker",
+    "mesh",
+    "data.prefetch",
+    "run",
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) training run reports."""
+
+    run_dir: str
+    checkpoint_dir: str
+    steps: int
+    tokens: int
+    metrics: dict[str, float]
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    preempted: bool = False
+
+
+def run_dir_of(config: TrainConfig) -> str:
+    return f"{config.run.output_dir.rstrip('/')}/{config.run_name}"
+
+
+def open_dataset(config: TrainConfig) -> ActivationDataset:
+    dataset = ActivationDataset.open(config.data.path)
+    expected = config.sae.d_model
+    if expected is not None and expected != dataset.d_model:
+        raise DatasetError(
+            f"sae.d_model={expected} but the dataset {config.data.path} has d_model "
+            f"{dataset.d_model}; remove sae.d_model or point data.path at matching activations"
+        )
+    return dataset
+
+
+def build_program(config: TrainConfig, dataset: ActivationDataset, mesh=None) -> TrainProgram:
+    arch = get_architecture(config.sae, dataset.d_model)
+    return TrainProgram(
+        arch,
+        config.optimizer,
+        total_steps=config.train.steps,
+        global_batch=config.train.batch_size,
+        mesh=mesh if mesh is not None else make_mesh(config.mesh),
+        norm_scale=dataset.norm_scale,
+    )
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any], prefix="") -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        if any(name == r or name.startswith(r + ".") for r in RESUMABLE_CHANGES):
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, name + ".")
+        elif a != b:
+            diffs.append(f"{name}: checkpoint has {a!r}, config has {b!r}")
+    return diffs
+
+
+class _PreemptionFlag:
+    """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then exit)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self) -> _PreemptionFlag:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a Ray actor thread): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def evaluate(
+    program: TrainProgram, state: TrainState, config: TrainConfig, dataset: ActivationDataset
+) -> dict[str, float]:
+    """Mean metrics over ``train.eval_batches`` held-out batches (always the same ones)."""
+    if config.data.eval_fraction == 0 or config.train.eval_batches == 0:
+        return {}
+    totals: dict[str, float] = {}
+    with _stream(config, dataset, "eval", position=0) as stream:
+        for _ in range(config.train.eval_batches):
+            m = _host_metrics(program.eval_step(state, program.global_batch_array(next(stream))))
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v
+    return {k: v / config.train.eval_batches for k, v in totals.items()}
+
+
+def _stream(config: TrainConfig, dataset: ActivationDataset, split: str, position: int):
+    return BatchStream(
+        dataset,
+        global_batch=config.train.batch_size,
+        seed=config.train.seed,
+        split=split,
+        eval_fraction=config.data.eval_fraction,
+        block_rows=config.data.block_rows,
+        shuffle_blocks=config.data.shuffle_blocks,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        position=position,
+        prefetch=config.data.prefetch,
+    )
+
+
+def main(config: TrainConfig) -> TrainResult:
+    """Train (or resume) the run described by ``config``; see the module docstring."""
+    dataset = open_dataset(config)
+    program = build_program(config, dataset)
+    run_dir = run_dir_of(config)
+    ckpt_dir = f"{run_dir}/checkpoints"
+    is_lead = jax.process_index() == 0
+    config_dict = config.model_dump(mode="json")
+
+    if is_lead:
+        fs, path = fsspec.core.url_to_fs(run_dir)
+        fs.makedirs(path, exist_ok=True)
+        with fsspec.open(f"{run_dir}/config.yaml", "w") as f:
+            f.write(to_yaml(config))
+
+    checkpointer = Checkpointer(
+        ckpt_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    state, position = _initial_state(config, config_dict, program, dataset, checkpointer)
+    start_step = int(jax.device_get(state.step))
+
+    tracker = Tracker(
+        run_dir,
+        config_dict,
+        wandb_mode=config.tracker.wandb_mode,
+        project=config.tracker.project,
+        entity=config.tracker.entity,
+        name=config.run_name,
+        enabled=is_lead,
+    )
+    last_saved = checkpointer.latest_step()
+    metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    preempted = False
+    try:
+        with _stream(config, dataset, "train", position) as stream, _PreemptionFlag() as stop:
+            bar = tqdm(
+                total=config.train.steps,
+                initial=start_step,
+                disable=not is_lead,
+                unit="step",
+                dynamic_ncols=True,
+            )
+            t_last, tokens_since = time.perf_counter(), 0
+            for step in range(start_step, config.train.steps):
+                batch = program.global_batch_array(next(stream))
+                state, device_metrics = program.train_step(state, batch)
+                metrics = _host_metrics(device_metrics)
+                done = step + 1
+                if not math.isfinite(metrics["loss"]):
+                    checkpointer.wait()
+                    good = checkpointer.latest_step()
+                    where = (
+                        (
+                            f"the last good checkpoint (step {good}) in {ckpt_dir} is intact; "
+                            "lower optimizer.lr or raise optimizer.warmup_steps and re-run "
+                            "to resume from it"
+                        )
+                        if good is not None
+                        else "no checkpoint was written yet"
+                    )
+                    tracker.log(done, metrics)
+                    raise TrainingDiverged(f"loss became {metrics['loss']} at step {done}: {where}")
+                tokens_since += config.train.batch_size
+                if done % config.train.log_every == 0 or done == config.train.steps:
+                    now = time.perf_counter()
+                    metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                    t_last, tokens_since = now, 0
+                    tracker.log(done, metrics | {"tokens": done * config.train.batch_size})
+                    bar.set_postfix(
+                        tok_s=f"{metrics['tokens_per_s']:.0f}",
+                        loss=f"{metrics['loss']:.4g}",
+                        l0=f"{metrics['l0']:.1f}",
+                    )
+                bar.update(1)
+                if config.train.eval_every and done % config.train.eval_every == 0:
+                    eval_metrics = evaluate(program, state, config, dataset)
+                    tracker.log(done, eval_metrics, prefix="eval/")
+                if done % config.checkpoint.every_steps == 0 or done == config.train.steps:
+                    checkpointer.save(done, state, stream.position, config_dict)
+                    last_saved = done
+                if stop.raised:
+                    if last_saved != done:
+                        checkpointer.save(done, state, stream.position, config_dict)
+                    preempted = True
+                    break
+            bar.close()
+        checkpointer.wait()
+        final_step = int(jax.device_get(state.step))
+        if not preempted and final_step == config.train.steps:
+            eval_metrics = evaluate(program, state, config, dataset) or eval_metrics
+            if eval_metrics:
+                tracker.log(final_step, eval_metrics, prefix="eval/")
+            recovery = _planted_recovery(dataset, state)
+            if recovery is not None:
+                eval_metrics["planted_recovery"] = recovery
+                tracker.log(final_step, {"planted_recovery": recovery})
+            tracker.summary(metrics | {f"eval/{k}": v for k, v in eval_metrics.items()})
+    finally:
+        checkpointer.close()
+        tracker.close()
+    return TrainResult(
+        run_dir=run_dir,
+        checkpoint_dir=ckpt_dir,
+        steps=int(jax.device_get(state.step)),
+        tokens=int(jax.device_get(state.step)) * config.train.batch_size,
+        metrics=metrics,
+        eval_metrics=eval_metrics,
+        preempted=preempted,
+    )
+
+
+def _initial_state(config, config_dict, program, dataset, checkpointer) -> tuple[TrainState, int]:
+    latest = checkpointer.latest_step() if config.checkpoint.resume == "auto" else None
+    if latest is None:
+        key = jax.random.key(config.train.seed)
+        return program.init(key, jax.numpy.asarray(dataset.mean)), 0
+    diffs = _config_differences(checkpointer.restore_config(latest), config_dict)
+    if diffs:
+        raise ValueError(
+            f"{checkpointer.directory} holds a checkpoint of a different run:\n  "
+            + "\n  ".join(diffs)
+            + "\nuse another run.name, or checkpoint.resume=never to start over in place"
+        )
+    restored = checkpointer.restore(program.abstract_state(), latest)
+    return restored.state, restored.data_position
+
+
+def _planted_recovery(dataset: ActivationDataset, state: TrainState) -> float | None:
+    """For planted datasets: mean max-cosine of the true directions with the decoder rows."""
+    if "planted" not in dataset.manifest.metadata:
+        return None
+    truth = load_planted_truth(dataset.url)
+    w_dec = np.asarray(jax.device_get(state.params["W_dec"]))
+    return float(recovery_score(w_dec, truth.directions))
