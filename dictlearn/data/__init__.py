@@ -1,0 +1,51 @@
+"""Activation datasets: the on-disk shard format, deterministic batch streams, planted data.
+
+- :mod:`dictlearn.data.format`: write shards, commit manifests, open and validate datasets.
+- :mod:`dictlearn.data.reader`: seeded, resumable global batches, sliced per process.
+- :mod:`dictlearn.data.planted`: synthetic datasets with a known dictionary, and how well an
+  SAE recovered it.
+
+The format is specified in ``docs/activation_format.md``.
+"""
+
+from dictlearn.data.format import (
+    ActivationDataset,
+    DatasetError,
+    DatasetManifest,
+    DatasetStats,
+    ManifestShard,
+    ShardInfo,
+    check_compatible,
+    commit_manifest,
+    read_shard_info,
+    read_shard_infos,
+    write_shard,
+)
+from dictlearn.data.planted import (
+    PlantedConfig,
+    PlantedTruth,
+    load_planted_truth,
+    recovery_score,
+    write_planted_dataset,
+)
+from dictlearn.data.reader import BatchStream
+
+__all__ = [
+    "ActivationDataset",
+    "BatchStream",
+    "DatasetError",
+    "DatasetManifest",
+    "DatasetStats",
+    "ManifestShard",
+    "PlantedConfig",
+    "PlantedTruth",
+    "ShardInfo",
+    "check_compatible",
+    "commit_manifest",
+    "load_planted_truth",
+    "read_shard_info",
+    "read_shard_infos",
+    "recovery_score",
+    "write_planted_dataset",
+    "write_shard",
+]

@@ -1,0 +1,203 @@
+"""BatchStream: the order is a function of the seed only, whatever the process count or resume."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dictlearn.data import (
+    ActivationDataset,
+    BatchStream,
+    DatasetError,
+    commit_manifest,
+    write_shard,
+)
+
+# Shard sizes with trailing partial blocks (block_rows 32 below), to exercise the drop rule.
+SIZES = (1000, 700, 1310)
+ROW_ID_SCALE = 10_000
+B = 96  # divisible by 1, 2 and 4 processes; not a multiple of the 128-row window
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> ActivationDataset:
+    """Rows whose first column is their global identity: shard * 10000 + row."""
+    url = str(tmp_path_factory.mktemp("ids"))
+    infos = []
+    for shard, n in enumerate(SIZES):
+        rows = np.zeros((n, 4), np.float32)
+        rows[:, 0] = shard * ROW_ID_SCALE + np.arange(n)
+        rows[:, 1] = shard
+        rows[:, 2] = np.arange(n)
+        rows[:, 3] = 1.0
+        infos.append(write_shard(url, shard, rows, "float32"))
+    commit_manifest(url, infos, source_model="ids", hook="ids", layer=None)
+    return ActivationDataset.open(url)
+
+
+def _full_block_ids(block_rows: int) -> set[int]:
+    return {
+        shard * ROW_ID_SCALE + row
+        for shard, n in enumerate(SIZES)
+        for row in range(n // block_rows * block_rows)
+    }
+
+
+def _take(stream: BatchStream, n: int) -> list[np.ndarray]:
+    with stream:
+        return list(itertools.islice(stream, n))
+
+
+def _stream(dataset: ActivationDataset, **kw: object) -> BatchStream:
+    args: dict = {"global_batch": B, "seed": 0, "block_rows": 32, "shuffle_blocks": 4} | kw
+    return BatchStream(dataset, **args)
+
+
+def test_rows_are_unchanged_and_seed_determines_order(dataset: ActivationDataset) -> None:
+    stream = _stream(dataset)
+    n = stream.batches_per_epoch + 5  # run into the second epoch
+    first = _take(stream, n)
+    again = _take(_stream(dataset), n)
+    other = _take(_stream(dataset, seed=1), n)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not np.array_equal(np.stack(first)[:, :, 0], np.stack(other)[:, :, 0])
+    batch = np.concatenate(first)
+    assert batch.shape == (n * B, 4) and batch.dtype == np.float32
+    # Each row is the stored row: its columns agree with its identity.
+    np.testing.assert_array_equal(batch[:, 0], batch[:, 1] * ROW_ID_SCALE + batch[:, 2])
+    # Epoch 2 is a fresh permutation, not a replay of epoch 1.
+    bpe = stream.batches_per_epoch
+    assert not np.array_equal(first[0], first[bpe])
+
+
+def test_every_row_once_per_epoch(dataset: ActivationDataset) -> None:
+    # global_batch = block_rows: nothing is dropped at the end of an epoch.
+    stream = _stream(dataset, global_batch=32)
+    n_blocks = sum(n // 32 for n in SIZES)
+    assert stream.batches_per_epoch == n_blocks
+    for epoch_batches in np.split(np.stack(_take(stream, 2 * n_blocks)), 2):
+        ids = epoch_batches[:, :, 0].ravel().astype(np.int64)
+        assert len(ids) == len(set(ids.tolist()))
+        assert set(ids.tolist()) == _full_block_ids(32)
+
+
+def test_epoch_tail_is_dropped(dataset: ActivationDataset) -> None:
+    stream = _stream(dataset)
+    rows = sum(n // 32 for n in SIZES) * 32
+    assert stream.batches_per_epoch == rows // B
+    ids = np.stack(_take(stream, stream.batches_per_epoch))[:, :, 0].ravel()
+    assert len(set(ids.tolist())) == stream.batches_per_epoch * B  # no repeats within an epoch
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_process_slices_tile_the_global_batch(dataset: ActivationDataset, processes: int) -> None:
+    n = _stream(dataset).batches_per_epoch + 3
+    reference = _take(_stream(dataset), n)
+    slices = [
+        _take(_stream(dataset, process_index=p, process_count=processes), n)
+        for p in range(processes)
+    ]
+    for step, expected in enumerate(reference):
+        parts = [slices[p][step] for p in range(processes)]
+        assert all(part.shape == (B // processes, 4) for part in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), expected)
+
+
+def test_processes_read_only_their_blocks(
+    dataset: ActivationDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one block per window and a batch of P blocks, each process reads one block a batch."""
+    counts: list[int] = []
+    read = dataset.read_row_ranges
+
+    def counting(ranges: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        counts.append(len(ranges))
+        return read(ranges)
+
+    monkeypatch.setattr(dataset, "read_row_ranges", counting)
+    for processes in (1, 4):
+        for p in range(processes):
+            counts.clear()
+            # prefetch=0: no read-ahead, so the reads are exactly those of the 10 batches.
+            kw = {"global_batch": 128, "shuffle_blocks": 1, "prefetch": 0}
+            _take(_stream(dataset, process_index=p, process_count=processes, **kw), 10)
+            assert sum(counts) == 10 * 4 // processes
+
+
+@pytest.mark.parametrize("start", [7, 20])  # inside epoch 0, and inside epoch 1 (27 per epoch)
+def test_resume_equals_continuing(dataset: ActivationDataset, start: int) -> None:
+    whole = _take(_stream(dataset, process_index=1, process_count=2), start + 10)
+    stream = _stream(dataset, process_index=1, process_count=2, position=start)
+    resumed = _take(stream, 10)
+    assert stream.position == start + 10
+    for a, b in zip(whole[start:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_position_counts_yielded_batches_and_prefetch_is_invisible(
+    dataset: ActivationDataset,
+) -> None:
+    sync = _stream(dataset, prefetch=0)
+    threaded = _stream(dataset, prefetch=3)
+    for expected_position in range(1, 6):
+        np.testing.assert_array_equal(next(sync), next(threaded))
+        assert sync.position == threaded.position == expected_position
+    threaded.close()
+    sync.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(threaded)
+
+
+def test_train_and_eval_blocks_are_disjoint(dataset: ActivationDataset) -> None:
+    kw = {"global_batch": 32, "eval_fraction": 0.3}
+    train = _stream(dataset, **kw)
+    evaluation = _stream(dataset, split="eval", **kw)
+    n_blocks = sum(n // 32 for n in SIZES)
+    assert 0 < evaluation.batches_per_epoch < n_blocks
+    assert train.batches_per_epoch + evaluation.batches_per_epoch == n_blocks
+    train_ids = set(np.stack(_take(train, train.batches_per_epoch))[:, :, 0].ravel().tolist())
+    eval_ids = set(
+        np.stack(_take(evaluation, evaluation.batches_per_epoch))[:, :, 0].ravel().tolist()
+    )
+    assert not train_ids & eval_ids
+    assert train_ids | eval_ids == _full_block_ids(32)
+    # The eval set depends on split_seed, not on the training seed.
+    eval_other_seed = _stream(dataset, split="eval", seed=5, **kw)
+    other_ids = np.stack(_take(eval_other_seed, eval_other_seed.batches_per_epoch))[:, :, 0]
+    assert set(other_ids.ravel().tolist()) == eval_ids
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"split": "eval"}, "eval_fraction=0.0 selects no blocks"),
+        ({"process_count": 5}, "multiple of process_count 5"),
+        ({"process_index": 2, "process_count": 2}, "process_index 2 is not in"),
+        ({"global_batch": 10_000}, "fewer than one global batch of 10000"),
+        ({"eval_fraction": 1.0}, r"eval_fraction must be in \[0, 1\)"),
+        ({"seed": -1}, "seed must be >= 0"),
+    ],
+)
+def test_bad_arguments(dataset: ActivationDataset, kw: dict, message: str) -> None:
+    with pytest.raises(DatasetError, match=message):
+        _stream(dataset, **kw)
+
+
+def test_error_in_prefetch_thread_reaches_consumer(tmp_path: Path) -> None:
+    url = str(tmp_path)
+    rows = np.ones((256, 4), np.float32)
+    commit_manifest(
+        url, [write_shard(url, 0, rows, "float32")], source_model="m", hook="h", layer=None
+    )
+    ds = ActivationDataset.open(url)
+    path = tmp_path / "shards" / "shard-00000.bin"
+    data = bytearray(path.read_bytes())
+    data[:4] = np.float32(np.inf).tobytes()  # row 0: corrupt after the dataset was opened
+    path.write_bytes(bytes(data))
+    stream = BatchStream(ds, global_batch=256, seed=0, block_rows=256, prefetch=2)
+    with stream, pytest.raises(DatasetError, match=r"shard-00000\.bin: NaN/Inf in rows \[0, 256\)"):
+        next(stream)
+    assert stream.position == 0
