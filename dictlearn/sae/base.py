@@ -59,6 +59,10 @@ class LossContext(NamedTuple):
     """Tokens in the global batch (static)."""
     sparsity_scale: jax.Array | float = 1.0
     """Multiplier on the sparsity penalty in [0, 1] (its warm-up); traced inside the step."""
+    any_dead: bool = False
+    """Static: some latent is dead, so dead-latent losses (AuxK) must be computed. The trainer
+    compiles one step per value and picks on the host, so steps without dead latents pay
+    nothing for them (a ``lax.cond`` still costs a full extra pass here)."""
 
 
 class Architecture(abc.ABC):
@@ -68,6 +72,11 @@ class Architecture(abc.ABC):
     config_cls: ClassVar[type[BaseSAEConfig]]
     unit_norm_decoder: ClassVar[bool] = True
     """Keep decoder rows at unit norm (gradient projection + renormalisation each step)."""
+
+    @property
+    def uses_dead_latents(self) -> bool:
+        """Whether the loss changes when latents are dead (then two step variants compile)."""
+        return False
 
     def __init__(self, config: BaseSAEConfig, d_model: int):
         self.config = config

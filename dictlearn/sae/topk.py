@@ -75,6 +75,10 @@ class TopK(Architecture):
     config_cls = TopKConfig
     config: TopKConfig
 
+    @property
+    def uses_dead_latents(self) -> bool:
+        return self.config.k_aux > 0 and self.config.aux_coef > 0
+
     def encode(self, params: Params, x: jax.Array, state: ArchState) -> jax.Array:
         pre = preactivations(params, x)
         values, indices = jax.lax.top_k(pre, self.config.k)
@@ -98,7 +102,11 @@ class TopK(Architecture):
         )
         fire_counts = global_sum(fire)
 
-        aux = self._aux_loss(params, x, x_hat, pre, dead, ctx) if cfg.k_aux else 0.0
+        aux = (
+            self._aux_loss(params, x, x_hat, pre, dead, ctx)
+            if self.uses_dead_latents and ctx.any_dead
+            else 0.0
+        )
         loss = recon + cfg.aux_coef * aux
         metrics |= {"aux_loss": jnp.asarray(aux, jnp.float32), "loss": loss}
         return loss, LocalOutputs(metrics=metrics, fire_counts=fire_counts, state_stats={})
@@ -106,23 +114,18 @@ class TopK(Architecture):
     def _aux_loss(self, params, x, x_hat, pre, dead, ctx: LossContext) -> jax.Array:
         """Variance-normalised error of reconstructing the residual from dead latents only."""
         cfg = self.config
-        n_dead = jax.lax.psum(jnp.sum(dead, dtype=jnp.int32), MODEL)
         k_aux = min(cfg.k_aux, pre.shape[1])
         residual = jax.lax.stop_gradient(x - x_hat)
-
-        def with_dead(_: None) -> jax.Array:
-            masked = jnp.where(dead[None, :], pre, -jnp.inf)
-            selection = sharded_top_k(masked, k_aux)
-            selection = selection._replace(mask=selection.mask & jnp.isfinite(selection.values))
-            _, partial = sparse_topk_forward(params, x, masked, selection)
-            aux_hat = jax.lax.psum(partial, MODEL)
-            err = global_sum(jnp.sum((aux_hat - residual) ** 2))
-            mean_res = global_sum(jnp.sum(residual, axis=0)) / ctx.global_batch
-            var = global_sum(jnp.sum((residual - mean_res) ** 2))
-            return err / jnp.maximum(var, 1e-12)
-
-        # Skip the whole computation on steps with no dead latents (the common case).
-        return jax.lax.cond(n_dead > 0, with_dead, lambda _: jnp.float32(0.0), None)
+        masked = jnp.where(dead[None, :], pre, -jnp.inf)
+        selection = sharded_top_k(masked, k_aux)
+        # Fewer than k_aux dead latents on a shard: the -inf picks are not dead, drop them.
+        selection = selection._replace(mask=selection.mask & jnp.isfinite(selection.values))
+        _, partial = sparse_topk_forward(params, x, masked, selection)
+        aux_hat = jax.lax.psum(partial, MODEL)
+        err = global_sum(jnp.sum((aux_hat - residual) ** 2))
+        mean_res = global_sum(jnp.sum(residual, axis=0)) / ctx.global_batch
+        var = global_sum(jnp.sum((residual - mean_res) ** 2))
+        return err / jnp.maximum(var, 1e-12)
 
 
 __all__ = ["TopK", "TopKConfig", "sparse_topk_forward"]

@@ -8,6 +8,7 @@ optimizer update, dead-latent bookkeeping and the architecture's running statist
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -75,17 +76,36 @@ class TrainProgram:
         self.state_shardings = self._state_shardings()
 
         self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-        self.train_step = jax.jit(
-            self._train_step,
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, replicated(mesh)),
-            donate_argnums=(0,),
-        )
+        self._steps: dict[bool, Any] = {}
         self.eval_step = jax.jit(
             self._eval_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=replicated(mesh),
         )
+
+    def step_fn(self, any_dead: bool = False):
+        """The jitted ``train_step(state, batch) -> (state, metrics)`` (state donated).
+
+        ``any_dead`` selects the variant with dead-latent losses (AuxK); it is static, so each
+        value compiles once, on first use. Pass ``metrics["dead_count_next"] > 0`` from the
+        previous step, or ``self.any_dead(state)`` after init / restore.
+        """
+        any_dead = bool(any_dead) and self.arch.uses_dead_latents
+        if any_dead not in self._steps:
+            self._steps[any_dead] = jax.jit(
+                partial(self._train_step, any_dead=any_dead),
+                in_shardings=(self.state_shardings, self.batch_sharding),
+                out_shardings=(self.state_shardings, replicated(self.mesh)),
+                donate_argnums=(0,),
+            )
+        return self._steps[any_dead]
+
+    def train_step(self, state: TrainState, batch: jax.Array):
+        """One step, picking the variant from ``state`` (one small device->host read)."""
+        return self.step_fn(self.any_dead(state))(state, batch)
+
+    def any_dead(self, state: TrainState) -> bool:
+        return bool(jax.device_get(jnp.any(self._dead(state))))
 
     # --- layout ------------------------------------------------------------------------------
     def _check_divisible(self) -> None:
@@ -142,14 +162,16 @@ class TrainProgram:
             tokens_since_fired=jnp.zeros((self.arch.config.n_features,), jnp.int32),
         )
 
-    def _loss(self, params, arch_state, dead, x, sparsity_scale):
+    def _loss(self, params, arch_state, dead, x, sparsity_scale, any_dead=False):
         arch, ctx_batch = self.arch, self.global_batch
         param_specs = {k: s.spec for k, s in self.param_shardings.items()}
         arch_specs = {k: s.spec for k, s in self.arch_state_shardings.items()}
         rep = logical_to_spec(())
 
         def local(params, arch_state, dead, x, sparsity_scale):
-            ctx = LossContext(global_batch=ctx_batch, sparsity_scale=sparsity_scale)
+            ctx = LossContext(
+                global_batch=ctx_batch, sparsity_scale=sparsity_scale, any_dead=any_dead
+            )
             return arch.local_loss(params, x, arch_state, dead, ctx)
 
         out = jax.shard_map(
@@ -170,11 +192,12 @@ class TrainProgram:
     def _dead(self, state: TrainState) -> jax.Array:
         return state.tokens_since_fired >= self.dead_window
 
-    def _train_step(self, state: TrainState, batch: jax.Array):
+    def _train_step(self, state: TrainState, batch: jax.Array, any_dead: bool):
         x = batch * self.norm_scale
         dead = self._dead(state)
         scale = self.sparsity_schedule(state.step)
-        (_, (metrics, fire_counts, stats)), grads = jax.value_and_grad(self._loss, has_aux=True)(
+        loss_fn = partial(self._loss, any_dead=any_dead)
+        (_, (metrics, fire_counts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.arch_state, dead, x, scale
         )
         if self.arch.unit_norm_decoder:
@@ -200,6 +223,7 @@ class TrainProgram:
         )
         metrics = metrics | {
             "dead_fraction": jnp.mean(dead.astype(jnp.float32)),
+            "dead_count_next": jnp.sum(tokens_since_fired >= self.dead_window, dtype=jnp.int32),
             "grad_norm": grad_norm,
             "lr": self.lr_schedule(state.step),
             "sparsity_scale": jnp.asarray(scale, jnp.float32),

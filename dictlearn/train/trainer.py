@@ -204,10 +204,12 @@ def main(config: TrainConfig) -> TrainResult:
                 dynamic_ncols=True,
             )
             t_last, tokens_since = time.perf_counter(), 0
+            any_dead = program.any_dead(state)
             for step in range(start_step, config.train.steps):
                 batch = program.global_batch_array(next(stream))
-                state, device_metrics = program.train_step(state, batch)
+                state, device_metrics = program.step_fn(any_dead)(state, batch)
                 metrics = _host_metrics(device_metrics)
+                any_dead = metrics["dead_count_next"] > 0
                 done = step + 1
                 if not math.isfinite(metrics["loss"]):
                     checkpointer.wait()

@@ -1,0 +1,107 @@
+"""Train-step throughput per architecture against the machine's own matmul rate.
+
+    uv run python bench/train_throughput.py [--features 16384 65536] [--repeats 5]
+
+For each architecture and width it times the full jitted train step (forward, backward, Adam,
+decoder projection, dead-latent statistics) at d_model 640, k 32, batch 4096, and reports it as a
+fraction of the *floor*: the time the encoder's forward matmul alone (2 * batch * d_model *
+n_features FLOPs) takes at the dense matmul rate measured in the same run on the same shapes.
+A TopK step at 100 % of the floor would cost nothing beyond that one unavoidable matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dictlearn.sae import (
+    BatchTopKConfig,
+    JumpReLUConfig,
+    ReLUL1Config,
+    TopKConfig,
+    get_architecture,
+)
+from dictlearn.train.config import OptimizerConfig
+from dictlearn.train.step import TrainProgram
+from sharding import MeshConfig, make_mesh
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def matmul_seconds(batch: int, d_model: int, n_features: int, repeats: int) -> float:
+    """Best time of the dense encoder matmul [batch, d] @ [d, F] in float32."""
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (batch, d_model), jnp.float32)
+    w = jax.random.normal(key, (d_model, n_features), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    return _best_time(lambda: f(x, w).block_until_ready(), repeats)
+
+
+def step_seconds(cfg, batch: int, d_model: int, repeats: int) -> float:
+    mesh = make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
+    program = TrainProgram(
+        get_architecture(cfg, d_model), OptimizerConfig(), 1000, batch, mesh, 1.0
+    )
+    state = program.init(jax.random.key(0), jnp.zeros(d_model))
+    x = program.global_batch_array(np.random.default_rng(0).normal(size=(batch, d_model)))
+    holder = {"state": state}
+
+    def run():
+        holder["state"], m = program.step_fn(any_dead=False)(holder["state"], x)
+        jax.block_until_ready(m)
+
+    return _best_time(run, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", type=int, nargs="+", default=[16384, 65536])
+    parser.add_argument("--archs", nargs="+", default=["topk", "batchtopk", "jumprelu", "relu_l1"])
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, default=640)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    b, d = args.batch, args.d_model
+    configs = {
+        "topk": lambda f: TopKConfig(n_features=f, k=args.k),
+        "batchtopk": lambda f: BatchTopKConfig(n_features=f, k=args.k),
+        "jumprelu": lambda f: JumpReLUConfig(n_features=f),
+        "relu_l1": lambda f: ReLUL1Config(n_features=f),
+    }
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, batch {b}, "
+        f"d_model {d}, k {args.k}, float32, best of {args.repeats}"
+    )
+    header = (
+        f"{'arch':<10} {'features':>9} {'step s':>8} {'tokens/s':>10} "
+        f"{'matmul s':>9} {'GFLOP/s':>8} {'% of floor':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for f in args.features:
+        mm = matmul_seconds(b, d, f, args.repeats)
+        gflops = 2 * b * d * f / mm / 1e9
+        for name in args.archs:
+            t = step_seconds(configs[name](f), b, d, args.repeats)
+            print(
+                f"{name:<10} {f:>9} {t:>8.3f} {b / t:>10.0f} {mm:>9.3f} {gflops:>8.1f} "
+                f"{100 * mm / t:>9.1f}%",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
