@@ -42,12 +42,18 @@ def selected_preactivations(
 
 
 def _selected_fwd(pre_selected, x, b_dec, w_enc, b_enc, indices):
-    del b_enc
-    return pre_selected, (x, b_dec, w_enc, indices)
+    return pre_selected, (x, b_dec, w_enc, b_enc, indices)
+
+
+def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """Give a cotangent the per-device ("varying") mesh axes of its primal (inside shard_map)."""
+    have = jax.typeof(cotangent).manual_axis_type.varying
+    missing = tuple(jax.typeof(primal).manual_axis_type.varying - have)
+    return jax.lax.pcast(cotangent, missing, to="varying") if missing else cotangent
 
 
 def _selected_bwd(residuals, g):
-    x, b_dec, w_enc, indices = residuals
+    x, b_dec, w_enc, b_enc, indices = residuals
     d_model, n_features = w_enc.shape
     flat_idx = indices.reshape(-1)
     # dW_enc[:, f] = sum over (b, j) with idx[b, j] == f of g[b, j] * (x[b] - b_dec).
@@ -58,7 +64,14 @@ def _selected_bwd(residuals, g):
     grad_b_dec = -(w_enc @ grad_b_enc)
     # d x[b] = sum_j g[b, j] W_enc[:, idx[b, j]]; XLA drops it, since x is data, not a parameter.
     grad_x = jnp.einsum("bk,bkd->bd", g, jnp.take(w_enc.T, indices, axis=0))
-    return (jnp.zeros_like(g), grad_x, grad_b_dec, grad_w_enc_t.T, grad_b_enc, None)
+    return (
+        jnp.zeros_like(g),
+        _like(grad_x, x),
+        _like(grad_b_dec, b_dec),
+        _like(grad_w_enc_t.T, w_enc),
+        _like(grad_b_enc, b_enc),
+        None,
+    )
 
 
 selected_preactivations.defvjp(_selected_fwd, _selected_bwd)

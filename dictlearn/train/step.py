@@ -204,7 +204,7 @@ class TrainProgram:
             grads = grads | {
                 "W_dec": remove_parallel_component(grads["W_dec"], state.params["W_dec"])
             }
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if self.arch.unit_norm_decoder:

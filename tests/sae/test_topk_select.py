@@ -1,0 +1,177 @@
+"""Two-stage sharded top-k, the BatchTopK cut-off and the sparse TopK gradients vs dense refs."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dictlearn.sae import TopKConfig, get_architecture
+from dictlearn.sae.topk import sparse_topk_forward
+from dictlearn.sae.topk_select import batch_threshold, sharded_top_k
+from dictlearn.train.config import OptimizerConfig
+from dictlearn.train.step import TrainProgram
+from sharding import DATA, MODEL, MeshConfig, make_mesh
+
+
+def _mesh(data: int, model: int):
+    return make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
+
+
+def _run_sharded_topk(pre: np.ndarray, k: int, model: int):
+    """Global (values, indices) of the sharded top-k, gathered back for comparison."""
+    mesh = _mesh(1, model)
+    n_local = pre.shape[1] // model
+
+    def local(p):
+        sel = sharded_top_k(p, k)
+        offset = jax.lax.axis_index(MODEL) * n_local
+        values = jnp.where(sel.mask, sel.values, 0.0)
+        indices = jnp.where(sel.mask, sel.indices + offset, 0)
+        # Each winner is owned by exactly one shard: summing over shards reassembles them.
+        return jax.lax.psum(values, MODEL), jax.lax.psum(indices, MODEL)
+
+    fn = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=PartitionSpec(None, MODEL),
+            out_specs=PartitionSpec(),
+        )
+    )
+    arr = jax.device_put(pre, NamedSharding(mesh, PartitionSpec(None, MODEL)))
+    return jax.device_get(fn(arr))
+
+
+@pytest.mark.parametrize("model", [1, 2, 8])
+def test_sharded_top_k_equals_dense(model: int) -> None:
+    pre = np.random.default_rng(0).normal(size=(16, 256)).astype(np.float32)
+    values, indices = _run_sharded_topk(pre, 8, model)
+    ref_values, ref_indices = jax.device_get(jax.lax.top_k(pre, 8))
+    np.testing.assert_array_equal(values, ref_values)
+    np.testing.assert_array_equal(indices, ref_indices)
+
+
+def test_sharded_top_k_breaks_ties_like_dense() -> None:
+    # Heavy ties: values in {0, 1, 2}; dense top_k prefers the lowest index among equals.
+    pre = np.random.default_rng(1).integers(0, 3, size=(16, 64)).astype(np.float32)
+    values, indices = _run_sharded_topk(pre, 8, 4)
+    ref_values, ref_indices = jax.device_get(jax.lax.top_k(pre, 8))
+    np.testing.assert_array_equal(values, ref_values)
+    np.testing.assert_array_equal(indices, ref_indices)
+
+
+def test_sharded_top_k_rejects_k_larger_than_a_shard() -> None:
+    with pytest.raises(ValueError, match="exceeds the 8 features held by one shard"):
+        _run_sharded_topk(np.zeros((2, 64), np.float32), 9, 8)
+
+
+def _sharded_threshold(pre: np.ndarray, n_select: int, candidates: int) -> float:
+    mesh = _mesh(2, 4)
+    spec = PartitionSpec(DATA, MODEL)
+    fn = jax.jit(
+        jax.shard_map(
+            lambda p: batch_threshold(p, n_select, candidates, (DATA, MODEL)),
+            mesh=mesh,
+            in_specs=spec,
+            out_specs=PartitionSpec(),
+        )
+    )
+    return float(fn(jax.device_put(pre, NamedSharding(mesh, spec))))
+
+
+@pytest.mark.parametrize("candidates", [16, 2])  # 2 forces the exact bisection fallback
+def test_batch_threshold_is_the_exact_nth_largest(candidates: int) -> None:
+    rng = np.random.default_rng(2)
+    pre = rng.normal(size=(32, 64)).astype(np.float32)
+    pre[3] += 3.0  # one token far above the rest: it holds many of the batch's winners
+    n_select = 4 * 32
+    expected = np.sort(pre.reshape(-1))[::-1][n_select - 1]
+    assert _sharded_threshold(pre, n_select, candidates) == expected
+
+
+def test_batch_threshold_handles_negative_values() -> None:
+    pre = -np.abs(np.random.default_rng(3).normal(size=(16, 32))).astype(np.float32)
+    expected = np.sort(pre.reshape(-1))[::-1][39]
+    assert _sharded_threshold(pre, 40, 1) == expected
+
+
+def test_sparse_topk_gradients_equal_dense_autodiff() -> None:
+    """The custom sparse backward equals plain autodiff of a dense TopK SAE."""
+    d, f, k, b = 8, 32, 4, 16
+    arch = get_architecture(TopKConfig(n_features=f, k=k), d)
+    params = arch.init(jax.random.key(0), jnp.ones(d) * 0.1)
+    x = jax.random.normal(jax.random.key(1), (b, d))
+    target = jax.random.normal(jax.random.key(2), (b, d))
+    mesh = _mesh(1, 1)
+
+    def sparse_loss(p):
+        def local(p, x):
+            pre = jax.lax.stop_gradient((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"])
+            sel = sharded_top_k(pre, k)
+            _, partial = sparse_topk_forward(p, x, pre, sel)
+            x_hat = jax.lax.psum(partial, MODEL) + p["b_dec"]
+            return jax.lax.psum(jnp.sum((x_hat - target) ** 2), DATA)
+
+        rep = PartitionSpec()
+        return jax.shard_map(local, mesh=mesh, in_specs=(rep, rep), out_specs=rep)(p, x)
+
+    def dense_loss(p):
+        pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        _, idx = jax.lax.top_k(jax.lax.stop_gradient(pre), k)
+        mask = jnp.zeros_like(pre).at[jnp.arange(b)[:, None], idx].set(1.0)
+        latents = jax.nn.relu(pre) * mask
+        x_hat = latents @ p["W_dec"] + p["b_dec"]
+        return jnp.sum((x_hat - target) ** 2)
+
+    sparse_val, sparse_grads = jax.jit(jax.value_and_grad(sparse_loss))(params)
+    dense_val, dense_grads = jax.jit(jax.value_and_grad(dense_loss))(params)
+    np.testing.assert_allclose(sparse_val, dense_val, rtol=1e-6)
+    for key in dense_grads:
+        np.testing.assert_allclose(
+            sparse_grads[key], dense_grads[key], rtol=1e-5, atol=1e-6, err_msg=key
+        )
+
+
+def _all_gather_shapes(hlo: str) -> list[tuple[int, ...]]:
+    shapes = []
+    for line in hlo.splitlines():
+        match = re.search(r"=\s*\w+\[([\d,]*)\][^=]*\ball-gather(-start)?\(", line)
+        if match:
+            shapes.append(tuple(int(s) for s in match.group(1).split(",") if s))
+    return shapes
+
+
+def test_compiled_sharded_step_never_gathers_the_feature_axis() -> None:
+    """No all-gather in the compiled TopK step outputs anything near [batch, n_features]."""
+    d, f, b = 32, 4096, 256
+    mesh = _mesh(2, 4)
+    for any_dead in (False, True):
+        program = TrainProgram(
+            get_architecture(TopKConfig(n_features=f, k=16, k_aux=64), d),
+            OptimizerConfig(),
+            10,
+            b,
+            mesh,
+            1.0,
+        )
+        hlo = (
+            program.step_fn(any_dead)
+            .lower(program.abstract_state(), program.abstract_batch())
+            .compile()
+            .as_text()
+        )
+        shapes = _all_gather_shapes(hlo)
+        assert shapes, "expected the top-k candidate all-gather in the compiled step"
+        local_batch = b // mesh.shape[DATA]
+        for shape in shapes:
+            size = int(np.prod(shape))
+            # The candidate exchange moves [local batch, k * model]; the dense matrix would
+            # be [local batch, n_features] (or larger).
+            assert f not in shape and size < local_batch * f // 4, shape
+        # The top-k is XLA's TopK, not a full sort of the pre-activations.
+        assert not re.search(rf"sort\([^)]*\[{local_batch},{f // 4}\]", hlo)
