@@ -30,39 +30,43 @@ from dictlearn.train.step import TrainProgram
 from sharding import MeshConfig, make_mesh
 
 
-def _best_time(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def _time_once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
-def matmul_seconds(batch: int, d_model: int, n_features: int, repeats: int) -> float:
-    """Best time of the dense encoder matmul [batch, d] @ [d, F] in float32."""
-    key = jax.random.key(0)
-    x = jax.random.normal(key, (batch, d_model), jnp.float32)
-    w = jax.random.normal(key, (d_model, n_features), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    return _best_time(lambda: f(x, w).block_until_ready(), repeats)
+def step_and_matmul_seconds(cfg, batch: int, d_model: int, repeats: int) -> tuple[float, float]:
+    """Best train-step time and best encoder-matmul time on the same shapes.
 
-
-def step_seconds(cfg, batch: int, d_model: int, repeats: int) -> float:
+    The two are timed alternately, so background load on a shared machine hits both alike
+    and their ratio stays meaningful even when absolute times do not.
+    """
     mesh = make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
-    program = TrainProgram(
-        get_architecture(cfg, d_model), OptimizerConfig(), 1000, batch, mesh, 1.0
-    )
-    state = program.init(jax.random.key(0), jnp.zeros(d_model))
+    arch = get_architecture(cfg, d_model)
+    program = TrainProgram(arch, OptimizerConfig(), 1000, batch, mesh, 1.0)
+    state = {"s": program.init(jax.random.key(0), jnp.zeros(d_model))}
     x = program.global_batch_array(np.random.default_rng(0).normal(size=(batch, d_model)))
-    holder = {"state": state}
+    step = program.step_fn(any_dead=False)
 
-    def run():
-        holder["state"], m = program.step_fn(any_dead=False)(holder["state"], x)
-        jax.block_until_ready(m)
+    def run_step() -> None:
+        state["s"], metrics = step(state["s"], x)
+        jax.block_until_ready(metrics)
 
-    return _best_time(run, repeats)
+    key = jax.random.key(1)
+    xm = jax.random.normal(key, (batch, d_model), jnp.float32)
+    wm = jax.random.normal(key, (d_model, cfg.n_features), jnp.float32)
+    matmul = jax.jit(lambda a, b: a @ b)
+
+    def run_matmul() -> None:
+        matmul(xm, wm).block_until_ready()
+
+    run_step(), run_matmul()  # compile and warm up
+    steps, matmuls = [], []
+    for _ in range(repeats):
+        matmuls.append(_time_once(run_matmul))
+        steps.append(_time_once(run_step))
+    return min(steps), min(matmuls)
 
 
 def main() -> None:
@@ -92,10 +96,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for f in args.features:
-        mm = matmul_seconds(b, d, f, args.repeats)
-        gflops = 2 * b * d * f / mm / 1e9
         for name in args.archs:
-            t = step_seconds(configs[name](f), b, d, args.repeats)
+            t, mm = step_and_matmul_seconds(configs[name](f), b, d, args.repeats)
+            gflops = 2 * b * d * f / mm / 1e9
             print(
                 f"{name:<10} {f:>9} {t:>8.3f} {b / t:>10.0f} {mm:>9.3f} {gflops:>8.1f} "
                 f"{100 * mm / t:>9.1f}%",

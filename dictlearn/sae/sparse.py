@@ -3,26 +3,123 @@
 A TopK SAE uses only ``k`` of ``n_features`` latents per token, so apart from the encoder's
 forward matmul (needed to find them) nothing should cost ``O(batch * n_features * d_model)``:
 
-* ``decode_sparse``: ``x_hat = sum_j v[b, j] * W_dec[idx[b, j]]`` is a gather of ``k`` rows per
-  token; its autodiff is a scatter-add into ``k`` rows (the gradient of ``W_dec``) and a gather
-  (the gradient of the values).
+* ``decode_sparse``: ``x_hat = sum_j v[b, j] * W_dec[idx[b, j]]`` gathers ``k`` rows per token;
+  its backward pass scatter-adds into those ``k`` rows and gathers again for the values.
 * ``selected_preactivations``: the values of the chosen pre-activations are read out of the dense
   forward pass, but their gradient flows back only into the ``k`` chosen encoder columns
   (scatter-add), not through a dense ``[batch, n_features]`` cotangent and a second matmul.
+
+Both work through the batch in chunks so the gathered ``[chunk, k, d_model]`` rows stay small:
+at d_model 2304 and AuxK's k 256 the unchunked buffers would be 9 GiB per device, whatever the
+mesh. A single chunk (the common case at small sizes) compiles to the plain expressions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
+MAX_CHUNK_ELEMENTS = 1 << 24
+"""Largest gathered ``[chunk, k, d_model]`` block, in elements (64 MiB of float32)."""
 
+
+def chunk_rows(batch: int, k: int, d_model: int) -> int:
+    """Largest divisor of ``batch`` whose gathered rows fit ``MAX_CHUNK_ELEMENTS``."""
+    limit = max(1, MAX_CHUNK_ELEMENTS // (k * d_model))
+    if batch <= limit:
+        return batch
+    return max(c for c in range(1, limit + 1) if batch % c == 0)
+
+
+def _map_chunks(fn: Callable, chunk: int, *arrays: jax.Array) -> jax.Array:
+    """Apply ``fn`` to consecutive row chunks of ``arrays`` and concatenate the results."""
+    batch = arrays[0].shape[0]
+    if chunk == batch:
+        return fn(*arrays)
+    split = [a.reshape(batch // chunk, chunk, *a.shape[1:]) for a in arrays]
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(split))
+    return out.reshape(batch, *out.shape[2:])
+
+
+def _scatter_rows(
+    n_rows: int, indices: jax.Array, row_updates: Callable[[int, int], jax.Array], chunk: int
+) -> jax.Array:
+    """``zeros([n_rows, d]).at[indices].add(updates)``, building updates one chunk at a time.
+
+    ``row_updates(start, size)`` returns the ``[size, k, d]`` updates of tokens
+    ``start:start+size``.
+    """
+    batch, k = indices.shape
+
+    def add(acc: jax.Array, start: jax.Array) -> jax.Array:
+        idx = jax.lax.dynamic_slice_in_dim(indices, start, chunk).reshape(-1)
+        upd = row_updates(start, chunk)
+        return acc.at[idx].add(upd.reshape(chunk * k, -1))
+
+    first = row_updates(0, chunk)  # for shape, dtype and mesh-axis type only; XLA drops it
+    acc = _like(jnp.zeros((n_rows, first.shape[-1]), first.dtype), first)
+    if chunk == batch:
+        return add(acc, 0)
+    return jax.lax.fori_loop(0, batch // chunk, lambda i, a: add(a, i * chunk), acc)
+
+
+def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """Give a cotangent the per-device ("varying") mesh axes of its primal (inside shard_map)."""
+    have = jax.typeof(cotangent).manual_axis_type.varying
+    missing = tuple(jax.typeof(primal).manual_axis_type.varying - have)
+    return jax.lax.pcast(cotangent, missing, to="varying") if missing else cotangent
+
+
+def _unify(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Cast arrays to vary over the union of their mesh axes, so cotangents type-check."""
+    union = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
+    out = []
+    for a in arrays:
+        missing = tuple(union - jax.typeof(a).manual_axis_type.varying)
+        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+    return tuple(out)
+
+
+# --- decoder ---------------------------------------------------------------------------------
 def decode_sparse(values: jax.Array, indices: jax.Array, w_dec: jax.Array) -> jax.Array:
     """``[batch, d_model]`` partial reconstruction from ``k`` (value, row) pairs per token."""
-    rows = jnp.take(w_dec, indices, axis=0)  # [B, k, d]
-    return jnp.einsum("bk,bkd->bd", values, rows)
+    return _decode_sparse(*_unify(values, indices, w_dec))
 
 
+@jax.custom_vjp
+def _decode_sparse(values: jax.Array, indices: jax.Array, w_dec: jax.Array) -> jax.Array:
+    chunk = chunk_rows(values.shape[0], values.shape[1], w_dec.shape[1])
+    return _map_chunks(
+        lambda v, i: jnp.einsum("bk,bkd->bd", v, jnp.take(w_dec, i, axis=0)), chunk, values, indices
+    )
+
+
+def _decode_fwd(values, indices, w_dec):
+    return _decode_sparse(values, indices, w_dec), (values, indices, w_dec)
+
+
+def _decode_bwd(residuals, g):
+    values, indices, w_dec = residuals
+    chunk = chunk_rows(values.shape[0], values.shape[1], w_dec.shape[1])
+    grad_values = _map_chunks(
+        lambda gc, i: jnp.einsum("bd,bkd->bk", gc, jnp.take(w_dec, i, axis=0)), chunk, g, indices
+    )
+
+    def updates(start, size):
+        v = jax.lax.dynamic_slice_in_dim(values, start, size)
+        gc = jax.lax.dynamic_slice_in_dim(g, start, size)
+        return v[:, :, None] * gc[:, None, :]
+
+    grad_w_dec = _scatter_rows(w_dec.shape[0], indices, updates, chunk)
+    return _like(grad_values, values), None, _like(grad_w_dec, w_dec)
+
+
+_decode_sparse.defvjp(_decode_fwd, _decode_bwd)
+
+
+# --- encoder ---------------------------------------------------------------------------------
 @jax.custom_vjp
 def selected_preactivations(
     pre_selected: jax.Array,
@@ -45,30 +142,35 @@ def _selected_fwd(pre_selected, x, b_dec, w_enc, b_enc, indices):
     return pre_selected, (x, b_dec, w_enc, b_enc, indices)
 
 
-def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
-    """Give a cotangent the per-device ("varying") mesh axes of its primal (inside shard_map)."""
-    have = jax.typeof(cotangent).manual_axis_type.varying
-    missing = tuple(jax.typeof(primal).manual_axis_type.varying - have)
-    return jax.lax.pcast(cotangent, missing, to="varying") if missing else cotangent
-
-
 def _selected_bwd(residuals, g):
     x, b_dec, w_enc, b_enc, indices = residuals
     d_model, n_features = w_enc.shape
-    flat_idx = indices.reshape(-1)
+    chunk = chunk_rows(g.shape[0], g.shape[1], d_model)
+    centered = x - b_dec
+
+    def updates(start, size):
+        gc = jax.lax.dynamic_slice_in_dim(g, start, size)
+        xc = jax.lax.dynamic_slice_in_dim(centered, start, size)
+        return gc[:, :, None] * xc[:, None, :]
+
     # dW_enc[:, f] = sum over (b, j) with idx[b, j] == f of g[b, j] * (x[b] - b_dec).
-    updates = (g[:, :, None] * (x - b_dec)[:, None, :]).reshape(-1, d_model)
-    grad_w_enc_t = jnp.zeros((n_features, d_model), w_enc.dtype).at[flat_idx].add(updates)
-    grad_b_enc = jnp.zeros((n_features,), g.dtype).at[flat_idx].add(g.reshape(-1))
+    grad_w_enc = _scatter_rows(n_features, indices, updates, chunk).T
+    grad_b_enc = jnp.zeros((n_features,), g.dtype).at[indices.reshape(-1)].add(g.reshape(-1))
     # d b_dec = -sum_b sum_j g[b, j] W_enc[:, idx[b, j]] = -W_enc @ grad_b_enc: a mat-vec, no gather.
     grad_b_dec = -(w_enc @ grad_b_enc)
     # d x[b] = sum_j g[b, j] W_enc[:, idx[b, j]]; XLA drops it, since x is data, not a parameter.
-    grad_x = jnp.einsum("bk,bkd->bd", g, jnp.take(w_enc.T, indices, axis=0))
+    w_enc_rows = w_enc.T
+    grad_x = _map_chunks(
+        lambda gc, i: jnp.einsum("bk,bkd->bd", gc, jnp.take(w_enc_rows, i, axis=0)),
+        chunk,
+        g,
+        indices,
+    )
     return (
         jnp.zeros_like(g),
         _like(grad_x, x),
         _like(grad_b_dec, b_dec),
-        _like(grad_w_enc_t.T, w_enc),
+        _like(grad_w_enc, w_enc),
         _like(grad_b_enc, b_enc),
         None,
     )

@@ -77,22 +77,30 @@ def batch_threshold(
         flat = jax.lax.all_gather(flat, axis, tiled=True)
     if n_select > flat.shape[0]:
         raise ValueError(f"cannot select {n_select} values from {flat.shape[0]} candidates")
-    threshold = jax.lax.top_k(flat, n_select)[0][-1]
+    # A sort, not lax.top_k: with k = n_select (batch * k, ~1e5) XLA's TopK is far slower.
+    threshold = jnp.sort(flat)[flat.shape[0] - n_select]
     # Every device computed the same value; pmax makes that explicit (replicated) to JAX.
     threshold = jax.lax.pmax(threshold, axes)
     # Exact iff no row-shard's smallest candidate is still >= the threshold.
-    saturated = jnp.any(cand[:, -1] >= threshold)
+    # min over the row == its last (smallest) candidate; slicing cand[:, -1] instead makes XLA
+    # on CPU rewrite the whole top_k into a full sort of [batch, features] (30x slower).
+    saturated = jnp.any(jnp.min(cand, axis=1) >= threshold)
     for axis in axes:
         saturated = jax.lax.psum(saturated.astype(jnp.int32), axis) > 0
 
-    def bisect(_: jax.Array) -> jax.Array:
-        return _bisect_kth_largest(local, n_select, axes)
+    # A while_loop that runs zero times on the fast path: XLA on CPU evaluated both branches
+    # of an equivalent lax.cond, paying the 33-pass bisection on every step.
+    exact = _bisect_kth_largest(local, n_select, axes, enabled=saturated)
+    return jnp.where(saturated, exact, threshold)
 
-    return jax.lax.cond(saturated, bisect, lambda t: t, threshold)
 
+def _bisect_kth_largest(
+    local: jax.Array, n: int, axes: tuple[str, ...], enabled: jax.Array
+) -> jax.Array:
+    """Exact n-th largest of a sharded float32 array by bisection on order-preserving ints.
 
-def _bisect_kth_largest(local: jax.Array, n: int, axes: tuple[str, ...]) -> jax.Array:
-    """Exact n-th largest of a sharded float32 array by bisection on order-preserving ints."""
+    Does no work (zero loop iterations) when ``enabled`` is false.
+    """
     bits = jax.lax.bitcast_convert_type(local.astype(jnp.float32), jnp.int32)
     # Map float order onto signed-int order: negative floats have their magnitude bits flipped.
     keys = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
@@ -103,15 +111,15 @@ def _bisect_kth_largest(local: jax.Array, n: int, axes: tuple[str, ...]) -> jax.
             c = jax.lax.psum(c, axis)
         return c
 
-    def body(_: int, lohi: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        lo, hi = lohi  # invariant: count(>= lo) >= n, count(>= hi) < n
+    def body(carry: tuple[jax.Array, jax.Array, jax.Array]):
+        lo, hi, i = carry  # invariant: count(>= lo) >= n, count(>= hi) < n
         # Overflow-free floor((lo + hi) / 2) in int32.
         mid = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1)) >> 1)
         ok = count_at_least(mid) >= n
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid), i + 1
 
     lo = jnp.int32(jnp.iinfo(jnp.int32).min)
     hi = jnp.int32(jnp.iinfo(jnp.int32).max)
-    lo, _ = jax.lax.fori_loop(0, 33, body, (lo, hi))
+    lo, _, _ = jax.lax.while_loop(lambda c: enabled & (c[2] < 33), body, (lo, hi, jnp.int32(0)))
     key = jnp.where(lo < 0, lo ^ jnp.int32(0x7FFFFFFF), lo)
     return jax.lax.bitcast_convert_type(key, jnp.float32)

@@ -175,3 +175,49 @@ def test_compiled_sharded_step_never_gathers_the_feature_axis() -> None:
             assert f not in shape and size < local_batch * f // 4, shape
         # The top-k is XLA's TopK, not a full sort of the pre-activations.
         assert not re.search(rf"sort\([^)]*\[{local_batch},{f // 4}\]", hlo)
+
+
+def test_chunked_sparse_passes_equal_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bounding the gathered [chunk, k, d] buffers (many chunks) changes no bit of training."""
+    import dictlearn.sae.sparse as sparse
+
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    finals = []
+    for max_elements in (sparse.MAX_CHUNK_ELEMENTS, 8 * 4 * 16):
+        monkeypatch.setattr(sparse, "MAX_CHUNK_ELEMENTS", max_elements)
+        program = TrainProgram(
+            get_architecture(TopKConfig(n_features=64, k=4, k_aux=8, dead_window_tokens=64), 16),
+            OptimizerConfig(warmup_steps=0),
+            10,
+            64,
+            _mesh(2, 4),
+            1.0,
+        )
+        state = program.init(jax.random.key(0), jnp.zeros(16))
+        for _ in range(3):  # the third step runs AuxK (latents die after one batch)
+            state, metrics = program.train_step(state, program.global_batch_array(x))
+        assert metrics["aux_loss"] > 0
+        finals.append(jax.device_get(state.params))
+    assert sparse.chunk_rows(32, 8, 16) == 4  # the second run really used 8 chunks per device
+    for key in finals[0]:
+        np.testing.assert_array_equal(finals[0][key], finals[1][key], err_msg=key)
+
+
+def test_compiled_batchtopk_step_has_no_full_sort() -> None:
+    """XLA on CPU can silently turn a top_k into a sort of all [batch, features] (30x slower)."""
+    from dictlearn.sae import BatchTopKConfig
+
+    d, f, b = 32, 4096, 256
+    mesh = _mesh(2, 4)
+    program = TrainProgram(
+        get_architecture(BatchTopKConfig(n_features=f, k=16), d),
+        OptimizerConfig(),
+        10,
+        b,
+        mesh,
+        1.0,
+    )
+    hlo = program.step_fn().lower(program.abstract_state(), program.abstract_batch()).compile()
+    local = rf"\[{b // 2},{f // 4}\]"
+    assert not re.search(local + r"[^=]*\bsort\(", hlo.as_text())
+    assert "TopK" in hlo.as_text()
