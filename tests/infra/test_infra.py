@@ -45,6 +45,7 @@ from ray._private.accelerators import tpu as ray_tpu
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from dictlearn.config import apply_overrides, read_yaml
+from launch.cli import COMMANDS
 from sharding.mesh import MeshConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +56,11 @@ RAY_FILES = sorted((INFRA / "ray").glob("*.yaml"))
 KUBE_FILES = sorted((INFRA / "kuberay").glob("*.yaml"))
 SCHEMA_DIR = INFRA / "kuberay" / "schemas"
 
-SUBCOMMANDS = {"generate", "train", "pipeline", "submit", "jobs"}
+SUBCOMMANDS = set(COMMANDS)
+"""The subcommands the real CLI parser has."""
+PLANNED_SUBCOMMANDS = {"generate", "pipeline", "submit", "jobs"} - SUBCOMMANDS
+"""Named by infra/ but still owed by open issues (3: generate; 4: pipeline, submit, jobs).
+Their commands are strict xfails: they start failing, as they should, once implemented."""
 JOBS_SUBCOMMANDS = {"list", "status", "logs", "stop"}
 TAKES_CONFIG = {"generate", "train", "pipeline", "submit"}
 PLACEHOLDERS = {"PROJECT_ID", "REGION", "ZONE", "IMAGE_TPU", "IMAGE_GPU"}
@@ -202,14 +207,32 @@ def test_commands_are_found() -> None:
     assert expected <= sources, f"no dictlearn command found in {sorted(expected - sources)}"
 
 
+def _planned(argv: list[str]) -> list[pytest.MarkDecorator]:
+    if len(argv) > 1 and argv[1] in PLANNED_SUBCOMMANDS:
+        return [pytest.mark.xfail(strict=True, reason=f"`dictlearn {argv[1]}` not built yet")]
+    return []
+
+
 @pytest.mark.parametrize(
-    ("source", "argv"), ALL_COMMANDS, ids=[f"{s}:{' '.join(a[:3])}" for s, a in ALL_COMMANDS]
+    ("source", "argv"),
+    [pytest.param(s, a, marks=_planned(a)) for s, a in ALL_COMMANDS],
+    ids=[f"{s}:{' '.join(a[:3])}" for s, a in ALL_COMMANDS],
 )
 def test_command_names_real_subcommand(source: str, argv: list[str]) -> None:
     check_command(argv)
 
 
-@pytest.mark.parametrize("config", REFERENCED_CONFIGS)
+def _config_marks(config: str) -> list[pytest.MarkDecorator]:
+    users = [argv for _, argv in ALL_COMMANDS if command_config(argv) == config]
+    planned_only = users and all(argv[1] in PLANNED_SUBCOMMANDS for argv in users)
+    if planned_only and not (REPO / config).is_file():
+        return [pytest.mark.xfail(strict=True, reason="config of a command not built yet")]
+    return []
+
+
+@pytest.mark.parametrize(
+    "config", [pytest.param(c, marks=_config_marks(c)) for c in REFERENCED_CONFIGS]
+)
 def test_referenced_config_exists(config: str) -> None:
     assert not Path(config).is_absolute(), f"{config}: use a path relative to the repository"
     assert (REPO / config).is_file(), f"{config} is named by infra/ but does not exist"
