@@ -375,6 +375,11 @@ def _load_manifest(url: str, fs: fsspec.AbstractFileSystem, root: str) -> Datase
     where = _display(url, MANIFEST_NAME)
     raw = storage.read_bytes_or_none(fs, storage.join(root, MANIFEST_NAME))
     if raw is None:
+        if not fs.exists(root):
+            raise DatasetError(
+                f"no activation dataset at {url}: the path does not exist; check data.path, "
+                "or write one with `dictlearn generate` (or `dictlearn planted`)"
+            )
         raise DatasetError(
             f"no manifest.json at {url}: dataset not committed (was generation interrupted? "
             "re-run generate)"

@@ -11,6 +11,7 @@ from the newest checkpoint; the result is bit-identical to a run that was never 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import fsspec
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -25,7 +27,7 @@ from dictlearn.config import to_yaml
 from dictlearn.data import ActivationDataset, BatchStream, DatasetError
 from dictlearn.data.planted import load_planted_truth, recovery_score
 from dictlearn.sae import get_architecture
-from dictlearn.tracking import Tracker
+from dictlearn.tracking import Tracker, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.step import TrainProgram, TrainState
@@ -42,11 +44,15 @@ RESUMABLE_CHANGES = (
     "mesh",
     "data.prefetch",
     "run",
+    # Restarting from a checkpoint with a lower lr is the standard response to a divergence
+    # (the divergence message suggests it); the result is then no longer bit-identical.
+    "optimizer.lr",
+    "optimizer.warmup_steps",
 )
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/Inf; the message names the last good checkpoint."""
+    """The loss or the train state became NaN/Inf; the message names the last good checkpoint."""
 
 
 @dataclass
@@ -169,17 +175,20 @@ def main(config: TrainConfig) -> TrainResult:
     is_lead = jax.process_index() == 0
     config_dict = config.model_dump(mode="json")
 
+    checkpointer = Checkpointer(
+        ckpt_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    # Refuses (before anything in the run directory changes) a checkpoint of another config.
+    state, position = _initial_state(config, config_dict, program, dataset, checkpointer)
+    start_step = int(jax.device_get(state.step))
+    if start_step >= config.train.steps:
+        checkpointer.close()
+        return _finished_result(run_dir, ckpt_dir, start_step, config)
     if is_lead:
         fs, path = fsspec.core.url_to_fs(run_dir)
         fs.makedirs(path, exist_ok=True)
         with fsspec.open(f"{run_dir}/config.yaml", "w") as f:
             f.write(to_yaml(config))
-
-    checkpointer = Checkpointer(
-        ckpt_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
-    )
-    state, position = _initial_state(config, config_dict, program, dataset, checkpointer)
-    start_step = int(jax.device_get(state.step))
 
     tracker = Tracker(
         run_dir,
@@ -199,7 +208,8 @@ def main(config: TrainConfig) -> TrainResult:
             bar = tqdm(
                 total=config.train.steps,
                 initial=start_step,
-                disable=not is_lead,
+                # tqdm's own switch is honoured too (tests and batch logs set it).
+                disable=not is_lead or bool(os.environ.get("TQDM_DISABLE")),
                 unit="step",
                 dynamic_ncols=True,
             )
@@ -212,19 +222,8 @@ def main(config: TrainConfig) -> TrainResult:
                 any_dead = metrics["dead_count_next"] > 0
                 done = step + 1
                 if not math.isfinite(metrics["loss"]):
-                    checkpointer.wait()
-                    good = checkpointer.latest_step()
-                    where = (
-                        (
-                            f"the last good checkpoint (step {good}) in {ckpt_dir} is intact; "
-                            "lower optimizer.lr or raise optimizer.warmup_steps and re-run "
-                            "to resume from it"
-                        )
-                        if good is not None
-                        else "no checkpoint was written yet"
-                    )
                     tracker.log(done, metrics)
-                    raise TrainingDiverged(f"loss became {metrics['loss']} at step {done}: {where}")
+                    raise _diverged(checkpointer, f"loss became {metrics['loss']} at step {done}")
                 tokens_since += config.train.batch_size
                 if done % config.train.log_every == 0 or done == config.train.steps:
                     now = time.perf_counter()
@@ -240,12 +239,18 @@ def main(config: TrainConfig) -> TrainResult:
                 if config.train.eval_every and done % config.train.eval_every == 0:
                     eval_metrics = evaluate(program, state, config, dataset)
                     tracker.log(done, eval_metrics, prefix="eval/")
-                if done % config.checkpoint.every_steps == 0 or done == config.train.steps:
+                if (
+                    done % config.checkpoint.every_steps == 0
+                    or done == config.train.steps
+                    or (stop.raised and last_saved != done)
+                ):
+                    # The loss above was computed before this step's update: check the state
+                    # itself, so a NaN/Inf update never becomes the "last good" checkpoint.
+                    if not _all_finite(state):
+                        raise _diverged(checkpointer, f"the state became NaN/Inf at step {done}")
                     checkpointer.save(done, state, stream.position, config_dict)
                     last_saved = done
                 if stop.raised:
-                    if last_saved != done:
-                        checkpointer.save(done, state, stream.position, config_dict)
                     preempted = True
                     break
             bar.close()
@@ -271,6 +276,52 @@ def main(config: TrainConfig) -> TrainResult:
         metrics=metrics,
         eval_metrics=eval_metrics,
         preempted=preempted,
+    )
+
+
+@jax.jit
+def _all_finite_device(state: TrainState) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _all_finite(state: TrainState) -> bool:
+    """Whether every floating-point array of the state (params, optimizer, arch) is finite."""
+    return bool(jax.device_get(_all_finite_device(state)))
+
+
+def _diverged(checkpointer: Checkpointer, what: str) -> TrainingDiverged:
+    checkpointer.wait()
+    good = checkpointer.latest_step()
+    where = (
+        (
+            f"the last good checkpoint (step {good}) in {checkpointer.directory} is intact; "
+            "lower optimizer.lr or raise optimizer.warmup_steps and re-run "
+            "to resume from it"
+        )
+        if good is not None
+        else "no checkpoint was written yet"
+    )
+    return TrainingDiverged(f"{what}: {where}")
+
+
+def _finished_result(run_dir: str, ckpt_dir: str, step: int, config: TrainConfig) -> TrainResult:
+    """A re-run of a finished run trains nothing; report what its metrics.jsonl recorded."""
+    train_row: dict[str, float] = {}
+    eval_row: dict[str, float] = {}
+    for row in read_metrics(run_dir):
+        values = {k: v for k, v in row.items() if isinstance(v, int | float)}
+        train_row |= {k: v for k, v in values.items() if "/" not in k}
+        eval_row |= {k[5:]: v for k, v in values.items() if k.startswith("eval/")}
+        if "planted_recovery" in values:
+            eval_row["planted_recovery"] = values["planted_recovery"]
+    return TrainResult(
+        run_dir=run_dir,
+        checkpoint_dir=ckpt_dir,
+        steps=step,
+        tokens=step * config.train.batch_size,
+        metrics=train_row,
+        eval_metrics=eval_row,
     )
 
 
