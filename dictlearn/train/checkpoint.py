@@ -8,6 +8,7 @@ other (NOTES.md: without it, topology errors and optax namedtuples coming back a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +40,10 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = directory
+        # Orbax (tensorstore) accepts only absolute local paths; URLs (gs://...) pass as is.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
-            directory,
+            self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 enable_async_checkpointing=async_save,

@@ -120,12 +120,15 @@ def cli_command(*args: str | os.PathLike[str]) -> list[str]:
 
 
 def run_cli(
-    *args: str | os.PathLike[str], env: dict[str, str] | None = None, timeout: float = 120
+    *args: str | os.PathLike[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``dictlearn ARGS`` to completion in a subprocess, capturing its output."""
     return subprocess.run(
         cli_command(*args),
-        cwd=REPO_ROOT,
+        cwd=REPO_ROOT if cwd is None else cwd,
         env=cli_env() if env is None else env,
         capture_output=True,
         text=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -222,3 +223,24 @@ def test_bad_input_is_a_clean_error(bad_input_runs, case: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     assert_no_traceback(result.stderr)
     assert re.search(r"dictlearn train: error: (.|\n)*" + pattern, result.stderr), result.stderr
+
+
+def test_readme_main_command_runs_from_a_fresh_directory(tmp_path: Path) -> None:
+    """The README's main command (its dictlearn calls, verbatim) with its relative paths."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    first_block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    calls = [
+        shlex.split(part.strip())[4:]  # drop "uv run --frozen dictlearn"
+        for part in first_block.split("&&")
+        if part.strip().startswith("uv run --frozen dictlearn")
+    ]
+    assert [c[0] for c in calls] == ["planted", "train"]
+    # The config path is relative to the checkout; everything it writes is relative to cwd.
+    calls[1][1] = str(REPO_ROOT / calls[1][1])
+    env = cli_env() | {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    for call in calls:
+        result = run_cli(*call, env=env, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "training done: 300 steps" in result.stdout
+    assert "planted_recovery" in result.stdout
+    assert (tmp_path / "runs" / "topk-256-s0" / "checkpoints").is_dir()
