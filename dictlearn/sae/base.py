@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from dictlearn.config import StrictModel
+from dictlearn.sae.sparse import vary_over
 from sharding import D_MODEL, DATA, FEATURES, MODEL
 
 Params = dict[str, jax.Array]
@@ -192,9 +193,7 @@ def as_varying(x: jax.Array, axes: tuple[str, ...] = (DATA, MODEL)) -> jax.Array
     and features); casting its replicated inputs to "varying" first makes JAX sum those
     cotangents over the axes the input was replicated on, which is exactly the gradient.
     """
-    already = jax.typeof(x).manual_axis_type.varying
-    missing = tuple(a for a in axes if a not in already)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return vary_over(x, axes)
 
 
 def global_sum(value: jax.Array) -> jax.Array:

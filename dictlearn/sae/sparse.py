@@ -16,7 +16,7 @@ mesh. A single chunk (the common case at small sizes) compiles to the plain expr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -65,21 +65,26 @@ def _scatter_rows(
     return jax.lax.fori_loop(0, batch // chunk, lambda i, a: add(a, i * chunk), acc)
 
 
+def vary_over(x: jax.Array, axes: Iterable[str]) -> jax.Array:
+    """Mark ``x`` as per-device ("varying") over ``axes`` inside shard_map, where it is not yet.
+
+    Custom VJP rules must return cotangents with the mesh-axis types of their primals, and a
+    cotangent cast this way is summed by JAX over the axes its primal was replicated on.
+    """
+    have = jax.typeof(x).manual_axis_type.varying
+    missing = tuple(a for a in axes if a not in have)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
-    """Give a cotangent the per-device ("varying") mesh axes of its primal (inside shard_map)."""
-    have = jax.typeof(cotangent).manual_axis_type.varying
-    missing = tuple(jax.typeof(primal).manual_axis_type.varying - have)
-    return jax.lax.pcast(cotangent, missing, to="varying") if missing else cotangent
+    """Give a cotangent the varying mesh axes of its primal."""
+    return vary_over(cotangent, jax.typeof(primal).manual_axis_type.varying)
 
 
 def _unify(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     """Cast arrays to vary over the union of their mesh axes, so cotangents type-check."""
     union = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
-    out = []
-    for a in arrays:
-        missing = tuple(union - jax.typeof(a).manual_axis_type.varying)
-        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
-    return tuple(out)
+    return tuple(vary_over(a, union) for a in arrays)
 
 
 # --- decoder ---------------------------------------------------------------------------------
