@@ -64,9 +64,37 @@ def _print_train_summary(result: Any) -> None:
     print("\n".join(lines))
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
-    "train": ("Train an SAE on an activation dataset.", _train),
-    "planted": ("Write a synthetic planted-dictionary activation dataset.", _planted),
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG.yaml", help="Config file.")
+    _override_arguments(p)
+
+
+def _override_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="Dotted overrides applied on top of the config file.",
+    )
+
+
+def _planted_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", metavar="OUT_URL", help="Dataset directory or gs:// URL.")
+    _override_arguments(p)
+
+
+# name -> (help, adds the command's arguments, runs it). Each stage's module keeps its logic; the
+# handlers here only parse and call.
+COMMANDS: dict[
+    str,
+    tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]],
+] = {
+    "train": ("Train an SAE on an activation dataset.", _config_arguments, _train),
+    "planted": (
+        "Write a synthetic planted-dictionary activation dataset.",
+        _planted_arguments,
+        _planted,
+    ),
 }
 
 
@@ -75,18 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dictlearn", description="Distributed dictionary learning (sparse autoencoders)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "planted":
-            p.add_argument("out", metavar="OUT_URL", help="Dataset directory or gs:// URL.")
-        else:
-            p.add_argument("config", metavar="CONFIG.yaml", help="Config file.")
-        p.add_argument(
-            "overrides",
-            nargs="*",
-            metavar="key.sub=value",
-            help="Dotted overrides applied on top of the config file.",
-        )
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
@@ -100,7 +118,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _, handler = COMMANDS[args.command]
+    _, _, handler = COMMANDS[args.command]
     try:
         handler(args)
     except _user_errors() as e:
