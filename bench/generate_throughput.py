@@ -10,6 +10,13 @@ is not a project dependency, so its half runs in ``--torch-python`` (a Python wi
 script; it needs neither jax nor dictlearn. Without ``--torch-python`` only the JAX row is
 printed. Machines are shared, so the table reports tokens per CPU-second next to wall-clock
 tokens/s; the ratio uses wall-clock.
+
+``--generate-tokens N`` adds end-to-end ``dictlearn generate`` rows: the same config (N tokens
+of ``builtin:python-stdlib``, ``--seq``-token contexts, ``--batch`` per forward, to
+``resid_post.L``, bfloat16 output) with 1 and with 2 Ray workers, each into a fresh output
+directory, on one local Ray cluster started beforehand (its start-up is printed, not counted).
+Their seconds include starting the workers and loading the model in each, corpus reading,
+tokenization, the forward passes, writing the shards and committing the manifest.
 """
 
 from __future__ import annotations
@@ -101,6 +108,40 @@ def make_tokens(batch: int, seq: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int32)
 
 
+def bench_generate(tokens: int, layer: int, batch: int, seq: int) -> dict[str, dict]:
+    """End-to-end ``dictlearn.activations.main`` with 1 and 2 workers on one local Ray cluster."""
+    from dictlearn.activations import GenerateConfig
+    from dictlearn.activations import main as generate
+    from dictlearn.activations.generate import local_ray_cluster
+    from dictlearn.config import validate
+
+    rows: dict[str, dict] = {}
+    t = time.perf_counter()
+    with local_ray_cluster(num_cpus=2), tempfile.TemporaryDirectory() as tmp:
+        ray_start = time.perf_counter() - t
+        for workers in (1, 2):
+            config = validate(
+                GenerateConfig,
+                {
+                    "hooks": [f"resid_post.{layer}"],
+                    "corpus": {"paths": ["builtin:python-stdlib"], "n_shards": 8},
+                    "context_length": seq,
+                    "batch_size": batch,
+                    "max_tokens": tokens,
+                    "output": {"path": f"{tmp}/w{workers}", "dtype": "bfloat16"},
+                    "ray": {"num_workers": workers, "max_in_flight": 2},
+                },
+            )
+            result = generate(config)
+            rows[f"generate, {workers} worker{'s' if workers > 1 else ''}"] = {
+                "wall_s": result.seconds,
+                "tokens": result.lm_tokens,
+                "worker_cpu_s": result.worker_cpu_s,
+            }
+    print(f"(local Ray cluster start-up: {ray_start:.1f} s, not counted below)")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", type=int, default=6, help="last block run (0-based)")
@@ -109,6 +150,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--torch-python", help="a Python with torch + transformers")
     parser.add_argument("--gguf", type=Path, help="default: the Gemma 3 270M package's file")
+    parser.add_argument(
+        "--generate-tokens",
+        type=int,
+        default=0,
+        help="also time end-to-end `dictlearn generate` on this many tokens (1 and 2 workers)",
+    )
     # Internal: the transformers half, run in --torch-python.
     parser.add_argument("--torch-only", nargs=2, metavar=("TOKENS_NPY", "OUT_JSON"))
     args = parser.parse_args()
@@ -144,6 +191,16 @@ def main() -> None:
     if len(rows) == 2:
         jax_row, torch_row = rows.values()
         print(f"speed-up (wall): {torch_row['wall_s'] / jax_row['wall_s']:.2f}x")
+    if args.generate_tokens:
+        gen = bench_generate(args.generate_tokens, args.layer, args.batch, args.seq)
+        print(f"end-to-end generate, {args.generate_tokens} tokens, bf16 shards")
+        print(f"{'run':<22} {'seconds':>9} {'tokens/s':>10} {'tokens/CPU-s':>13}")
+        for name, r in gen.items():
+            print(
+                f"{name:<22} {r['wall_s']:>9.1f} {r['tokens'] / r['wall_s']:>10.0f} "
+                f"{r['tokens'] / r['worker_cpu_s']:>13.0f}"
+            )
+        print("(tokens/CPU-s: the workers' CPU time on shards, model loading excluded)")
     sys.stdout.flush()
 
 
