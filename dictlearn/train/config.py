@@ -83,6 +83,60 @@ class RunConfig(StrictModel):
     )
 
 
+class ClusterConfig(StrictModel):
+    """Multi-host training: one Ray trainer actor per accelerator host, joined by jax.distributed."""
+
+    hosts: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Host processes the run spans (one per accelerator host; a TPU v5e-16 slice has 4). "
+            "1 with no resources_per_host trains in this process; otherwise `dictlearn train` "
+            "starts one Ray actor per host and they train as one multi-process JAX program."
+        ),
+    )
+    address: str | None = Field(
+        None,
+        description=(
+            "null: use the Ray this process is connected to (or RAY_ADDRESS), else start a local "
+            "cluster; 'auto': join the cluster this machine belongs to; 'host:6379' or "
+            "'ray://host:10001': join that one."
+        ),
+    )
+    resources_per_host: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Ray resources each trainer actor reserves: a whole host's accelerators, e.g. "
+            "{TPU: 4} on TPU v5e/v4/v5p hosts or {GPU: 8} on an 8-GPU node, so that exactly one "
+            "actor lands on each host."
+        ),
+    )
+    cpus_per_host: float = Field(
+        1.0, ge=0, description="Ray CPUs each trainer actor reserves (data loading)."
+    )
+    devices_per_host: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Virtual CPU devices per host process, for testing multi-host runs on one machine "
+            "without accelerators; null uses each host's accelerators."
+        ),
+    )
+    start_timeout_s: float = Field(
+        600,
+        gt=0,
+        description=(
+            "Seconds to wait for the cluster to have room for every host actor (an autoscaler "
+            "may be bringing a slice up) before giving up with an error."
+        ),
+    )
+
+    @property
+    def uses_ray(self) -> bool:
+        """Whether the run goes through Ray trainer actors rather than this process."""
+        return self.hosts > 1 or bool(self.resources_per_host)
+
+
 class TrainConfig(StrictModel):
     """Everything ``dictlearn train`` needs."""
 
@@ -94,6 +148,7 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    ray: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _eval_needs_heldout(self) -> TrainConfig:

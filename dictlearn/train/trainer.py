@@ -21,6 +21,7 @@ import fsspec
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from dictlearn.config import to_yaml
@@ -44,6 +45,7 @@ RESUMABLE_CHANGES = (
     "mesh",
     "data.prefetch",
     "run",
+    "ray",
     # Restarting from a checkpoint with a lower lr is the standard response to a divergence
     # (the divergence message suggests it); the result is then no longer bit-identical.
     "optimizer.lr",
@@ -129,6 +131,17 @@ class _PreemptionFlag:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _on_any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (one host may get SIGTERM before the others).
+
+    Every process must stop at the same step: a checkpoint is a collective, and a host that
+    stopped alone would leave the others waiting in the next step's collectives.
+    """
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
@@ -239,10 +252,11 @@ def main(config: TrainConfig) -> TrainResult:
                 if config.train.eval_every and done % config.train.eval_every == 0:
                     eval_metrics = evaluate(program, state, config, dataset)
                     tracker.log(done, eval_metrics, prefix="eval/")
+                stopping = _on_any_process(stop.raised)
                 if (
                     done % config.checkpoint.every_steps == 0
                     or done == config.train.steps
-                    or (stop.raised and last_saved != done)
+                    or (stopping and last_saved != done)
                 ):
                     # The loss above was computed before this step's update: check the state
                     # itself, so a NaN/Inf update never becomes the "last good" checkpoint.
@@ -250,7 +264,7 @@ def main(config: TrainConfig) -> TrainResult:
                         raise _diverged(checkpointer, f"the state became NaN/Inf at step {done}")
                     checkpointer.save(done, state, stream.position, config_dict)
                     last_saved = done
-                if stop.raised:
+                if stopping:
                     preempted = True
                     break
             bar.close()
