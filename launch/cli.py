@@ -1,7 +1,10 @@
 """The ``dictlearn`` command: parse, load the stage's config, call its ``main``.
 
+    dictlearn generate CONFIG.yaml [key.sub=value ...]   # activation datasets from a corpus
     dictlearn train CONFIG.yaml [key.sub=value ...]
     dictlearn planted OUT_URL [key=value ...]      # write a planted-dictionary dataset
+    dictlearn submit CONFIG.yaml [key.sub=value ...] --address http://HEAD:8265
+    dictlearn jobs {list,status,logs,stop} [JOB_ID] --address http://HEAD:8265
 
 Every stage's errors for bad input (config, data) are printed as one clear message with exit
 status 2, not as a traceback.
@@ -17,6 +20,8 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from dictlearn.config import ConfigError
+from launch.jobs import jobs_arguments, run_jobs
+from launch.submit import run_submit, submit_arguments
 
 
 def _train(args: argparse.Namespace) -> Any:
@@ -25,8 +30,51 @@ def _train(args: argparse.Namespace) -> Any:
     from dictlearn.train.trainer import main
 
     config = load_config(TrainConfig, args.config, args.overrides)
-    result = main(config)
+    if config.ray.uses_ray:
+        import jax
+
+        from launch import multihost
+
+        # This process only coordinates: the accelerators belong to the trainer actors (a TPU
+        # host's chips can be opened by one process only).
+        jax.config.update("jax_platforms", "cpu")
+        result = multihost.main(config)
+    else:
+        result = main(config)
     _print_train_summary(result)
+    return result
+
+
+def _generate(args: argparse.Namespace) -> Any:
+    from dictlearn.activations import GenerateConfig, main
+    from dictlearn.config import load_config
+
+    config = load_config(GenerateConfig, args.config, args.overrides)
+    result = main(config)
+    status = "already complete" if result.shards_written == 0 else "done"
+    lines = [
+        f"generate {status}: {result.shards_written} shards written, {result.shards_skipped} "
+        f"skipped; {result.tokens:,} activation rows per hook",
+        f"  {result.lm_tokens:,} LM tokens in {result.seconds:.1f} s "
+        f"({result.lm_tokens / max(result.seconds, 1e-9):,.0f} tokens/s, {result.workers} "
+        f"workers, {result.worker_restarts} restarted)",
+        *(f"  {hook:<14} {url}" for hook, url in result.datasets.items()),
+    ]
+    print("\n".join(lines))
+    return result
+
+
+def _pipeline(args: argparse.Namespace) -> Any:
+    from launch.pipeline import load_pipeline_config, main, summary_text
+
+    config = load_pipeline_config(*_split_config_and_overrides(args.arguments))
+    if config.train.ray.uses_ray:
+        import jax
+
+        # As for `dictlearn train`: the accelerators belong to the trainer actors.
+        jax.config.update("jax_platforms", "cpu")
+    result = main(config)
+    print(summary_text(result))
     return result
 
 
@@ -78,6 +126,23 @@ def _override_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "arguments",
+        nargs="*",
+        metavar="[CONFIG.yaml] key.sub=value",
+        help="An optional pipeline config (default: the embedded defaults, Gemma 3 270M on the "
+        "built-in corpus), then dotted overrides.",
+    )
+
+
+def _split_config_and_overrides(arguments: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] key=value ...``: the config is the first argument if it is no override."""
+    if arguments and "=" not in arguments[0]:
+        return arguments[0], arguments[1:]
+    return None, arguments
+
+
 def _planted_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT_URL", help="Dataset directory or gs:// URL.")
     _override_arguments(p)
@@ -89,12 +154,28 @@ COMMANDS: dict[
     str,
     tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]],
 ] = {
+    "generate": (
+        "Run the LM over a corpus on Ray workers and write activation datasets.",
+        _config_arguments,
+        _generate,
+    ),
     "train": ("Train an SAE on an activation dataset.", _config_arguments, _train),
+    "pipeline": (
+        "Run the whole pipeline (generate -> train), skipping finished stages.",
+        _pipeline_arguments,
+        _pipeline,
+    ),
     "planted": (
         "Write a synthetic planted-dictionary activation dataset.",
         _planted_arguments,
         _planted,
     ),
+    "submit": (
+        "Run a stage's config as a job on a Ray cluster (Ray Jobs API).",
+        submit_arguments,
+        run_submit,
+    ),
+    "jobs": ("List, inspect, tail or stop the jobs on a Ray cluster.", jobs_arguments, run_jobs),
 }
 
 
@@ -109,11 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from dictlearn.corpus import CorpusError
-    from dictlearn.data import DatasetError
-    from dictlearn.train.trainer import TrainingDiverged
+    """Errors printed as one line (exit 2) instead of a traceback.
 
-    return (ConfigError, DatasetError, CorpusError, TrainingDiverged, ValueError, FileNotFoundError)
+    ConfigError, DatasetError, CorpusError and the cluster errors are ValueErrors. A training
+    divergence can only have come from the trainer module if it was imported: looking it up in
+    ``sys.modules`` keeps a failing ``dictlearn jobs`` call from importing jax just to print.
+    """
+    errors: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError)
+    trainer = sys.modules.get("dictlearn.train.trainer")
+    if trainer is not None:
+        errors += (trainer.TrainingDiverged,)
+    multihost = sys.modules.get("launch.multihost")
+    if multihost is not None:  # a trainer host died: the message names the checkpoint
+        errors += (multihost.HostFailure,)
+    return errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:

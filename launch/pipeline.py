@@ -1,0 +1,409 @@
+"""``dictlearn pipeline``: generate activations, then train an SAE on them, as one versioned run.
+
+    dictlearn pipeline                                      # embedded defaults (Gemma 3 270M)
+    dictlearn pipeline launch/configs/pipeline_default.yaml mesh.data=8 train.train.steps=5000
+
+Every stage writes into its own directory under ``<output_dir>/<name>/``, named by the stage and
+a hash of everything that determines its result: its own config (minus execution details such as
+the Ray cluster, the mesh or the checkpoint cadence) and the versions of the stages it reads. So
+
+* a re-run of the same config skips the stages that finished (each leaves a ``stage.json``),
+  and resumes an unfinished one (generation skips committed shards, training resumes from its
+  newest checkpoint);
+* changing a stage's config (or an upstream stage's) gives it a new directory: nothing finished
+  is ever overwritten, and two versions can be compared side by side.
+
+The run ends with a summary a person can read (tokens, FVU, L0, dead fraction, where everything
+was written); ``<output_dir>/<name>/pipeline.json`` holds the same as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Literal
+
+import fsspec
+from pydantic import Field, model_validator
+
+from dictlearn.activations import GenerateConfig, OutputConfig
+from dictlearn.config import (
+    ConfigError,
+    StrictModel,
+    apply_overrides,
+    read_yaml,
+    to_yaml,
+    validate,
+)
+from dictlearn.train.config import DataConfig, TrainConfig
+from sharding import MeshConfig
+
+StageName = Literal["generate", "train"]
+STAGE_ORDER: tuple[StageName, ...] = ("generate", "train")
+
+# Fields of the train config that change how it runs, not what it produces: left out of the
+# stage's version hash so that, e.g., another mesh reuses finished work. (Unlike the trainer's
+# RESUMABLE_CHANGES, the step count and lr are in: they set the schedule, so a new value is a new
+# run. The generate stage's hash covers GenerateConfig.fingerprint_fields(), which leaves out Ray
+# settings and the batch size.)
+TRAIN_EXECUTION_FIELDS = (
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "checkpoint",
+    "tracker",
+    "mesh",
+    "data.prefetch",
+    "data.path",
+    "run",
+    "ray",
+    "hook",
+)
+
+STAGE_MARKER = "stage.json"
+
+
+class PipelineOutputConfig(OutputConfig):
+    """``generate.output`` inside a pipeline: the path is the stage's versioned directory."""
+
+    path: str | None = Field(  # type: ignore[assignment]
+        None, description="Leave unset: the pipeline writes under <output_dir>/<name>/."
+    )
+
+
+class PipelineGenerateConfig(GenerateConfig):
+    """``dictlearn generate``'s config, minus what the pipeline fills in (output.path)."""
+
+    output: PipelineOutputConfig = Field(  # type: ignore[assignment]
+        default_factory=PipelineOutputConfig, description="Storage dtype of the datasets."
+    )
+
+
+# The embedded defaults (the README's run): Gemma 3 270M's residual stream after block 6 on the
+# built-in corpus, then a 4096-latent TopK SAE; minutes on a 2-core machine. A config file and
+# overrides are merged onto these (see load_pipeline_config).
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "generate": {
+        "hooks": ["resid_post.6"],
+        "corpus": {"paths": ["builtin:python-docs"], "n_shards": 8},
+        "context_length": 128,
+        "batch_size": 16,
+        "max_tokens": 262_144,
+    },
+    "train": {
+        "data": {"eval_fraction": 0.05},
+        "sae": {
+            "architecture": "topk",
+            "n_features": 4096,
+            "k": 32,
+            "dead_window_tokens": 100_000,
+        },
+        "optimizer": {"lr": 1e-3, "warmup_steps": 20},
+        "train": {"batch_size": 1024, "steps": 240, "log_every": 20},
+        "checkpoint": {"every_steps": 100},
+    },
+}
+
+
+class PipelineDataConfig(DataConfig):
+    """``train.data`` inside a pipeline: the dataset path comes from the generate stage."""
+
+    path: str | None = Field(  # type: ignore[assignment]
+        None, description="Leave unset: the pipeline points training at the generated dataset."
+    )
+
+
+class PipelineTrainConfig(TrainConfig):
+    """``dictlearn train``'s config, minus what the pipeline fills in (data path, run dir)."""
+
+    data: PipelineDataConfig = Field(default_factory=PipelineDataConfig)  # type: ignore[assignment]
+    hook: str | None = Field(
+        None, description="Which generated hook to train on (default: the first of generate.hooks)."
+    )
+
+
+class PipelineConfig(StrictModel):
+    """Everything ``dictlearn pipeline`` needs; every field has a default (the README's run)."""
+
+    name: str = Field("default", description="Pipeline name: the directory under output_dir.")
+    output_dir: str = Field("runs", description="Parent directory (or gs:// URL) of pipelines.")
+    stages: list[StageName] = Field(
+        default_factory=lambda: list(STAGE_ORDER),
+        description="Stages to run, in pipeline order (a later stage needs its inputs finished).",
+    )
+    mesh: MeshConfig = Field(
+        default_factory=MeshConfig,
+        description="Device mesh of the training stage (set it here, not under train.mesh).",
+    )
+    generate: PipelineGenerateConfig = Field(
+        default_factory=lambda: PipelineGenerateConfig.model_validate(
+            EMBEDDED_DEFAULTS["generate"]
+        ),
+        description="The generate stage (dictlearn generate's config; output.path is filled in).",
+    )
+    train: PipelineTrainConfig = Field(
+        default_factory=lambda: PipelineTrainConfig.model_validate(EMBEDDED_DEFAULTS["train"]),
+        description="The train stage (dictlearn train's config; data.path and run are filled in).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        if sorted(self.stages, key=STAGE_ORDER.index) != self.stages or len(
+            set(self.stages)
+        ) != len(self.stages):
+            raise ValueError(f"stages must be distinct and in the order {list(STAGE_ORDER)}")
+        if self.train.hook is not None and self.train.hook not in self.generate.hooks:
+            raise ValueError(
+                f"train.hook={self.train.hook!r} is not one of generate.hooks {self.generate.hooks}"
+            )
+        if self.train.mesh not in (MeshConfig(), self.mesh):
+            raise ValueError("set the training mesh with the top-level mesh, not train.mesh")
+        return self
+
+    @property
+    def root(self) -> str:
+        return f"{self.output_dir.rstrip('/')}/{self.name}"
+
+    @property
+    def hook(self) -> str:
+        return self.train.hook or self.generate.hooks[0]
+
+
+def merge_onto_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` deep-merged onto ``defaults``; a section naming another ``architecture`` than
+    the default's replaces it whole (a jumprelu SAE must not inherit topk's ``k``)."""
+    if "architecture" in given and given["architecture"] != defaults.get("architecture"):
+        return dict(given)
+    merged = dict(defaults)
+    for key, value in given.items():
+        default = defaults.get(key)
+        both_sections = isinstance(value, dict) and isinstance(default, dict)
+        merged[key] = merge_onto_defaults(default, value) if both_sections else value
+    return merged
+
+
+def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConfig:
+    """The pipeline config: embedded defaults, then the file at ``path`` (if any), then the
+    dotted ``overrides``; validated, with errors naming the field."""
+    given = read_yaml(path) if path is not None else {}
+    merged = merge_onto_defaults(EMBEDDED_DEFAULTS, apply_overrides(given, overrides))
+    return validate(PipelineConfig, merged, f"config file {path}" if path else "pipeline config")
+
+
+def _drop_fields(config: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of ``config`` without the dotted fields (and sections) named."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in dotted:
+            continue
+        nested = tuple(d[len(key) + 1 :] for d in dotted if d.startswith(key + "."))
+        out[key] = _drop_fields(value, nested) if isinstance(value, dict) and nested else value
+    return out
+
+
+def version_hash(payload: dict[str, Any]) -> str:
+    """Twelve hex digits of the SHA-256 of ``payload`` as canonical JSON."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of a pipeline run: its version, directory and fully resolved config."""
+
+    stage: StageName
+    version: str
+    directory: str
+    config: GenerateConfig | TrainConfig
+    inputs: dict[str, str] = field(default_factory=dict)
+    needs: tuple[StageName, ...] = ()
+
+
+def plan_stages(config: PipelineConfig) -> dict[StageName, StagePlan]:
+    """Resolve every stage's config and versioned directory (even stages not selected to run:
+    a later stage's version depends on its inputs' versions)."""
+    gen_dict = config.generate.model_dump(mode="json")
+    gen_version = version_hash(
+        {"stage": "generate", "config": config.generate.fingerprint_fields()}
+    )
+    gen_dir = f"{config.root}/generate-{gen_version}"
+    generate = GenerateConfig.model_validate(
+        gen_dict | {"output": gen_dict["output"] | {"path": gen_dir}}
+    )
+
+    train_dict = config.train.model_dump(mode="json", exclude={"hook"})
+    inputs = {"generate": gen_version, "hook": config.hook}
+    train_version = version_hash(
+        {
+            "stage": "train",
+            "config": _drop_fields(train_dict, TRAIN_EXECUTION_FIELDS),
+            "inputs": inputs,
+        }
+    )
+    train_dict["data"]["path"] = f"{gen_dir}/{config.hook}"
+    train_dict["mesh"] = config.mesh.model_dump(mode="json")
+    train_dict["run"] = {"output_dir": config.root, "name": f"train-{train_version}"}
+    train = TrainConfig.model_validate(train_dict)
+    return {
+        "generate": StagePlan("generate", gen_version, gen_dir, generate),
+        "train": StagePlan(
+            "train",
+            train_version,
+            f"{config.root}/train-{train_version}",
+            train,
+            inputs,
+            needs=("generate",),
+        ),
+    }
+
+
+def read_stage_marker(directory: str) -> dict[str, Any] | None:
+    """The ``stage.json`` a finished stage left in its directory, or None."""
+    try:
+        with fsspec.open(f"{directory}/{STAGE_MARKER}", "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _write_json(url: str, payload: dict[str, Any]) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path}.tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    fs.mv(tmp, path)  # the marker appears whole or not at all
+
+
+def _as_dict(result: Any) -> dict[str, Any]:
+    return asdict(result) if is_dataclass(result) else dict(result)
+
+
+def _run_generate(plan: StagePlan) -> dict[str, Any]:
+    from dictlearn.activations import main as generate_main
+
+    return _as_dict(generate_main(plan.config))  # type: ignore[arg-type]
+
+
+def _run_train(plan: StagePlan) -> dict[str, Any]:
+    config: TrainConfig = plan.config  # type: ignore[assignment]
+    if config.ray.uses_ray:  # one trainer actor per host (see launch/multihost.py)
+        from launch import multihost
+
+        return _as_dict(multihost.main(config))
+    from dictlearn.train.trainer import main as train_main
+
+    return _as_dict(train_main(config))
+
+
+_RUNNERS = {"generate": _run_generate, "train": _run_train}
+
+
+@dataclass
+class StageOutcome:
+    """What one stage did in this invocation."""
+
+    stage: StageName
+    version: str
+    directory: str
+    status: Literal["ran", "skipped"]
+    seconds: float
+    result: dict[str, Any]
+
+
+@dataclass
+class PipelineResult:
+    """What ``dictlearn pipeline`` reports (also written to ``pipeline.json``)."""
+
+    root: str
+    stages: list[StageOutcome]
+    preempted: bool = False
+
+
+def main(config: PipelineConfig) -> PipelineResult:
+    """Run (or resume) the selected stages of ``config``; see the module docstring."""
+    plans = plan_stages(config)
+    outcomes: list[StageOutcome] = []
+    preempted = False
+    for name in config.stages:
+        plan = plans[name]
+        for upstream in plan.needs:
+            needed = plans[upstream]
+            if upstream not in config.stages and read_stage_marker(needed.directory) is None:
+                raise ConfigError(
+                    f"stage {name} reads the {upstream} stage's output {needed.directory} "
+                    f"(version {needed.version}), which has not finished; add {upstream} to "
+                    "stages"
+                )
+        marker = read_stage_marker(plan.directory)
+        if marker is not None:
+            outcomes.append(
+                StageOutcome(name, plan.version, plan.directory, "skipped", 0.0, marker["result"])
+            )
+            print(f"[{name}] finished earlier: {plan.directory} (skipped)", flush=True)
+            continue
+        print(f"[{name}] version {plan.version} -> {plan.directory}", flush=True)
+        started = time.perf_counter()
+        result = _RUNNERS[name](plan)
+        seconds = time.perf_counter() - started
+        outcomes.append(StageOutcome(name, plan.version, plan.directory, "ran", seconds, result))
+        if result.get("preempted"):
+            preempted = True  # training stopped early on SIGTERM: not finished, no marker
+            break
+        _write_json(
+            f"{plan.directory}/{STAGE_MARKER}",
+            {
+                "stage": name,
+                "version": plan.version,
+                "inputs": plan.inputs,
+                "config": plan.config.model_dump(mode="json"),
+                "result": result,
+                "seconds": seconds,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+        if name == "train":
+            with fsspec.open(f"{plan.directory}/pipeline_config.yaml", "w") as f:
+                f.write(to_yaml(config))
+    pipeline_result = PipelineResult(config.root, outcomes, preempted)
+    _write_json(f"{config.root}/pipeline.json", asdict(pipeline_result))
+    return pipeline_result
+
+
+def _number(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, int | float) else "n/a"
+
+
+def summary_text(result: PipelineResult) -> str:
+    """A summary a person can read: tokens, FVU, L0, dead fraction, where everything went."""
+    lines = [f"pipeline {'preempted (re-run to resume)' if result.preempted else 'done'}"]
+    for outcome in result.stages:
+        r = outcome.result
+        how = (
+            f"ran in {outcome.seconds:.0f} s"
+            if outcome.status == "ran"
+            else "finished earlier, skipped"
+        )
+        lines.append(f"  {outcome.stage:<9} {how}")
+        if outcome.stage == "generate":
+            lines.append(f"    tokens     {_number(r.get('tokens'), ',')}")
+            for hook, url in r.get("datasets", {}).items():
+                lines.append(f"    dataset    {hook}: {url}")
+        elif outcome.stage == "train":
+            metrics, evals = r.get("metrics", {}), r.get("eval_metrics", {})
+            fvu = evals.get("fvu", metrics.get("fvu"))
+            l0 = evals.get("l0", metrics.get("l0"))
+            lines += [
+                f"    steps      {_number(r.get('steps'), ',')}  "
+                f"({_number(r.get('tokens'), ',')} training tokens)",
+                f"    FVU        {_number(fvu, '.4f')}"
+                + ("  (held-out)" if "fvu" in evals else ""),
+                f"    L0         {_number(l0, '.1f')}",
+                f"    dead       {_number(metrics.get('dead_fraction'), '.3f')} of features",
+                f"    run dir    {r.get('run_dir')}  (config.yaml, metrics.jsonl, wandb/)",
+                f"    checkpoint {r.get('checkpoint_dir')}",
+            ]
+    lines.append(f"  summary    {result.root}/pipeline.json")
+    return "\n".join(lines)

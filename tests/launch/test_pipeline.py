@@ -1,0 +1,107 @@
+"""``dictlearn pipeline`` end to end: real Gemma 3 270M, real local Ray, real trainer."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.train.helpers import REPO_ROOT, assert_no_traceback, cli_env, run_cli
+
+# A pipeline small enough for the default test run (~1 minute, mostly model load + Ray start).
+TINY = [
+    "generate.max_tokens=4096",
+    "generate.context_length=64",
+    "generate.corpus.n_shards=2",
+    "generate.hooks=[resid_post.2]",
+    "train.sae.n_features=256",
+    "train.sae.k=8",
+    "train.train.batch_size=256",
+    "train.train.steps=8",
+    "train.train.log_every=4",
+    "train.checkpoint.every_steps=4",
+]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")
+
+
+def test_pipeline_runs_then_skips_finished_stages(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["pipeline", f"output_dir={out}", "name=tiny", *TINY]
+    first = run_cli(*args, env=_env(tmp_path), timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert_no_traceback(first.stderr)
+    summary = first.stdout
+    for line in ("pipeline done", "tokens", "FVU", "L0", "dead", "run dir", "checkpoint"):
+        assert line in summary, summary
+
+    record = json.loads((out / "tiny" / "pipeline.json").read_text())
+    gen, train = record["stages"]
+    assert (gen["stage"], gen["status"], train["stage"], train["status"]) == (
+        "generate",
+        "ran",
+        "train",
+        "ran",
+    )
+    gen_dir, train_dir = Path(gen["directory"]), Path(train["directory"])
+    assert gen_dir.name == f"generate-{gen['version']}"
+    assert train_dir.name == f"train-{train['version']}"
+    assert (gen_dir / "resid_post.2" / "manifest.json").is_file()
+    assert (train_dir / "stage.json").is_file() and (train_dir / "metrics.jsonl").is_file()
+    assert train["result"]["steps"] == 8
+    rows = gen["result"]["tokens"]
+    assert 0 < rows <= 4096
+
+    # The same command again: both stages finished, nothing runs.
+    started = time.perf_counter()
+    again = run_cli(*args, env=_env(tmp_path), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier") >= 2
+    assert time.perf_counter() - started < 60
+    # A new SAE config is a new train version on the same generated data.
+    other = run_cli(*args, "train.sae.k=4", env=_env(tmp_path), timeout=300)
+    assert other.returncode == 0, other.stderr[-3000:]
+    record = json.loads((out / "tiny" / "pipeline.json").read_text())
+    statuses = [(s["stage"], s["status"]) for s in record["stages"]]
+    assert statuses == [("generate", "skipped"), ("train", "ran")]
+    assert record["stages"][1]["version"] != train["version"]
+
+
+def test_pipeline_bad_input_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("pipeline", f"output_dir={tmp_path}", "train.mesh.model=2", env=_env(tmp_path))
+    assert result.returncode == 2
+    assert "top-level mesh" in result.stderr
+    assert_no_traceback(result.stderr)
+    result = run_cli("pipeline", str(tmp_path / "missing.yaml"), env=_env(tmp_path))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def _readme_main_calls() -> list[list[str]]:
+    readme = (REPO_ROOT / "README.md").read_text()
+    first_block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    return [
+        shlex.split(part.strip())[4:]  # drop "uv run --frozen dictlearn"
+        for part in first_block.split("&&")
+        if part.strip().startswith("uv run --frozen dictlearn")
+    ]
+
+
+def test_readme_main_command_is_the_default_pipeline() -> None:
+    assert _readme_main_calls() == [["pipeline"]]
+
+
+@pytest.mark.slow
+def test_readme_main_command_verbatim(tmp_path: Path) -> None:
+    """The README's main command, verbatim, from a fresh directory (~10 minutes on 2 cores)."""
+    (call,) = _readme_main_calls()
+    result = run_cli(*call, env=_env(tmp_path), cwd=tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pipeline done" in result.stdout
+    record = json.loads((tmp_path / "runs" / "default" / "pipeline.json").read_text())
+    fvu = record["stages"][1]["result"]["eval_metrics"]["fvu"]
+    assert fvu < 0.5, result.stdout
