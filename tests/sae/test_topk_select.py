@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dictlearn.sae import TopKConfig, get_architecture
 from dictlearn.sae.topk import sparse_topk_forward
-from dictlearn.sae.topk_select import batch_threshold, sharded_top_k
+from dictlearn.sae.topk_select import BLOCK, batch_threshold, sharded_top_k, top_k
 from dictlearn.train.config import OptimizerConfig
 from dictlearn.train.step import TrainProgram
 from sharding import DATA, MODEL, MeshConfig, make_mesh
@@ -68,6 +68,43 @@ def test_sharded_top_k_breaks_ties_like_dense() -> None:
 def test_sharded_top_k_rejects_k_larger_than_a_shard() -> None:
     with pytest.raises(ValueError, match="exceeds the 8 features held by one shard"):
         _run_sharded_topk(np.zeros((2, 64), np.float32), 9, 8)
+
+
+def _top_k_cases() -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    normal = rng.normal(size=(32, 1024))
+    masked = rng.normal(size=(32, 1024))
+    masked[:, rng.random(1024) < 0.9] = -np.inf  # AuxK: most latents alive (masked out)
+    return [
+        normal,
+        rng.integers(0, 3, size=(32, 512)),  # heavy ties: lowest index must win
+        masked,
+        np.where(rng.random((16, 512)) < 0.5, 0.0, -0.0),  # TopK orders -0 below +0
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_blockwise_top_k_is_bitwise_lax_top_k(case: int, k: int) -> None:
+    x = jnp.asarray(_top_k_cases()[case], jnp.float32)
+    assert x.shape[1] // BLOCK >= 2 * k  # the blockwise path, not the lax.top_k fallback
+    values, indices = jax.jit(top_k, static_argnums=1)(x, k)
+    ref_values, ref_indices = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_array_equal(
+        np.asarray(values).view(np.int32), np.asarray(ref_values).view(np.int32)
+    )
+
+
+def test_blockwise_top_k_reads_the_matrix_once_and_never_sorts_it() -> None:
+    """The bias add fuses into the block-max pass; no [B, F] sort, no TopK over all of F."""
+    b, f = 64, 4096
+    fn = jax.jit(lambda p, bias: top_k(p + bias, 16))
+    hlo = fn.lower(jnp.zeros((b, f)), jnp.zeros(f)).compile().as_text()
+    entry = hlo.split("ENTRY")[1].splitlines()
+    assert not [line for line in entry if f"= f32[{b},{f}]" in line and "parameter(" not in line]
+    assert not re.search(rf"\[{b},{f}\][^=]*\bsort\(", hlo)
+    assert "TopK" in hlo
 
 
 def _sharded_threshold(pre: np.ndarray, n_select: int, candidates: int) -> float:
