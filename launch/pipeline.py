@@ -82,12 +82,12 @@ class PipelineGenerateConfig(GenerateConfig):
 
 
 # The embedded defaults (the README's run): Gemma 3 270M's residual stream after block 6 on the
-# built-in corpus, then a 4096-latent TopK SAE; minutes on a 2-core machine. A config file and
+# built-in corpora, then a 4096-latent TopK SAE; ~6 minutes on a 2-core machine. A config file and
 # overrides are merged onto these (see load_pipeline_config).
 EMBEDDED_DEFAULTS: dict[str, Any] = {
     "generate": {
         "hooks": ["resid_post.6"],
-        "corpus": {"paths": ["builtin:python-docs"], "n_shards": 8},
+        "corpus": {"paths": ["builtin:python-docs", "builtin:python-stdlib"], "n_shards": 8},
         "context_length": 128,
         "batch_size": 16,
         "max_tokens": 262_144,
