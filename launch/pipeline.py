@@ -38,27 +38,22 @@ from dictlearn.config import (
     validate,
 )
 from dictlearn.train.config import DataConfig, TrainConfig
+from dictlearn.train.trainer import RESUMABLE_CHANGES
 from sharding import MeshConfig
 
 StageName = Literal["generate", "train"]
 STAGE_ORDER: tuple[StageName, ...] = ("generate", "train")
 
 # Fields of the train config that change how it runs, not what it produces: left out of the
-# stage's version hash so that, e.g., another mesh reuses finished work. (Unlike the trainer's
-# RESUMABLE_CHANGES, the step count and lr are in: they set the schedule, so a new value is a new
-# run. The generate stage's hash covers GenerateConfig.fingerprint_fields(), which leaves out Ray
+# stage's version hash so that, e.g., another mesh reuses finished work. These are the trainer's
+# RESUMABLE_CHANGES except the step count and the lr schedule: those may change when resuming
+# (to extend a run, or to recover from a divergence), but in a pipeline a new value is a new run.
+# (The generate stage's hash covers GenerateConfig.fingerprint_fields(), which leaves out Ray
 # settings and the batch size.)
+SCHEDULE_FIELDS = ("train.steps", "optimizer.lr", "optimizer.warmup_steps")
 TRAIN_EXECUTION_FIELDS = (
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "checkpoint",
-    "tracker",
-    "mesh",
-    "data.prefetch",
+    *(name for name in RESUMABLE_CHANGES if name not in SCHEDULE_FIELDS),
     "data.path",
-    "run",
-    "ray",
     "hook",
 )
 
