@@ -112,8 +112,8 @@ def bench_generate(tokens: int, layer: int, batch: int, seq: int) -> dict[str, d
     """End-to-end ``dictlearn.activations.main`` with 1 and 2 workers on one local Ray cluster."""
     from dictlearn.activations import GenerateConfig
     from dictlearn.activations import main as generate
-    from dictlearn.activations.generate import local_ray_cluster
     from dictlearn.config import validate
+    from dictlearn.ray_cluster import local_ray_cluster
 
     rows: dict[str, dict] = {}
     t = time.perf_counter()

@@ -60,6 +60,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
+def without_fields(data: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of ``data`` without the fields and sections named by dotted paths (``"a.b"``)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in dotted:
+            continue
+        nested = tuple(d[len(key) + 1 :] for d in dotted if d.startswith(key + "."))
+        out[key] = without_fields(value, nested) if isinstance(value, dict) and nested else value
+    return out
+
+
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 

@@ -13,10 +13,8 @@ status 2, not as a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from dictlearn.config import ConfigError
@@ -27,20 +25,9 @@ from launch.submit import run_submit, submit_arguments
 def _train(args: argparse.Namespace) -> Any:
     from dictlearn.config import load_config
     from dictlearn.train.config import TrainConfig
-    from dictlearn.train.trainer import main
+    from launch.train import train
 
-    config = load_config(TrainConfig, args.config, args.overrides)
-    if config.ray.uses_ray:
-        import jax
-
-        from launch import multihost
-
-        # This process only coordinates: the accelerators belong to the trainer actors (a TPU
-        # host's chips can be opened by one process only).
-        jax.config.update("jax_platforms", "cpu")
-        result = multihost.main(config)
-    else:
-        result = main(config)
+    result = train(load_config(TrainConfig, args.config, args.overrides))
     _print_train_summary(result)
     return result
 
@@ -71,7 +58,8 @@ def _pipeline(args: argparse.Namespace) -> Any:
     if config.train.ray.uses_ray:
         import jax
 
-        # As for `dictlearn train`: the accelerators belong to the trainer actors.
+        # Before the generate stage can start a backend here: the accelerators belong to the
+        # trainer actors (see launch.train).
         jax.config.update("jax_platforms", "cpu")
     result = main(config)
     print(summary_text(result))
@@ -215,10 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dictlearn {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def result_as_json(result: Any) -> str:
-    return json.dumps(asdict(result) if is_dataclass(result) else result, indent=2, default=str)
 
 
 if __name__ == "__main__":

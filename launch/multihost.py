@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ from ray.util.scheduling_strategies import (
 )
 
 from dictlearn.config import ConfigError
+from dictlearn.ray_cluster import ray_session
 from dictlearn.train.config import ClusterConfig, TrainConfig
 from sharding.distributed import Coordinator, free_port, initialize
 
@@ -123,7 +123,9 @@ def main(config: TrainConfig) -> Any:
     """
     _check(config)
     cluster = config.ray
-    with _ray_session(cluster):
+    with ray_session(
+        cluster.address, actors=cluster.hosts, resources_per_actor=_bundles(cluster)[0]
+    ):
         group = placement_group(_bundles(cluster), strategy="SPREAD")
         actors: list[Any] = []
         try:
@@ -173,30 +175,6 @@ def _check(config: TrainConfig) -> None:
                 f"mesh.model={model} spans hosts: keep it within one host "
                 f"(a divisor of ray.devices_per_host={cluster.devices_per_host})"
             )
-
-
-@contextlib.contextmanager
-def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
-    """Use the connected Ray, join ``cluster.address``, or start a local cluster for this run."""
-    if ray.is_initialized():
-        yield
-        return
-    if cluster.address is not None or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cluster.address, log_to_driver=True)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-        return
-    from dictlearn.activations.generate import local_ray_cluster
-
-    bundle = _bundles(cluster)[0]
-    with local_ray_cluster(
-        num_cpus=max(1, math.ceil(bundle.get("CPU", 0) * cluster.hosts)),
-        num_gpus=bundle.get("GPU", 0) * cluster.hosts,
-        resources={k: v * cluster.hosts for k, v in bundle.items() if k not in ("CPU", "GPU")},
-    ):
-        yield
 
 
 def _bundles(cluster: ClusterConfig) -> list[dict[str, float]]:
@@ -315,9 +293,9 @@ def _failure(
 def last_checkpoint_sentence(config: TrainConfig) -> str:
     """Which committed checkpoint a re-run of ``config`` resumes from, as a sentence."""
     from dictlearn.train.checkpoint import Checkpointer
-    from dictlearn.train.trainer import run_dir_of
+    from dictlearn.train.trainer import checkpoint_dir_of
 
-    directory = f"{run_dir_of(config)}/checkpoints"
+    directory = checkpoint_dir_of(config)
     checkpointer = Checkpointer(directory, async_save=False)
     try:
         step = checkpointer.latest_step()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import fsspec
@@ -36,7 +36,9 @@ from dictlearn.config import (
     read_yaml,
     to_yaml,
     validate,
+    without_fields,
 )
+from dictlearn.data import storage
 from dictlearn.train.config import DataConfig, TrainConfig
 from dictlearn.train.trainer import RESUMABLE_CHANGES
 from sharding import MeshConfig
@@ -72,7 +74,8 @@ class PipelineGenerateConfig(GenerateConfig):
     """``dictlearn generate``'s config, minus what the pipeline fills in (output.path)."""
 
     output: PipelineOutputConfig = Field(  # type: ignore[assignment]
-        default_factory=PipelineOutputConfig, description="Storage dtype of the datasets."
+        default_factory=PipelineOutputConfig,
+        description="Where the datasets go: set dtype here; the pipeline fills in path.",
     )
 
 
@@ -187,17 +190,6 @@ def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConf
     return validate(PipelineConfig, merged, f"config file {path}" if path else "pipeline config")
 
 
-def _drop_fields(config: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:
-    """A copy of ``config`` without the dotted fields (and sections) named."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if key in dotted:
-            continue
-        nested = tuple(d[len(key) + 1 :] for d in dotted if d.startswith(key + "."))
-        out[key] = _drop_fields(value, nested) if isinstance(value, dict) and nested else value
-    return out
-
-
 def version_hash(payload: dict[str, Any]) -> str:
     """Twelve hex digits of the SHA-256 of ``payload`` as canonical JSON."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
@@ -233,7 +225,7 @@ def plan_stages(config: PipelineConfig) -> dict[StageName, StagePlan]:
     train_version = version_hash(
         {
             "stage": "train",
-            "config": _drop_fields(train_dict, TRAIN_EXECUTION_FIELDS),
+            "config": without_fields(train_dict, TRAIN_EXECUTION_FIELDS),
             "inputs": inputs,
         }
     )
@@ -256,41 +248,27 @@ def plan_stages(config: PipelineConfig) -> dict[StageName, StagePlan]:
 
 def read_stage_marker(directory: str) -> dict[str, Any] | None:
     """The ``stage.json`` a finished stage left in its directory, or None."""
-    try:
-        with fsspec.open(f"{directory}/{STAGE_MARKER}", "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+    fs, path = storage.filesystem(directory)
+    raw = storage.read_bytes_or_none(fs, storage.join(path, STAGE_MARKER))
+    return None if raw is None else json.loads(raw)
 
 
 def _write_json(url: str, payload: dict[str, Any]) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{path}.tmp"
-    with fs.open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    fs.mv(tmp, path)  # the marker appears whole or not at all
-
-
-def _as_dict(result: Any) -> dict[str, Any]:
-    return asdict(result) if is_dataclass(result) else dict(result)
+    fs, path = storage.filesystem(url)
+    # Whole or not at all: a half-written marker must never read as "finished".
+    storage.write_bytes_atomic(fs, path, json.dumps(payload, indent=2, default=str).encode())
 
 
 def _run_generate(plan: StagePlan) -> dict[str, Any]:
     from dictlearn.activations import main as generate_main
 
-    return _as_dict(generate_main(plan.config))  # type: ignore[arg-type]
+    return asdict(generate_main(plan.config))  # type: ignore[arg-type]
 
 
 def _run_train(plan: StagePlan) -> dict[str, Any]:
-    config: TrainConfig = plan.config  # type: ignore[assignment]
-    if config.ray.uses_ray:  # one trainer actor per host (see launch/multihost.py)
-        from launch import multihost
+    from launch.train import train
 
-        return _as_dict(multihost.main(config))
-    from dictlearn.train.trainer import main as train_main
-
-    return _as_dict(train_main(config))
+    return asdict(train(plan.config))  # type: ignore[arg-type]
 
 
 _RUNNERS = {"generate": _run_generate, "train": _run_train}

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dictlearn.config import ConfigError, apply_overrides, read_yaml
+from dictlearn.config import ConfigError, apply_overrides, read_yaml, without_fields
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -238,9 +238,8 @@ def load_stage_config(stage: str, config: str, overrides: list[str]) -> dict[str
     return model.model_dump(mode="json")
 
 
-def relative_paths(data: Any, where: str = "", skip: tuple[str, ...] = ()) -> list[str]:
-    """Dotted fields of a resolved config that hold relative local paths (``skip``: fields and
-    sections not to look at).
+def relative_paths(data: Any, where: str = "") -> list[str]:
+    """Dotted fields of a resolved config that hold relative local paths.
 
     On the cluster the job's working directory is a temporary copy of the upload, so a relative
     path would read nothing and write outputs that vanish with it.
@@ -249,14 +248,12 @@ def relative_paths(data: Any, where: str = "", skip: tuple[str, ...] = ()) -> li
     if isinstance(data, dict):
         for key, value in data.items():
             name = f"{where}.{key}" if where else str(key)
-            if name in skip:
-                continue
             if _PATH_KEY.match(str(key)):
                 values = value if isinstance(value, list) else [value]
                 if any(isinstance(v, str) and _is_relative(v) for v in values):
                     found.append(name)
                     continue
-            found += relative_paths(value, name, skip)
+            found += relative_paths(value, name)
     return found
 
 
@@ -359,7 +356,7 @@ def prepare(config: str, overrides: list[str], stage: str | None = None) -> Prep
             # The job's driver runs on the cluster: join it instead of starting a private one.
             overrides.append(f"{field}=auto")
             resolved = load_stage_config(stage, config, overrides)
-    relative = relative_paths(resolved, skip=_FILLED_IN.get(stage, ()))
+    relative = relative_paths(without_fields(resolved, _FILLED_IN.get(stage, ())))
     if relative:
         shown = ", ".join(f"{f}={_get_dotted(resolved, f)[1]!r}" for f in relative)
         raise ConfigError(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import fsspec
 import pytest
+
+from sharding.distributed import free_port
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
@@ -49,12 +50,6 @@ _ENV_KEYS = (
     "GCE_METADATA_IP",
     "GCE_METADATA_ROOT",
 )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _binary() -> Path:
@@ -94,7 +89,7 @@ def gcs_bucket() -> Iterator[str]:
     """Start an in-memory fake GCS for the session and yield ``gs://dictlearn-test``."""
     import gcsfs.core
 
-    port, dead_port = _free_port(), _free_port()
+    port, dead_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="fake-gcs-") as tmp:
         # A log file, not a pipe: nobody reads a pipe while tests run, and a full pipe would

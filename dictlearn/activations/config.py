@@ -71,8 +71,9 @@ class RayConfig(StrictModel):
     address: str | None = Field(
         None,
         description=(
-            "null: use the Ray this process is already connected to, else start a local "
-            "cluster (loopback only, own temp dir, shut down at the end); 'auto': join the "
+            "null: use the Ray this process is already connected to, or $RAY_ADDRESS, else "
+            "start a local cluster (loopback only, own temp dir, shut down at the end); 'auto': "
+            "join the "
             "cluster this machine belongs to; 'ray://host:10001' or 'host:6379': join that one."
         ),
     )

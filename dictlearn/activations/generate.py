@@ -27,18 +27,13 @@ import contextlib
 import hashlib
 import itertools
 import json
-import math
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from pydantic import ValidationError
-from ray._private import ray_constants
 from tqdm.auto import tqdm
 
 from dictlearn.activations.config import GenerateConfig
@@ -55,6 +50,7 @@ from dictlearn.corpus import CorpusShard, plan_corpus_shards
 from dictlearn.data import DatasetError, ShardInfo, commit_manifest, read_shard_infos, storage
 from dictlearn.data.format import MANIFEST_NAME, SHARDS_DIR, DatasetManifest
 from dictlearn.lm import HookPoint
+from dictlearn.ray_cluster import ray_session
 
 LEDGER_NAME = "generation.json"
 LEDGER_FORMAT = "dictlearn.generation"
@@ -181,7 +177,12 @@ def main(config: GenerateConfig) -> GenerateResult:
     n_workers = min(config.ray.num_workers, len(todo))
     restarts, lm_tokens, cpu_s = 0, 0, 0.0
     if todo:
-        with _ray_session(config, n_workers):
+        with ray_session(
+            config.ray.address,
+            actors=n_workers,
+            resources_per_actor={"CPU": config.ray.cpus_per_worker}
+            | config.ray.resources_per_worker,
+        ):
             outcomes, restarts = _run_workers(config, spec, todo, plan.budgets, n_workers)
         for outcome in outcomes:
             infos[outcome.index] = outcome.infos
@@ -372,65 +373,6 @@ def _remove_stray_temp_files(url: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Ray
-
-
-@contextlib.contextmanager
-def _ray_session(config: GenerateConfig, n_workers: int) -> Iterator[None]:
-    """Connect to Ray as configured; a cluster started here is shut down on exit."""
-    if ray.is_initialized():
-        yield
-        return
-    if config.ray.address is not None:
-        ray.init(address=config.ray.address, log_to_driver=True)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-        return
-    resources = config.ray.resources_per_worker
-    with local_ray_cluster(
-        num_cpus=max(1, math.ceil(n_workers * config.ray.cpus_per_worker)),
-        num_gpus=resources.get("GPU", 0) * n_workers,
-        resources={k: v * n_workers for k, v in resources.items() if k != "GPU"},
-    ):
-        yield
-
-
-@contextlib.contextmanager
-def local_ray_cluster(
-    num_cpus: int, num_gpus: float = 0, resources: dict[str, float] | None = None
-) -> Iterator[None]:
-    """Start a private single-machine Ray cluster for this process; shut it down on exit.
-
-    Loopback only, no usage reporting, no dashboard, its own temp dir (removed afterwards), and
-    workers run this process's interpreter. Tests use it to share one cluster between runs.
-    """
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    temp_dir = tempfile.mkdtemp(prefix="dlgen-ray-")
-    # Under `uv run`, Ray would otherwise make every worker re-create the driver's uv
-    # environment (package the working directory, build a venv: ~20 s per start); workers of a
-    # local cluster can simply run this interpreter. Ray reads the switch at import time, so it
-    # is flipped on its constants module for the duration of ray.init.
-    saved_uv = ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV
-    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
-    try:
-        ray.init(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus or None,
-            resources=resources or None,
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            _node_ip_address="127.0.0.1",
-        )
-        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = saved_uv
-        try:
-            yield
-        finally:
-            ray.shutdown()
-    finally:
-        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = saved_uv
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _run_workers(

@@ -112,8 +112,9 @@ def resolve_model(spec: ModelConfig) -> ResolvedModel:
             + ", ".join(wrong)
             + "; set model.name to the weights' size"
         )
-    return ResolvedModel(spec=spec, config=found.model_copy(update={"name": preset.name}),
-                         weights=weights)  # fmt: skip
+    return ResolvedModel(
+        spec=spec, config=found.model_copy(update={"name": preset.name}), weights=weights
+    )
 
 
 def parse_model_hooks(hooks: list[str], config: lm.Gemma3Config) -> tuple[lm.HookPoint, ...]:

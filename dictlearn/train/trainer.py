@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from dictlearn.config import to_yaml
+from dictlearn.config import to_yaml, without_fields
 from dictlearn.data import ActivationDataset, BatchStream, DatasetError
 from dictlearn.data.planted import load_planted_truth, recovery_score
 from dictlearn.sae import get_architecture
@@ -74,6 +74,10 @@ def run_dir_of(config: TrainConfig) -> str:
     return f"{config.run.output_dir.rstrip('/')}/{config.run_name}"
 
 
+def checkpoint_dir_of(config: TrainConfig) -> str:
+    return f"{run_dir_of(config)}/checkpoints"
+
+
 def open_dataset(config: TrainConfig) -> ActivationDataset:
     dataset = ActivationDataset.open(config.data.path)
     expected = config.sae.d_model
@@ -97,17 +101,21 @@ def build_program(config: TrainConfig, dataset: ActivationDataset, mesh=None) ->
     )
 
 
-def _config_differences(saved: dict[str, Any], current: dict[str, Any], prefix="") -> list[str]:
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Fields (dotted) where a checkpoint's config and this one differ, RESUMABLE_CHANGES aside."""
+    return _differences(
+        without_fields(saved, RESUMABLE_CHANGES), without_fields(current, RESUMABLE_CHANGES)
+    )
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        name = f"{prefix}{key}"
-        if any(name == r or name.startswith(r + ".") for r in RESUMABLE_CHANGES):
-            continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_differences(a, b, name + ".")
+            diffs += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            diffs.append(f"{name}: checkpoint has {a!r}, config has {b!r}")
+            diffs.append(f"{prefix}{key}: checkpoint has {a!r}, config has {b!r}")
     return diffs
 
 
@@ -184,7 +192,7 @@ def main(config: TrainConfig) -> TrainResult:
     dataset = open_dataset(config)
     program = build_program(config, dataset)
     run_dir = run_dir_of(config)
-    ckpt_dir = f"{run_dir}/checkpoints"
+    ckpt_dir = checkpoint_dir_of(config)
     is_lead = jax.process_index() == 0
     config_dict = config.model_dump(mode="json")
 

@@ -18,10 +18,10 @@ import pytest
 import ray
 
 from dictlearn.activations import GenerateResult, main
-from dictlearn.activations.generate import local_ray_cluster
 from dictlearn.config import ConfigError
 from dictlearn.corpus import CorpusError
 from dictlearn.data import ActivationDataset, DatasetError
+from dictlearn.ray_cluster import local_ray_cluster
 from dictlearn.train.trainer import main as train_main
 from tests.train.helpers import tiny_config
 

@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import ray
 
-from dictlearn.activations.generate import local_ray_cluster
 from dictlearn.config import ConfigError
+from dictlearn.ray_cluster import local_ray_cluster
 from dictlearn.tracking import read_metrics
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.trainer import TrainResult, run_dir_of
