@@ -30,7 +30,7 @@ from dictlearn.sae.base import (
     reconstruction_metrics,
     register,
 )
-from dictlearn.sae.sparse import decode_sparse, selected_preactivations
+from dictlearn.sae.sparse import topk_values_and_decode
 from dictlearn.sae.topk_select import Selection, sharded_top_k
 from sharding import MODEL
 
@@ -57,16 +57,16 @@ def sparse_topk_forward(
 ) -> tuple[jax.Array, jax.Array]:
     """Values of the selected latents (with sparse gradients) and this shard's partial x_hat."""
     pre_sel = jax.lax.stop_gradient(jnp.take_along_axis(pre, selection.indices, axis=1))
-    pre_sel = selected_preactivations(
+    return topk_values_and_decode(
         pre_sel,
+        selection.mask,
         as_varying(x),
         as_varying(params["b_dec"]),
         as_varying(params["W_enc"]),
         as_varying(params["b_enc"]),
+        as_varying(params["W_dec"]),
         selection.indices,
     )
-    values = jnp.where(selection.mask, jax.nn.relu(pre_sel), 0.0)
-    return values, decode_sparse(values, selection.indices, params["W_dec"])
 
 
 @register

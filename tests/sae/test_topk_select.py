@@ -214,14 +214,30 @@ def test_compiled_sharded_step_never_gathers_the_feature_axis() -> None:
         assert not re.search(rf"sort\([^)]*\[{local_batch},{f // 4}\]", hlo)
 
 
-def test_chunked_sparse_passes_equal_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bounding the gathered [chunk, k, d] buffers (many chunks) changes no bit of training."""
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("SORTED_CHUNK_ELEMENTS", 8 * 16),  # 8 pairs per chunk: many chunks, a partial last one
+        ("_INT32_MAX", 500),  # too small for packed keys: the key-value sort path
+    ],
+)
+def test_sparse_backward_variants_change_no_bit(
+    monkeypatch: pytest.MonkeyPatch, setting: str, value: int
+) -> None:
+    """Chunking the sorted walk differently, or sorting by key-value pairs, changes nothing.
+
+    The pairs are added in the same order either way. The key-value sort changes no bit; a
+    different chunk size may change the last bit of a row dot product (XLA vectorises a
+    [chunk, d] reduction by its shape), so that variant is held to float32 rounding (a lost or
+    doubled chunk would be off by whole gradients).
+    """
     import dictlearn.sae.sparse as sparse
 
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
     finals = []
-    for max_elements in (sparse.MAX_CHUNK_ELEMENTS, 8 * 4 * 16):
-        monkeypatch.setattr(sparse, "MAX_CHUNK_ELEMENTS", max_elements)
+    for patched in (False, True):
+        if patched:
+            monkeypatch.setattr(sparse, setting, value)
         program = TrainProgram(
             get_architecture(TopKConfig(n_features=64, k=4, k_aux=8, dead_window_tokens=64), 16),
             OptimizerConfig(warmup_steps=0),
@@ -235,9 +251,58 @@ def test_chunked_sparse_passes_equal_one_chunk(monkeypatch: pytest.MonkeyPatch) 
             state, metrics = program.train_step(state, program.global_batch_array(x))
         assert metrics["aux_loss"] > 0
         finals.append(jax.device_get(state.params))
-    assert sparse.chunk_rows(32, 8, 16) == 4  # the second run really used 8 chunks per device
+    # Per device: 32 tokens x k 4 = 128 pairs (AuxK: 256), 16 latents.
+    if setting == "SORTED_CHUNK_ELEMENTS":
+        assert sparse.sorted_chunk(128, 16) == 8
+    else:
+        assert sparse._INT32_MAX < 32 * (16 + 4)  # the key-value sort really ran
     for key in finals[0]:
-        np.testing.assert_array_equal(finals[0][key], finals[1][key], err_msg=key)
+        if setting == "SORTED_CHUNK_ELEMENTS":
+            np.testing.assert_allclose(
+                finals[0][key], finals[1][key], rtol=1e-6, atol=1e-9, err_msg=key
+            )
+        else:
+            np.testing.assert_array_equal(finals[0][key], finals[1][key], err_msg=key)
+
+
+def test_pairs_by_latent_sorts_active_pairs_first() -> None:
+    """Both sort paths put active pairs first, by (latent, token), and permute slots alike."""
+    import dictlearn.sae.sparse as sparse
+
+    rng = np.random.default_rng(5)
+    batch, k, n_features = 6, 3, 10
+    indices = np.stack([rng.choice(n_features, k, replace=False) for _ in range(batch)])
+    active = rng.random((batch, k)) < 0.6
+    payload = rng.normal(size=(batch, k)).astype(np.float32)
+    expected = sorted(
+        (int(indices[b, j]), b, float(payload[b, j]))
+        for b in range(batch)
+        for j in range(k)
+        if active[b, j]
+    )
+    for int32_max in (sparse._INT32_MAX, 10):  # packed int32 keys, then the key-value sort
+        sparse_module_limit = sparse._INT32_MAX
+        try:
+            sparse._INT32_MAX = int32_max
+            pairs = sparse.pairs_by_latent(
+                jnp.asarray(indices, jnp.int32), jnp.asarray(active), n_features
+            )
+            moved = pairs.to_sorted(jnp.asarray(payload))
+        finally:
+            sparse._INT32_MAX = sparse_module_limit
+        n = int(pairs.n_active)
+        assert n == len(expected)
+        got = list(
+            zip(
+                np.asarray(pairs.latents[:n]).tolist(),
+                np.asarray(pairs.tokens[:n]).tolist(),
+                np.asarray(moved[:n]).tolist(),
+                strict=True,
+            )
+        )
+        assert got == expected
+        assert np.all(np.asarray(pairs.latents[n:]) == n_features)
+        assert np.all((np.asarray(pairs.tokens) >= 0) & (np.asarray(pairs.tokens) < batch))
 
 
 def test_compiled_batchtopk_step_has_no_full_sort() -> None:
