@@ -28,6 +28,7 @@ from dictlearn.sae import (
 from dictlearn.train.config import OptimizerConfig
 from dictlearn.train.step import TrainProgram
 from sharding import MeshConfig, make_mesh
+from sharding.host_memory import reuse_freed_host_memory
 
 
 def _time_once(fn) -> float:
@@ -78,6 +79,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    # As every dictlearn process does (launch/cli.py); it serves the step and the reference
+    # matmul alike. DICTLEARN_KEEP_MALLOC=1 measures with glibc's default instead.
+    allocator = "reuse freed (mallopt)" if reuse_freed_host_memory() else "glibc default"
     b, d = args.batch, args.d_model
     configs = {
         "topk": lambda f: TopKConfig(n_features=f, k=args.k),
@@ -87,7 +91,7 @@ def main() -> None:
     }
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, batch {b}, "
-        f"d_model {d}, k {args.k}, float32, best of {args.repeats}"
+        f"d_model {d}, k {args.k}, float32, best of {args.repeats}, host allocator: {allocator}"
     )
     header = (
         f"{'arch':<10} {'features':>9} {'step s':>8} {'tokens/s':>10} "

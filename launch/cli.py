@@ -20,6 +20,7 @@ from typing import Any
 from dictlearn.config import ConfigError
 from launch.jobs import jobs_arguments, run_jobs
 from launch.submit import run_submit, submit_arguments
+from sharding.host_memory import reuse_freed_host_memory
 
 
 def _train(args: argparse.Namespace) -> Any:
@@ -205,10 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def entry_point() -> None:
-    """Console-script entry (``dictlearn``)."""
+    """Console-script entry (``dictlearn``): a fresh process, so set it up, then run."""
+    # Before any command starts JAX's CPU backend (a no-op where it cannot help). Not in
+    # main(), which tests call inside their own long-lived process.
+    reuse_freed_host_memory()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -38,6 +38,7 @@ from dictlearn.config import ConfigError
 from dictlearn.ray_cluster import ray_session
 from dictlearn.train.config import ClusterConfig, TrainConfig
 from sharding.distributed import Coordinator, free_port, initialize
+from sharding.host_memory import reuse_freed_host_memory
 
 # How often the driver looks at its actors and at a pending SIGTERM while it waits for results.
 POLL_S = 0.2
@@ -76,6 +77,7 @@ class TrainHost:
     """
 
     def __init__(self, rank: int, hosts: int, devices_per_host: int | None) -> None:
+        reuse_freed_host_memory()  # this actor's process has not started JAX yet
         self.rank = rank
         self.hosts = hosts
         self.devices_per_host = devices_per_host

@@ -42,6 +42,7 @@ from dictlearn.corpus import (
 )
 from dictlearn.data import ShardInfo, write_shard
 from dictlearn.lm.weights import GGUF_PACKAGE, INSTALL_HINT, config_from_gguf, read_gguf
+from sharding.host_memory import reuse_freed_host_memory
 
 _SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
 
@@ -174,6 +175,7 @@ class ShardWorker:
     """Holds the LM, its tokenizer and the jitted forward; processes one corpus shard per call."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        reuse_freed_host_memory()  # before this actor's process starts JAX
         self.spec = spec
         config = spec.model.config
         hooks = lm.parse_hooks(spec.hooks, config)
