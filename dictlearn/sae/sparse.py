@@ -193,7 +193,7 @@ def _topk_bwd(residuals, cotangents):
     chunk = sorted_chunk(pairs.latents.shape[0], d_model)
 
     def walk(i, grads):
-        grad_w_dec, grad_w_enc_t, g_pre_sorted = grads
+        grad_w_dec, grad_w_enc_t, grad_b_enc = grads
         start = i * chunk
         latents = jax.lax.dynamic_slice_in_dim(pairs.latents, start, chunk)
         tokens = jax.lax.dynamic_slice_in_dim(pairs.tokens, start, chunk)
@@ -212,25 +212,16 @@ def _topk_bwd(residuals, cotangents):
         return (
             grad_w_dec.at[rows].add(dec_updates, mode="promise_in_bounds"),
             grad_w_enc_t.at[rows].add(enc_updates, mode="promise_in_bounds"),
-            jax.lax.dynamic_update_slice_in_dim(g_pre_sorted, g_pre, start, 0),
+            grad_b_enc.at[rows].add(g_pre, mode="promise_in_bounds"),
         )
 
-    n_pairs = pairs.latents.shape[0]
     zeros = (
         _like(jnp.zeros((n_features, d_model), w_dec.dtype), g_partial),
         _like(jnp.zeros((n_features, d_model), w_enc.dtype), g_partial),
-        _like(jnp.zeros((n_pairs,), g_partial.dtype), g_partial),
+        _like(jnp.zeros((n_features,), b_enc.dtype), g_partial),
     )
     n_chunks = (pairs.n_active + chunk - 1) // chunk
-    grad_w_dec, grad_w_enc_t, g_pre_sorted = jax.lax.fori_loop(0, n_chunks, walk, zeros)
-    # One scatter of all pairs' scalars after the walk, not one per chunk: XLA may sum a
-    # scalar scatter's repeated indices in a size-dependent order, and then the bits of
-    # grad_b_enc would depend on the chunk size.
-    g_pre_sorted = jnp.where(jnp.arange(n_pairs) < pairs.n_active, g_pre_sorted, 0.0)
-    rows = jnp.minimum(pairs.latents, n_features - 1)
-    grad_b_enc = (
-        jnp.zeros((n_features,), b_enc.dtype).at[rows].add(g_pre_sorted, mode="promise_in_bounds")
-    )
+    grad_w_dec, grad_w_enc_t, grad_b_enc = jax.lax.fori_loop(0, n_chunks, walk, zeros)
     # d b_dec = -sum over pairs of g_pre W_enc[:, f] = -W_enc @ grad_b_enc: a mat-vec.
     grad_b_dec = -(w_enc @ grad_b_enc)
     # d x[b] = sum_j g_pre[b, j] W_enc[:, idx[b, j]]. x is data, not a parameter: in training
