@@ -206,9 +206,14 @@ def finish_reconstruction(partial: jax.Array, b_dec: jax.Array) -> jax.Array:
     return jax.lax.psum(partial, MODEL) + b_dec
 
 
+def encoder_matmul(params: Params, x: jax.Array) -> jax.Array:
+    """``(x - b_dec) @ W_enc`` for this device's feature slice (pre-activations less b_enc)."""
+    return (x - params["b_dec"]) @ params["W_enc"]
+
+
 def preactivations(params: Params, x: jax.Array) -> jax.Array:
     """``(x - b_dec) @ W_enc + b_enc`` for this device's feature slice."""
-    return (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    return encoder_matmul(params, x) + params["b_enc"]
 
 
 def reconstruction_metrics(

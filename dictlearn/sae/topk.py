@@ -25,6 +25,7 @@ from dictlearn.sae.base import (
     LossContext,
     Params,
     as_varying,
+    encoder_matmul,
     global_sum,
     preactivations,
     reconstruction_metrics,
@@ -88,8 +89,12 @@ class TopK(Architecture):
 
     def local_loss(self, params, x, state, dead, ctx: LossContext):
         cfg = self.config
-        pre = jax.lax.stop_gradient(preactivations(params, x))
-        selection = sharded_top_k(pre, cfg.k)
+        # The bias goes to the top-k separately: the CPU kernel adds it as it reads, and XLA
+        # fuses it into each consumer, so the biased [batch, n_features] is never stored.
+        unbiased = jax.lax.stop_gradient(encoder_matmul(params, x))
+        b_enc = jax.lax.stop_gradient(params["b_enc"])
+        pre = unbiased + b_enc
+        selection = sharded_top_k(unbiased, cfg.k, bias=b_enc)
         values, partial = sparse_topk_forward(params, x, pre, selection)
         x_hat = jax.lax.psum(partial, MODEL) + params["b_dec"]
         active = selection.mask & (values > 0)

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dictlearn.sae import cpu_kernels
 from sharding import DATA, MODEL
 
 
@@ -64,8 +65,24 @@ def _from_order_key(key: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(_flip(key), jnp.float32)
 
 
-def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Exactly ``lax.top_k(x, k)`` for 2-D ``x`` (same values, indices and tie order), faster.
+def top_k(x: jax.Array, k: int, bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Exactly ``lax.top_k(x + bias, k)`` for 2-D ``x`` (same values, indices and tie order).
+
+    On CPU this is the native kernel (``dictlearn.sae.cpu_kernels``), which adds the bias as it
+    reads ``x``; elsewhere, or without it, ``blockwise_top_k``, where XLA fuses the add.
+    """
+    if x.dtype != jnp.float32:
+        return blockwise_top_k(x if bias is None else x + bias, k)
+    args = (x,) if bias is None else (x, bias)
+    return cpu_kernels.on_cpu(
+        lambda *a: cpu_kernels.top_k(a[0], k, *a[1:]),
+        lambda *a: blockwise_top_k(a[0] if bias is None else a[0] + a[1], k),
+        *args,
+    )
+
+
+def blockwise_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Exactly ``lax.top_k(x, k)`` for 2-D ``x``, in XLA ops, faster than it for small ``k``.
 
     Split each row into contiguous blocks of ``BLOCK`` columns. The k-th largest block maximum
     ``t`` is at most the k-th largest value, so every winner lies in a block whose maximum is at
@@ -76,7 +93,8 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """
     rows, n = x.shape
     if n % BLOCK or n // BLOCK < 2 * k or k > MAX_BLOCK_K:
-        return jax.lax.top_k(x, k)
+        values, indices = jax.lax.top_k(x, k)
+        return values, indices
     keys = _order_key(x)
     # Strided slices, not a reshape + reduce: XLA fuses them (and x's producer, e.g. the bias
     # add) into one vectorised pass; a minor-axis reduce of 8 is several times slower on CPU.
@@ -91,15 +109,22 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return values, jnp.take_along_axis(cols, positions, axis=1, mode="promise_in_bounds")
 
 
-def sharded_top_k(local: jax.Array, k: int, axis_name: str = MODEL) -> Selection:
-    """Exact global top-k of a feature-sharded ``[batch, n_local]`` array (call in shard_map)."""
+def sharded_top_k(
+    local: jax.Array, k: int, axis_name: str = MODEL, bias: jax.Array | None = None
+) -> Selection:
+    """Exact global top-k of a feature-sharded ``[batch, n_local]`` array (call in shard_map).
+
+    With ``bias`` (``[n_local]``), of ``local + bias``, without materialising that sum.
+    """
     n_local = local.shape[-1]
     if k > n_local:
         raise ValueError(
             f"k={k} exceeds the {n_local} features held by one shard; use a smaller mesh.model "
             f"or more features"
         )
-    local_values, local_indices = top_k(local, k)
+    local_values, local_indices = top_k(local, k, bias)
+    if jax.lax.axis_size(axis_name) == 1:  # nothing to merge
+        return Selection(local_values, local_indices, jnp.ones(local_values.shape, bool))
     gathered = jax.lax.all_gather(local_values, axis_name, axis=1, tiled=True)  # [B, k*shards]
     _, positions = jax.lax.top_k(gathered, k)
     owner = positions // k
