@@ -209,12 +209,8 @@ def sparse_backward(
     indices: jax.Array,
     active: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients of ``W_dec`` ``[F, d]``, ``W_enc`` ``[d, F]`` and ``b_enc`` from the pairs.
-
-    For every active slot ``(b, j)`` with latent ``f = indices[b, j]``:
-    ``g_pre = g_values[b, j] + g_partial[b] . w_dec[f]``, and ``W_dec[f] += values[b, j] *
-    g_partial[b]``, ``W_enc[:, f] += g_pre * centered[b]``, ``b_enc[f] += g_pre``.
-    """
+    """``dictlearn.sae.sparse.walk_pairs_by_latent`` as one kernel call (CPU only): the same
+    gradients, summed per latent in token order instead of in chunks."""
     n_features, d_model = w_dec.shape
     call = jax.ffi.ffi_call(
         "dictlearn_sparse_backward",
