@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from dictlearn.config import StrictModel
-from dictlearn.sae.sparse import vary_over
 from sharding import D_MODEL, DATA, FEATURES, MODEL
+from sharding.varying import vary_over
 
 Params = dict[str, jax.Array]
 ArchState = dict[str, jax.Array]

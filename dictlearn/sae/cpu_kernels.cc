@@ -47,6 +47,23 @@ struct ParallelState {
   std::condition_variable done;
 };
 
+// The calling thread's floating-point control word (x86 MXCSR; elsewhere nothing), applied to a
+// worker thread for as long as this object lives.
+class ScopedFloatControl {
+ public:
+#ifdef DICTLEARN_HAS_MXCSR
+  static unsigned int Current() { return _mm_getcsr(); }
+  explicit ScopedFloatControl(unsigned int word) : saved_(_mm_getcsr()) { _mm_setcsr(word); }
+  ~ScopedFloatControl() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#else
+  static unsigned int Current() { return 0; }
+  explicit ScopedFloatControl(unsigned int) {}
+#endif
+};
+
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n_tasks, Body body) {
   if (n_tasks <= 0) return;
@@ -56,32 +73,19 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n_tasks, Body body) {
     for (int64_t i = 0; i < n_tasks; ++i) body(i);
     return;
   }
-#ifdef DICTLEARN_HAS_MXCSR
-  const unsigned int csr = _mm_getcsr();
-#endif
+  const unsigned int float_control = ScopedFloatControl::Current();
   auto state = std::make_shared<ParallelState>();
   // `body` lives on the caller's stack: a worker touches it only while counted in `running`,
   // and the caller returns only once every task is claimed and `running` is back to 0.
   Body* body_ptr = &body;
   for (int64_t w = 0; w < n_workers; ++w) {
-    pool.Schedule([state, body_ptr, n_tasks
-#ifdef DICTLEARN_HAS_MXCSR
-                   ,
-                   csr
-#endif
-    ]() {
+    pool.Schedule([state, body_ptr, n_tasks, float_control]() {
       state->running.fetch_add(1);
       // Claim after registering as running, so the caller cannot miss this worker.
       int64_t i = state->next.fetch_add(1);
       if (i < n_tasks) {
-#ifdef DICTLEARN_HAS_MXCSR
-        const unsigned int saved = _mm_getcsr();
-        _mm_setcsr(csr);
-#endif
+        ScopedFloatControl control(float_control);
         for (; i < n_tasks; i = state->next.fetch_add(1)) (*body_ptr)(i);
-#ifdef DICTLEARN_HAS_MXCSR
-        _mm_setcsr(saved);
-#endif
       }
       if (state->running.fetch_sub(1) == 1) {
         std::lock_guard<std::mutex> lock(state->mutex);
@@ -113,9 +117,11 @@ struct Candidate {
   float value;
 };
 
-inline bool Better(const Candidate& a, const Candidate& b) {
+// A function object, not a function: std::partial_sort inlines it, where through a function
+// pointer every comparison was an out-of-line call (seen in perf).
+constexpr auto Better = [](const Candidate& a, const Candidate& b) {
   return a.key > b.key || (a.key == b.key && a.index < b.index);
-}
+};
 
 constexpr int64_t kLanes = 16;
 
@@ -148,10 +154,10 @@ inline bool AnyAtLeast(IntLanes keys, int32_t threshold) {
   std::memcpy(&k, &keys, sizeof(k));
   return _mm512_cmpge_epi32_mask(k, _mm512_set1_epi32(threshold)) != 0;
 #elif defined(__AVX2__)
+  if (threshold == INT32_MIN) return true;  // and t - 1 below would overflow
   __m256i halves[2];
   std::memcpy(halves, &keys, sizeof(halves));
   const __m256i below = _mm256_set1_epi32(threshold - 1);  // keys >= t  <=>  keys > t - 1
-  if (threshold == INT32_MIN) return true;
   return _mm256_movemask_epi8(_mm256_or_si256(_mm256_cmpgt_epi32(halves[0], below),
                                               _mm256_cmpgt_epi32(halves[1], below))) != 0;
 #else
@@ -216,8 +222,7 @@ void TopKRow(const float* x, const float* bias, int64_t n, int64_t k, float* val
     const int32_t key = OrderKey(v);
     if (key >= floor) candidates[count++] = {key, static_cast<int32_t>(i), v};
   }
-  std::partial_sort(candidates, candidates + k, candidates + count,
-                    [](const Candidate& a, const Candidate& b) { return Better(a, b); });
+  std::partial_sort(candidates, candidates + k, candidates + count, Better);
   for (int64_t j = 0; j < k; ++j) {
     values[j] = candidates[j].value;
     indices[j] = candidates[j].index;

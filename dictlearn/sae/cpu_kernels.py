@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sharding.varying import vary_over, varying_axes
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
@@ -174,12 +176,8 @@ def on_cpu(kernel: Callable, fallback: Callable, *args):
     def typed_kernel(*args):
         # Inside shard_map an FFI call's results carry no mesh-axis type; they are per-device
         # values, varying over every axis any input varies over (as the fallback's are).
-        axes = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in args))
-        outs = []
-        for out in kernel(*args):
-            missing = tuple(axes - jax.typeof(out).manual_axis_type.varying)
-            outs.append(jax.lax.pcast(out, missing, to="varying") if missing else out)
-        return tuple(outs)
+        axes = varying_axes(*args)
+        return tuple(vary_over(out, axes) for out in kernel(*args))
 
     return jax.lax.platform_dependent(*args, cpu=typed_kernel, default=fallback)
 

@@ -28,7 +28,7 @@ cache and writes them once instead of materialising every update.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dictlearn.sae import cpu_kernels
+from sharding.varying import vary_over, varying_axes
 
 SORTED_CHUNK_ELEMENTS = 1 << 20
 """Largest ``[chunk, d_model]`` block of gathered rows in the backward walk, in elements.
@@ -121,25 +122,14 @@ def pairs_by_latent(indices: jax.Array, active: jax.Array, n_features: int) -> P
     return PairsByLatent(latents, positions // k, gather_sorted, n_active)
 
 
-def vary_over(x: jax.Array, axes: Iterable[str]) -> jax.Array:
-    """Mark ``x`` as per-device ("varying") over ``axes`` inside shard_map, where it is not yet.
-
-    Custom VJP rules must return cotangents with the mesh-axis types of their primals, and a
-    cotangent cast this way is summed by JAX over the axes its primal was replicated on.
-    """
-    have = jax.typeof(x).manual_axis_type.varying
-    missing = tuple(a for a in axes if a not in have)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
 def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
     """Give a cotangent the varying mesh axes of its primal."""
-    return vary_over(cotangent, jax.typeof(primal).manual_axis_type.varying)
+    return vary_over(cotangent, varying_axes(primal))
 
 
 def _unify(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     """Cast arrays to vary over the union of their mesh axes, so cotangents type-check."""
-    union = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
+    union = varying_axes(*arrays)
     return tuple(vary_over(a, union) for a in arrays)
 
 

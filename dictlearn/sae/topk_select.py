@@ -12,10 +12,12 @@ Ties resolve exactly as a dense ``lax.top_k`` does (lowest global index first): 
 gathered shard-major and each shard's list is sorted with ties by ascending local index, so the
 position order of equal values equals their global-index order.
 
-For small ``k`` the local top-k itself (``top_k``) is blockwise and exact: on CPU, XLA's TopK over a whole
-``[batch, n_features]`` row costs about a fifth of the encoder matmul, and the bias add in front of
-it another tenth (it cannot fuse into the TopK call). Block maxima instead are one vectorised pass
-that fuses the bias add, and the two remaining top-ks see ``1/BLOCK`` and ``k * BLOCK`` columns.
+The local top-k itself (``top_k``) is exact too. On CPU it is a native kernel
+(``dictlearn.sae.cpu_kernels``). Elsewhere, for small ``k``, it is ``blockwise_top_k``: XLA's TopK
+over a whole ``[batch, n_features]`` row costs about a fifth of the encoder matmul on CPU, and
+the bias add in front of it another tenth (it cannot fuse into the TopK call). Block maxima
+instead are one vectorised pass that fuses the bias add, and the two remaining top-ks see
+``1/BLOCK`` and ``k * BLOCK`` columns.
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ class Selection(NamedTuple):
 
 
 BLOCK = 8
-"""Columns per block in ``top_k``. 8 keeps the block-max pass one fused loop (at 16 XLA stops
+"""Columns per block in ``blockwise_top_k``. 8 keeps the block-max pass one fused loop (at 16 XLA stops
 fusing the producer into the 16 strided reads and materialises it)."""
 
 MAX_BLOCK_K = 64
-"""Largest ``k`` for which ``top_k`` goes blockwise. XLA's TopK slows with ``k`` and the blockwise
+"""Largest ``k`` for which ``blockwise_top_k`` goes blockwise. XLA's TopK slows with ``k`` and the blockwise
 path runs two of them: at [4096, 16384] it was ~1.5x faster at k 32, even at 128, slower at 256."""
 
 
@@ -71,13 +73,16 @@ def top_k(x: jax.Array, k: int, bias: jax.Array | None = None) -> tuple[jax.Arra
     On CPU this is the native kernel (``dictlearn.sae.cpu_kernels``), which adds the bias as it
     reads ``x``; elsewhere, or without it, ``blockwise_top_k``, where XLA fuses the add.
     """
+    if bias is None:
+        if x.dtype != jnp.float32:
+            return blockwise_top_k(x, k)
+        return cpu_kernels.on_cpu(
+            lambda x: cpu_kernels.top_k(x, k), lambda x: blockwise_top_k(x, k), x
+        )
     if x.dtype != jnp.float32:
-        return blockwise_top_k(x if bias is None else x + bias, k)
-    args = (x,) if bias is None else (x, bias)
+        return blockwise_top_k(x + bias, k)
     return cpu_kernels.on_cpu(
-        lambda *a: cpu_kernels.top_k(a[0], k, *a[1:]),
-        lambda *a: blockwise_top_k(a[0] if bias is None else a[0] + a[1], k),
-        *args,
+        lambda x, b: cpu_kernels.top_k(x, k, b), lambda x, b: blockwise_top_k(x + b, k), x, bias
     )
 
 
