@@ -121,13 +121,28 @@ def sharded_top_k(
 
     With ``bias`` (``[n_local]``), of ``local + bias``, without materialising that sum.
     """
-    n_local = local.shape[-1]
+    check_k_fits_shard(k, local.shape[-1])
+    local_values, local_indices = top_k(local, k, bias)
+    return merge_shard_candidates(local_values, local_indices, axis_name)
+
+
+def check_k_fits_shard(k: int, n_local: int) -> None:
+    """Raise a clear error when one shard holds fewer than ``k`` features."""
     if k > n_local:
         raise ValueError(
             f"k={k} exceeds the {n_local} features held by one shard; use a smaller mesh.model "
             f"or more features"
         )
-    local_values, local_indices = top_k(local, k, bias)
+
+
+def merge_shard_candidates(
+    local_values: jax.Array, local_indices: jax.Array, axis_name: str = MODEL
+) -> Selection:
+    """The global winners among every shard's local top-k candidates (``[batch, k]`` each).
+
+    Only the ``k`` candidates per token cross devices; each shard keeps the winners it owns.
+    """
+    k = local_values.shape[-1]
     if jax.lax.axis_size(axis_name) == 1:  # nothing to merge
         return Selection(local_values, local_indices, jnp.ones(local_values.shape, bool))
     gathered = jax.lax.all_gather(local_values, axis_name, axis=1, tiled=True)  # [B, k*shards]

@@ -150,7 +150,7 @@ def test_sparse_topk_gradients_equal_dense_autodiff() -> None:
         def local(p, x):
             pre = jax.lax.stop_gradient((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"])
             sel = sharded_top_k(pre, k)
-            _, partial = sparse_topk_forward(p, x, pre, sel)
+            _, partial = sparse_topk_forward(p, x, sel)
             x_hat = jax.lax.psum(partial, MODEL) + p["b_dec"]
             return jax.lax.psum(jnp.sum((x_hat - target) ** 2), DATA)
 
