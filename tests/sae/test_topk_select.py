@@ -12,7 +12,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dictlearn.sae import TopKConfig, get_architecture
 from dictlearn.sae.topk import sparse_topk_forward
-from dictlearn.sae.topk_select import BLOCK, batch_threshold, blockwise_top_k, sharded_top_k
+from dictlearn.sae.topk_select import (
+    BLOCK,
+    accelerator_block,
+    batch_threshold,
+    blockwise_top_k,
+    sharded_top_k,
+)
 from dictlearn.train.config import OptimizerConfig
 from dictlearn.train.step import TrainProgram
 from sharding import DATA, MODEL, MeshConfig, make_mesh
@@ -83,17 +89,35 @@ def top_k_cases() -> list[np.ndarray]:
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
-@pytest.mark.parametrize("k", [1, 5, 32])
-def test_blockwise_top_k_is_bitwise_lax_top_k(case: int, k: int) -> None:
+def _blockwise_cases() -> list[tuple[int, int, int]]:
+    """(case, k, block) with the blockwise path taken: 8 is the CPU width, 4 and 64 use the
+    reshape reduction that GPU and TPU get (``accelerator_block``)."""
+    widths = [case.shape[1] for case in top_k_cases()]
+    return [
+        (case, k, block)
+        for case, width in enumerate(widths)
+        for block in (BLOCK, 4, 64)
+        for k in (1, 4, 5, 32)
+        if width // block >= 2 * k
+    ]
+
+
+@pytest.mark.parametrize(("case", "k", "block"), _blockwise_cases())
+def test_blockwise_top_k_is_bitwise_lax_top_k(case: int, k: int, block: int) -> None:
     x = jnp.asarray(top_k_cases()[case], jnp.float32)
-    assert x.shape[1] // BLOCK >= 2 * k  # the blockwise path, not the lax.top_k fallback
-    values, indices = jax.jit(blockwise_top_k, static_argnums=1)(x, k)
+    values, indices = jax.jit(blockwise_top_k, static_argnums=(1, 2))(x, k, block)
     ref_values, ref_indices = jax.lax.top_k(x, k)
     np.testing.assert_array_equal(indices, ref_indices)
     np.testing.assert_array_equal(
         np.asarray(values).view(np.int32), np.asarray(ref_values).view(np.int32)
     )
+
+
+def test_accelerator_block_balances_the_two_top_ks() -> None:
+    # The power of two nearest sqrt(n / k); never below the CPU width.
+    assert accelerator_block(65_536, 32) == 64
+    assert accelerator_block(1_048_576, 32) == 256
+    assert accelerator_block(64, 32) == BLOCK
 
 
 def test_blockwise_top_k_reads_the_matrix_once_and_never_sorts_it() -> None:
