@@ -112,3 +112,42 @@ def test_params_are_sharded_on_the_feature_axis() -> None:
     assert w_dec.sharding.shard_shape(w_dec.shape) == (N_FEATURES // 4, D_MODEL)
     mu = state.opt_state[1][0].mu["W_dec"]
     assert mu.sharding.shard_shape(mu.shape) == (N_FEATURES // 4, D_MODEL)
+
+
+def _all_reduced_shapes(program: TrainProgram) -> list[str]:
+    hlo = (
+        program.step_fn(any_dead=False)
+        .lower(program.abstract_state(), program.abstract_batch())
+        .compile()
+        .as_text()
+    )
+    # "%name = <result shapes> all-reduce(...": the result shapes of every all-reduce.
+    return [
+        line.split(" = ", 1)[1].split(" all-reduce(", 1)[0]
+        for line in hlo.splitlines()
+        if " all-reduce(" in line
+    ]
+
+
+@pytest.mark.parametrize("mesh_name", ["1x1", "1x4", "2x4"])
+def test_parameter_gradients_are_all_reduced_only_across_data_replicas(mesh_name: str) -> None:
+    """With one data replica there is nothing to sum: no all-reduce of a W_enc/W_dec gradient.
+
+    XLA:CPU keeps a one-participant all-reduce as a full copy; the 2x4 case shows the check
+    sees the real one.
+    """
+    mesh_configs = {**MESHES, "1x4": (MeshConfig(data=1, model=4), 4)}
+    mesh_config, n_devices = mesh_configs[mesh_name]
+    program = TrainProgram(
+        get_architecture(CONFIGS["topk"], D_MODEL),
+        OptimizerConfig(),
+        10,
+        BATCH,
+        make_mesh(mesh_config, jax.devices()[:n_devices]),
+        norm_scale=1.0,
+    )
+    n_local = N_FEATURES // mesh_config.model
+    weight_shapes = {f"f32[{D_MODEL},{n_local}]", f"f32[{n_local},{D_MODEL}]"}
+    reduced = " ".join(_all_reduced_shapes(program))
+    weights_reduced = any(shape in reduced for shape in weight_shapes)
+    assert weights_reduced == (mesh_config.data > 1), reduced
