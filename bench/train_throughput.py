@@ -94,8 +94,8 @@ def main() -> None:
         f"d_model {d}, k {args.k}, float32, best of {args.repeats}, host allocator: {allocator}"
     )
     header = (
-        f"{'arch':<10} {'features':>9} {'step s':>8} {'tokens/s':>10} "
-        f"{'matmul s':>9} {'GFLOP/s':>8} {'% of floor':>10}"
+        f"{'arch':<10} {'features':>9} {'step ms':>9} {'tokens/s':>10} "
+        f"{'matmul ms':>9} {'GFLOP/s':>8} {'% of floor':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -104,7 +104,7 @@ def main() -> None:
             t, mm = step_and_matmul_seconds(configs[name](f), b, d, args.repeats)
             gflops = 2 * b * d * f / mm / 1e9
             print(
-                f"{name:<10} {f:>9} {t:>8.3f} {b / t:>10.0f} {mm:>9.3f} {gflops:>8.1f} "
+                f"{name:<10} {f:>9} {t * 1e3:>9.2f} {b / t:>10.0f} {mm * 1e3:>9.2f} {gflops:>8.1f} "
                 f"{100 * mm / t:>9.1f}%",
                 flush=True,
             )
