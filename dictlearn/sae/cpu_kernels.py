@@ -6,8 +6,9 @@ and scatter-adds that materialise every ``[pairs, d_model]`` update in memory. A
 those two took ~180 ms of a ~800 ms step, next to ~500 ms for the encoder matmul that sets the
 floor. ``cpu_kernels.cc`` does both in C++ on XLA's intra-op thread pool:
 
-* ``top_k``: exact ``lax.top_k`` of ``x (+ bias)`` (same values, indices and tie order), one pass
-  over the row with a k-element heap, the bias add folded in.
+* ``top_k``: exact ``lax.top_k`` of ``x (+ bias)`` (same values, indices and tie order), the bias
+  add folded in. Two passes per row: the smallest of ``k`` chunk maxima bounds the winners from
+  below, then the few elements at or above it are collected and partially sorted.
 * ``sparse_backward``: a counting sort of the active (token, latent) pairs by latent, then each
   latent's ``W_dec``, ``W_enc`` and ``b_enc`` gradient rows accumulated in registers and cache
   and written once (the ``W_enc`` one transposed, straight into its ``[d_model, F]`` layout).

@@ -21,7 +21,8 @@ walk ~1.6x faster than the unsorted one, sort included. Inactive pairs (slots an
 owns, or a value cut to 0 by the ReLU) have no gradient: they sort last and the walk stops
 before them, so on a feature-sharded mesh each shard touches only its own pairs.
 
-That walk (``walk_pairs_by_latent``) is what GPUs and TPUs run. On CPU the same sums run as a
+That walk (``walk_pairs_by_latent``) is what GPUs and TPUs run, in a few large chunks
+(``ACCELERATOR_SORTED_CHUNK_ELEMENTS``) rather than cache-sized ones. On CPU the same sums run as a
 native kernel, ``cpu_kernels.sparse_backward``, which accumulates each latent's gradient rows in
 cache and writes them once instead of materialising every update.
 """

@@ -72,7 +72,7 @@ def local_top_k_candidates(
     params: Params,
     x: jax.Array,
     biased_k: Sequence[tuple[int, jax.Array]],
-    chunk_tokens: int = ENCODE_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> list[tuple[jax.Array, jax.Array]]:
     """This shard's top-k of ``(x - b_dec) @ W_enc + bias`` for each ``(k, bias)``, chunk by chunk.
 
@@ -80,14 +80,16 @@ def local_top_k_candidates(
     pre-activations (``bias = b_enc``) and, when AuxK runs, the ``k_aux`` largest among dead
     latents (``bias = where(dead, b_enc, -inf)``). The ``[batch, n_local]`` matmul is never
     stored whole. Returns ``(values, local indices)``, each ``[batch, k]``, per request; no
-    gradient flows through them.
+    gradient flows through them. ``chunk_tokens`` defaults to ``ENCODE_CHUNK_TOKENS``.
     """
+    if chunk_tokens is None:
+        chunk_tokens = ENCODE_CHUNK_TOKENS
     params = jax.lax.stop_gradient(params)
-    biases = [jax.lax.stop_gradient(bias) for _, bias in biased_k]
+    requests = [(k, jax.lax.stop_gradient(bias)) for k, bias in biased_k]
 
     def select(x_chunk: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
         unbiased = encoder_matmul(params, x_chunk)
-        return [top_k(unbiased, k, bias) for (k, _), bias in zip(biased_k, biases, strict=True)]
+        return [top_k(unbiased, k, bias) for k, bias in requests]
 
     rows, d_model = x.shape
     n_chunks = -(-rows // max(chunk_tokens, 1))
@@ -98,7 +100,7 @@ def local_top_k_candidates(
     stacked = jax.lax.map(select, padded.reshape(n_chunks, chunk, d_model))
     return [
         (values.reshape(-1, k)[:rows], indices.reshape(-1, k)[:rows])
-        for (k, _), (values, indices) in zip(biased_k, stacked, strict=True)
+        for (k, _), (values, indices) in zip(requests, stacked, strict=True)
     ]
 
 
@@ -146,7 +148,7 @@ class TopK(Architecture):
             # -inf bias: a live latent's pre-activation becomes -inf, so it can only be picked
             # when a shard has fewer than k_aux dead latents (and is then dropped below).
             requests.append((k_aux, jnp.where(dead, params["b_enc"], -jnp.inf)))
-        candidates = local_top_k_candidates(params, x, requests, ENCODE_CHUNK_TOKENS)
+        candidates = local_top_k_candidates(params, x, requests)
         selection = merge_shard_candidates(*candidates[0])
         values, partial = sparse_topk_forward(params, x, selection)
         x_hat = jax.lax.psum(partial, MODEL) + params["b_dec"]

@@ -114,7 +114,7 @@ def blockwise_top_k(x: jax.Array, k: int, block: int = BLOCK) -> tuple[jax.Array
     rows, n = x.shape
     if n % block or n // block < 2 * k or k > MAX_BLOCK_K:
         values, indices = jax.lax.top_k(x, k)
-        return values, indices
+        return values, indices  # a tuple, like the other branch (lax.top_k returns a list)
     keys = _order_key(x)
     if block == BLOCK:
         # Strided slices, not a reshape + reduce: XLA:CPU fuses them (and x's producer, e.g. the
