@@ -1,0 +1,133 @@
+"""Which features a piece of text lights up: the SAE's source LM run to its hook, token by token.
+
+    lm_for_sae = SourceModel.for_sae(sae)            # Gemma 3 270M from its PyPI package
+    for token in token_features(sae, lm_for_sae, "The Golden Gate Bridge", top=5):
+        print(token.text, token.features)
+
+Works for any SAE whose metadata names a model we can run (``model_name``) and one of its hook
+points (``hook_name``: ``resid_post.L``, ``attn_out.L``, ``mlp_out.L``), ours or loaded from
+another tool's files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dictlearn import lm
+from dictlearn.activations.config import ModelConfig
+from dictlearn.activations.worker import resolve_model
+from dictlearn.config import ConfigError
+from dictlearn.export.model import ExportError, InferenceSAE
+
+
+@dataclass(frozen=True)
+class TokenFeatures:
+    """One token of the text and its most active features."""
+
+    position: int
+    token_id: int
+    text: str
+    features: list[tuple[int, float]]
+    """``(feature, activation)`` pairs, most active first; only features that fire."""
+
+
+@dataclass
+class SourceModel:
+    """The LM an SAE reads, loaded up to the SAE's hook, with its tokenizer."""
+
+    params: lm.Params
+    config: lm.Gemma3Config
+    tokenizer: lm.Tokenizer
+    hook: str
+
+    @classmethod
+    def for_sae(cls, sae: InferenceSAE, model: ModelConfig | None = None) -> SourceModel:
+        """Load the model named in ``sae.metadata`` (or ``model``) up to the SAE's hook.
+
+        Raises:
+            ExportError: the SAE does not say which model or hook it reads, the model is not
+                one we can run, or its width differs from the SAE's ``d_in``.
+        """
+        where = sae.source or "the SAE"
+        hook = sae.hook_name
+        if model is None:
+            name = sae.metadata.get("model_name")
+            if not name or name == "planted":
+                raise ExportError(
+                    f"{where} does not come from a language model we can run (model_name "
+                    f"{name!r}); text queries need an SAE trained on LM activations"
+                )
+            model = ModelConfig(name=_preset_name(name, where))
+        if not hook:
+            raise ExportError(f"{where} records no hook_name; text queries need to know the hook")
+        try:
+            resolved = resolve_model(model)
+            (point,) = lm.parse_hooks([hook], resolved.config)
+        except (ConfigError, ValueError) as e:
+            raise ExportError(f"{where}: {e}") from None
+        if resolved.config.d_model != sae.d_in:
+            raise ExportError(
+                f"{where} reads d_in {sae.d_in}, but {resolved.config.name}'s {hook} has width "
+                f"{resolved.config.d_model}; this SAE is not for that model"
+            )
+        params, _ = lm.load_gguf(model.gguf, resolved.config, max_layer=point.layer)
+        return cls(params, resolved.config, lm.Tokenizer.from_gguf(model.gguf), point.name)
+
+    def activations(self, token_ids: list[int]) -> np.ndarray:
+        """``[T, d_model]`` activations of the hook for one token sequence."""
+        if len(token_ids) > self.config.max_position_embeddings:
+            raise ExportError(
+                f"the text is {len(token_ids)} tokens, longer than {self.config.name}'s context "
+                f"of {self.config.max_position_embeddings}; shorten it"
+            )
+        out = _forward(self.params, self.config, jnp.asarray([token_ids], jnp.int32), self.hook)
+        return np.asarray(out[0], np.float32)
+
+
+def _preset_name(model_name: str, where: str) -> str:
+    """Our preset for a model name as files spell it (``gemma3-270m``, ``google/gemma-3-270m``)."""
+    key = model_name.lower().split("/")[-1].replace("gemma-3", "gemma3")
+    for preset in lm.PRESETS:
+        if key == preset or key.startswith(preset + "-"):
+            return preset
+    raise ExportError(
+        f"{where}: model_name {model_name!r} is not a model we can run ({', '.join(lm.PRESETS)})"
+    )
+
+
+_jitted_forward = jax.jit(lm.forward, static_argnames=("config", "hooks"))
+
+
+def _forward(params: lm.Params, config: lm.Gemma3Config, tokens: jax.Array, hook: str):
+    return _jitted_forward(params, config, tokens, hooks=(hook,))[hook]
+
+
+def token_features(
+    sae: InferenceSAE, model: SourceModel, text: str, top: int = 5, skip_bos: bool = True
+) -> list[TokenFeatures]:
+    """Each token of ``text`` with its ``top`` most active SAE features.
+
+    Args:
+        sae: the SAE (raw-activation space).
+        model: its source model, from :meth:`SourceModel.for_sae`.
+        text: the text; BOS is prepended as in training.
+        top: features listed per token.
+        skip_bos: leave the BOS position out (its activations are an outlier the SAE was not
+            trained on).
+    """
+    ids = model.tokenizer.encode(text)
+    acts = model.activations(ids)
+    values, indices = jax.device_get(sae.features(acts, top))
+    out = []
+    for pos, token_id in enumerate(ids):
+        if skip_bos and pos == 0 and token_id == model.config.bos_id:
+            continue
+        fired = [
+            (int(i), float(v)) for v, i in zip(values[pos], indices[pos], strict=True) if v > 0
+        ]
+        out.append(TokenFeatures(pos, int(token_id), model.tokenizer.decode([token_id]), fired))
+    return out
