@@ -8,13 +8,16 @@ Typical use::
     tok = lm.Tokenizer.from_gguf()
     tokens = jnp.asarray([tok.encode("Hello world")])
     acts = lm.forward(params, config, tokens, hooks=("resid_post.6",))
+    steered = lm.logits(params, config, tokens, edits={"resid_post.6": lm.add(direction, 8.0)})
 """
 
 from dictlearn.lm.gemma3 import (
     PRESETS,
+    Edit,
     Gemma3Config,
     HookPoint,
     Params,
+    final_hidden,
     forward,
     get_config,
     init_params,
@@ -24,8 +27,10 @@ from dictlearn.lm.gemma3 import (
     param_shardings,
     parse_hooks,
     shard_params,
+    unembed,
 )
-from dictlearn.lm.generate import greedy_generate
+from dictlearn.lm.generate import generate, greedy_generate
+from dictlearn.lm.interventions import add, mean_ablate, replace, zero_ablate
 from dictlearn.lm.tokenizer import Tokenizer
 from dictlearn.lm.weights import (
     default_gguf_path,
@@ -37,23 +42,31 @@ from dictlearn.lm.weights import (
 
 __all__ = [
     "PRESETS",
+    "Edit",
     "Gemma3Config",
     "HookPoint",
     "Params",
     "Tokenizer",
+    "add",
     "default_gguf_path",
+    "final_hidden",
     "forward",
+    "generate",
     "get_config",
     "greedy_generate",
     "init_params",
     "load_gguf",
     "load_safetensors",
     "logits",
+    "mean_ablate",
     "next_token_logits",
     "param_logical_axes",
     "param_shardings",
     "parse_hooks",
     "read_gguf",
+    "replace",
     "save_safetensors",
     "shard_params",
+    "unembed",
+    "zero_ablate",
 ]

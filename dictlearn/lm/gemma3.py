@@ -23,6 +23,12 @@ Params layout (every leaf a ``jax.Array``; logical axes from ``param_logical_axe
       ],
     }
 
+Interventions: every entry point takes ``edits={"resid_post.6": edit, ...}``, functions that
+replace the activation at a hook point for everything downstream (``dictlearn.lm.interventions``
+builds the common ones: add a direction, clamp, zero/mean ablate, replace). Edits are
+``jax.tree_util.Partial`` objects, so their arrays are traced arguments and one compiled program
+serves any values.
+
 RMSNorm scales are stored *with* Gemma's ``+1`` folded in (the GGUF convention): a norm computes
 ``x / rms(x) * scale``. Hugging Face checkpoints store ``scale - 1``; ``weights.load_safetensors``
 adds the one.
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -235,6 +241,8 @@ def get_config(name: str = "gemma3-270m") -> Gemma3Config:
 
 
 HookSite = Literal["resid_post", "attn_out", "mlp_out"]
+Edit = Callable[[jax.Array], jax.Array]
+"""An intervention: ``[B, T, d_model]`` activation in, its replacement out."""
 _HOOK_RE = re.compile(r"^(resid_post|attn_out|mlp_out)\.(\d+)$")
 
 
@@ -482,6 +490,7 @@ def _run_blocks(
     hooks: tuple[HookPoint, ...],
     positions: jax.Array | None,
     attention_mask: jax.Array | None,
+    edits: Mapping[str, Edit] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
@@ -494,7 +503,16 @@ def _run_blocks(
         positions = _default_positions(tokens, attention_mask)
     causal, local = _masks(tokens.shape[1], attention_mask, config.sliding_window)
     wanted = {h.name for h in hooks}
+    edits = dict(edits or {})
     out: dict[str, jax.Array] = {}
+
+    def site(name: str, value: jax.Array) -> jax.Array:
+        # A read hook sees the activation as the model made it; an edit then replaces it for
+        # everything downstream.
+        if name in wanted:
+            out[name] = value
+        return edits[name](value).astype(value.dtype) if name in edits else value
+
     x = _embed(params, config, tokens)
     eps = config.rms_norm_eps
     for i in range(n_blocks):
@@ -502,17 +520,11 @@ def _run_blocks(
         is_global = config.is_global(i)
         h = _rms_norm(x, lp["attn_norm"], eps)
         h = _attention(lp, h, positions, causal if is_global else local, config, is_global)
-        h = _rms_norm(h, lp["post_attn_norm"], eps)
-        if f"attn_out.{i}" in wanted:
-            out[f"attn_out.{i}"] = h
+        h = site(f"attn_out.{i}", _rms_norm(h, lp["post_attn_norm"], eps))
         x = x + h
         h = _mlp(lp, _rms_norm(x, lp["pre_ffw_norm"], eps))
-        h = _rms_norm(h, lp["post_ffw_norm"], eps)
-        if f"mlp_out.{i}" in wanted:
-            out[f"mlp_out.{i}"] = h
-        x = x + h
-        if f"resid_post.{i}" in wanted:
-            out[f"resid_post.{i}"] = x
+        h = site(f"mlp_out.{i}", _rms_norm(h, lp["post_ffw_norm"], eps))
+        x = site(f"resid_post.{i}", x + h)
     return x, out
 
 
@@ -524,6 +536,7 @@ def forward(
     hooks: Sequence[HookPoint | str],
     positions: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
+    edits: Mapping[str, Edit] | None = None,
 ) -> dict[str, jax.Array]:
     """Run the model up to the last hooked block and return the hooked activations.
 
@@ -539,6 +552,8 @@ def forward(
             unmasked token when ``attention_mask`` is given (left padding).
         attention_mask: ``[B, T]``, nonzero for real tokens; masked tokens are never attended
             to (their own outputs are meaningless).
+        edits: interventions by hook name (see the module docstring); a hooked activation is
+            returned as the model made it, before its own edit, after any earlier one.
 
     Returns:
         ``{hook.name: [B, T, d_model]}`` in the params' dtype (under ``jax.jit`` the dict
@@ -550,8 +565,9 @@ def forward(
     parsed = parse_hooks(hooks, config)
     if not parsed:
         raise ValueError("forward needs at least one hook point; use logits() for the full model")
+    edits = _checked_edits(edits, config)
     n_blocks = max(h.layer for h in parsed) + 1
-    _, out = _run_blocks(params, config, tokens, n_blocks, parsed, positions, attention_mask)
+    _, out = _run_blocks(params, config, tokens, n_blocks, parsed, positions, attention_mask, edits)
     return {h.name: out[h.name] for h in parsed}
 
 
@@ -562,11 +578,46 @@ def logits(
     *,
     positions: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
+    edits: Mapping[str, Edit] | None = None,
 ) -> jax.Array:
     """Next-token logits ``[B, T, vocab]`` in fp32 from the full model (tied embedding)."""
-    x, _ = _run_blocks(params, config, tokens, config.n_layers, (), positions, attention_mask)
-    x = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    return jnp.einsum("btd,vd->btv", x, params["embed"]).astype(jnp.float32)
+    x = final_hidden(
+        params, config, tokens, positions=positions, attention_mask=attention_mask, edits=edits
+    )
+    return unembed(params, x)
+
+
+def final_hidden(
+    params: Params,
+    config: Gemma3Config,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    edits: Mapping[str, Edit] | None = None,
+) -> jax.Array:
+    """The final-normed hidden state ``[B, T, d_model]`` (what the unembedding reads).
+
+    Losses over the 262k-token vocabulary should project it in token chunks
+    (:func:`unembed`) rather than hold ``[B, T, vocab]`` logits at once.
+    """
+    edits = _checked_edits(edits, config)
+    x, _ = _run_blocks(
+        params, config, tokens, config.n_layers, (), positions, attention_mask, edits
+    )
+    return _rms_norm(x, params["final_norm"], config.rms_norm_eps)
+
+
+def unembed(params: Params, hidden: jax.Array) -> jax.Array:
+    """Logits (fp32) of final-normed hidden states ``[..., d_model]`` (tied embedding)."""
+    return jnp.einsum("...d,vd->...v", hidden, params["embed"]).astype(jnp.float32)
+
+
+def _checked_edits(edits: Mapping[str, Edit] | None, config: Gemma3Config) -> dict[str, Edit]:
+    """Edits keyed by canonical hook names, every hook checked against the model."""
+    if not edits:
+        return {}
+    return {parse_hooks([name], config)[0].name: edit for name, edit in edits.items()}
 
 
 def next_token_logits(
@@ -576,12 +627,22 @@ def next_token_logits(
     index: jax.Array,
     *,
     attention_mask: jax.Array | None = None,
+    edits: Mapping[str, Edit] | None = None,
 ) -> jax.Array:
     """Logits ``[B, vocab]`` (fp32) for the token after position ``index`` ([B] or scalar).
 
     Projects only one position onto the 262k-row embedding, which is what decoding needs.
     """
-    x, _ = _run_blocks(params, config, tokens, config.n_layers, (), None, attention_mask)
+    x, _ = _run_blocks(
+        params,
+        config,
+        tokens,
+        config.n_layers,
+        (),
+        None,
+        attention_mask,
+        _checked_edits(edits, config),
+    )
     index = jnp.broadcast_to(jnp.asarray(index), (tokens.shape[0],))
     last = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
     last = _rms_norm(last, params["final_norm"], config.rms_norm_eps)
