@@ -10,6 +10,7 @@ its learned uniform threshold, JumpReLU keeps ``exp(log_threshold)``, ReLU+L1 is
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import posixpath
 import subprocess
@@ -225,12 +226,10 @@ def _with_density(sae: InferenceSAE, dataset: ActivationDataset, n_tokens: int) 
         if seen >= n_tokens:
             break
     density = counts / max(seen, 1)
-    return InferenceSAE(
-        **{
-            **sae.__dict__,
-            "log_feature_density": np.log10(density + DENSITY_EPS).astype(np.float32),
-            "metadata": sae.metadata | {"density_tokens": seen},
-        }
+    return dataclasses.replace(
+        sae,
+        log_feature_density=np.log10(density + DENSITY_EPS).astype(np.float32),
+        metadata=sae.metadata | {"density_tokens": seen},
     )
 
 

@@ -129,23 +129,31 @@ class InferenceSAE:
         return out
 
     # --- inference --------------------------------------------------------------------------
+    def params(self) -> SAEParams:
+        """The arrays as a :class:`SAEParams` pytree on the default device (cached)."""
+        cached = self.__dict__.get("_params")
+        if cached is None:
+            cached = SAEParams(
+                W_enc=jnp.asarray(self.W_enc),
+                b_enc=jnp.asarray(self.b_enc),
+                W_dec=jnp.asarray(self.W_dec),
+                b_dec=jnp.asarray(self.b_dec),
+                threshold=None if self.threshold is None else jnp.asarray(self.threshold),
+                rule=self.architecture,
+                k=self.k or 0,
+            )
+            object.__setattr__(self, "_params", cached)
+        return cached
+
     def preactivations(self, x: jax.Array | np.ndarray) -> jax.Array:
         """``(x - b_dec) @ W_enc + b_enc`` for raw activations ``[..., d_in]``."""
         self._check_input(x)
-        return _preactivations(jnp.asarray(x, jnp.float32), self.W_enc, self.b_enc, self.b_dec)
+        return _preactivations(self.params(), jnp.asarray(x, jnp.float32))
 
     def encode(self, x: jax.Array | np.ndarray) -> jax.Array:
         """Latents ``[..., d_sae]`` of raw activations ``[..., d_in]``."""
         self._check_input(x)
-        return _encode(
-            jnp.asarray(x, jnp.float32),
-            self.W_enc,
-            self.b_enc,
-            self.b_dec,
-            self.threshold,
-            rule=self.architecture,
-            k=self.k or 0,
-        )
+        return _encode(self.params(), jnp.asarray(x, jnp.float32))
 
     def decode(self, latents: jax.Array | np.ndarray) -> jax.Array:
         """Reconstructions ``[..., d_in]`` (raw activation space) of latents ``[..., d_sae]``."""
@@ -154,7 +162,7 @@ class InferenceSAE:
                 f"{self.source or 'SAE'}: latents have width {np.shape(latents)[-1]}, "
                 f"the SAE has d_sae {self.d_sae}"
             )
-        return _decode(jnp.asarray(latents, jnp.float32), self.W_dec, self.b_dec)
+        return _decode(self.params(), jnp.asarray(latents, jnp.float32))
 
     def reconstruct(self, x: jax.Array | np.ndarray) -> jax.Array:
         """``decode(encode(x))``."""
@@ -173,29 +181,60 @@ class InferenceSAE:
             )
 
 
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["W_enc", "b_enc", "W_dec", "b_dec", "threshold"],
+    meta_fields=["rule", "k"],
+)
+@dataclass(frozen=True)
+class SAEParams:
+    """An SAE's arrays as a pytree (the rule and ``k`` static), for use inside jitted code.
+
+    Interventions (``dictlearn.inspect.edits``) carry one across ``jax.jit`` boundaries; the
+    encode / decode here are THE implementation :class:`InferenceSAE` calls too.
+    """
+
+    W_enc: jax.Array
+    b_enc: jax.Array
+    W_dec: jax.Array
+    b_dec: jax.Array
+    threshold: jax.Array | None
+    rule: str
+    k: int
+
+    def preactivations(self, x: jax.Array) -> jax.Array:
+        return (x.astype(jnp.float32) - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        pre = self.preactivations(x)
+        if self.rule == "relu":
+            return jax.nn.relu(pre)
+        if self.rule == "jumprelu":
+            return jnp.where(pre > self.threshold, pre, 0.0)
+        values, indices = jax.lax.top_k(pre, self.k)
+        flat_pre = pre.reshape(-1, pre.shape[-1])
+        rows = jnp.arange(flat_pre.shape[0])[:, None]
+        latents = (
+            jnp.zeros_like(flat_pre)
+            .at[rows, indices.reshape(-1, self.k)]
+            .set(jax.nn.relu(values.reshape(-1, self.k)))
+        )
+        return latents.reshape(pre.shape)
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        return latents @ self.W_dec + self.b_dec
+
+
 @jax.jit
-def _preactivations(x, w_enc, b_enc, b_dec):
-    return (x - b_dec) @ w_enc + b_enc
-
-
-@partial(jax.jit, static_argnames=("rule", "k"))
-def _encode(x, w_enc, b_enc, b_dec, threshold, *, rule: str, k: int):
-    pre = _preactivations(x, w_enc, b_enc, b_dec)
-    if rule == "relu":
-        return jax.nn.relu(pre)
-    if rule == "jumprelu":
-        return jnp.where(pre > threshold, pre, 0.0)
-    values, indices = jax.lax.top_k(pre, k)
-    flat_pre = pre.reshape(-1, pre.shape[-1])
-    rows = jnp.arange(flat_pre.shape[0])[:, None]
-    latents = (
-        jnp.zeros_like(flat_pre)
-        .at[rows, indices.reshape(-1, k)]
-        .set(jax.nn.relu(values.reshape(-1, k)))
-    )
-    return latents.reshape(pre.shape)
+def _preactivations(sae: SAEParams, x: jax.Array) -> jax.Array:
+    return sae.preactivations(x)
 
 
 @jax.jit
-def _decode(latents, w_dec, b_dec):
-    return latents @ w_dec + b_dec
+def _encode(sae: SAEParams, x: jax.Array) -> jax.Array:
+    return sae.encode(x)
+
+
+@jax.jit
+def _decode(sae: SAEParams, latents: jax.Array) -> jax.Array:
+    return sae.decode(latents)
