@@ -4,6 +4,8 @@
     dictlearn train CONFIG.yaml [key.sub=value ...]
     dictlearn planted OUT_URL [key=value ...]      # write a planted-dictionary dataset
     dictlearn export RUN_DIR --format saelens|gemmascope|native --out URL
+    dictlearn eval SAE_URL [--tokens N] [--corpus URL ...]   # spliced loss recovered
+    dictlearn steer SAE_URL --feature N (--scale S | --clamp V | --ablate) --prompt TEXT
     dictlearn submit CONFIG.yaml [key.sub=value ...] --address http://HEAD:8265
     dictlearn jobs {list,status,logs,stop} [JOB_ID] --address http://HEAD:8265
 
@@ -128,6 +130,102 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _eval(args: argparse.Namespace) -> Any:
+    from dictlearn.config import apply_overrides, validate
+    from dictlearn.inspect.evaluate import EvalConfig, main
+
+    fields: dict[str, Any] = {"sae": args.sae}
+    if args.tokens is not None:
+        fields["tokens"] = args.tokens
+    if args.corpus:
+        fields["corpus"] = {"paths": args.corpus}
+    config = validate(EvalConfig, apply_overrides(fields, args.overrides), "eval config")
+    result = main(config)
+    m = result.metrics
+    print(
+        "\n".join(
+            [
+                f"spliced evaluation of {config.sae} at {result.hook}: {result.tokens:,} "
+                f"predicted tokens in {result.seconds:.1f} s",
+                f"  cross-entropy  clean {m['ce_clean']:.4f}  spliced {m['ce_spliced']:.4f}  "
+                f"zero-ablated {m['ce_zero_ablated']:.4f}  mean-ablated {m['ce_mean_ablated']:.4f}",
+                f"  loss recovered {m['loss_recovered']:.4f} (vs zero)  "
+                f"{m['loss_recovered_mean']:.4f} (vs mean)   KL {m['kl_spliced']:.4f}",
+                f"  fvu {m['fvu']:.4f}  l0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}  "
+                f"dense {m['dense_fraction']:.3f}",
+            ]
+        )
+    )
+    return result
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae", metavar="SAE_URL", help="Export directory, params.npz or run dir.")
+    p.add_argument("--tokens", type=int, default=None, help="LM tokens to evaluate on.")
+    p.add_argument(
+        "--corpus",
+        nargs="+",
+        default=None,
+        metavar="URL",
+        help="Held-out text (files, globs, builtin:...); default: the built-in corpora.",
+    )
+    _override_arguments(p)
+
+
+def _steer(args: argparse.Namespace) -> Any:
+    import shutil
+    import textwrap
+
+    from dictlearn.config import apply_overrides, validate
+    from dictlearn.inspect.steer import SteerConfig, main
+
+    fields = {
+        "sae": args.sae,
+        "feature": args.feature,
+        "prompt": args.prompt,
+        "scale": args.scale,
+        "clamp": args.clamp,
+        "ablate": args.ablate,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+    }
+    config = validate(SteerConfig, apply_overrides(fields, args.overrides), "steer config")
+    result = main(config)
+    width = max(30, (shutil.get_terminal_size((100, 20)).columns - 3) // 2)
+    left = textwrap.wrap(result.unsteered, width) or [""]
+    right = textwrap.wrap(result.steered, width) or [""]
+    lines = [
+        f"prompt: {result.prompt!r}   feature {result.feature}: {result.mode}",
+        f"promotes: {' '.join(repr(t) for t in result.promoted_tokens)}",
+        f"next-token probability on those: {result.promoted_mass_before:.4f} -> "
+        f"{result.promoted_mass_after:.4f}",
+        "",
+        f"{'unsteered':<{width}} | steered ({result.mode})",
+        f"{'-' * width}-+-{'-' * width}",
+    ]
+    for i in range(max(len(left), len(right))):
+        a = left[i] if i < len(left) else ""
+        b = right[i] if i < len(right) else ""
+        lines.append(f"{a:<{width}} | {b}")
+    print("\n".join(lines))
+    return result
+
+
+def _steer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae", metavar="SAE_URL", help="Export directory, params.npz or run dir.")
+    p.add_argument("--feature", type=int, required=True, help="The feature to steer.")
+    p.add_argument("--prompt", required=True, help="The text to continue.")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--scale", type=float, help="Add this much of the feature's direction.")
+    mode.add_argument("--clamp", type=float, help="Clamp the feature's activation to this.")
+    mode.add_argument("--ablate", action="store_true", help="Remove the feature.")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="Tokens to generate.")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, else sampling.")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    _override_arguments(p)
+
+
 def _print_train_summary(result: Any) -> None:
     m, e = result.metrics, result.eval_metrics
     status = "preempted: checkpoint written, re-run to resume" if result.preempted else "done"
@@ -211,6 +309,16 @@ COMMANDS: dict[
         "Export a trained SAE for other tools (SAELens, Gemma Scope, native).",
         _export_arguments,
         _export,
+    ),
+    "eval": (
+        "Spliced evaluation: the LM's loss with the SAE's reconstruction at its hook.",
+        _eval_arguments,
+        _eval,
+    ),
+    "steer": (
+        "Generate with an SAE feature steered, clamped or ablated, beside the plain text.",
+        _steer_arguments,
+        _steer,
     ),
     "submit": (
         "Run a stage's config as a job on a Ray cluster (Ray Jobs API).",

@@ -45,8 +45,11 @@ class SourceModel:
     hook: str
 
     @classmethod
-    def for_sae(cls, sae: InferenceSAE, model: ModelConfig | None = None) -> SourceModel:
-        """Load the model named in ``sae.metadata`` (or ``model``) up to the SAE's hook.
+    def for_sae(
+        cls, sae: InferenceSAE, model: ModelConfig | None = None, full: bool = False
+    ) -> SourceModel:
+        """Load the model named in ``sae.metadata`` (or ``model``) up to the SAE's hook, or
+        every layer when ``full`` (for logits: spliced evaluation, steering).
 
         Raises:
             ExportError: the SAE does not say which model or hook it reads, the model is not
@@ -74,7 +77,8 @@ class SourceModel:
                 f"{where} reads d_in {sae.d_in}, but {resolved.config.name}'s {hook} has width "
                 f"{resolved.config.d_model}; this SAE is not for that model"
             )
-        params, _ = lm.load_gguf(model.gguf, resolved.config, max_layer=point.layer)
+        max_layer = None if full else point.layer
+        params, _ = lm.load_gguf(model.gguf, resolved.config, max_layer=max_layer)
         return cls(params, resolved.config, lm.Tokenizer.from_gguf(model.gguf), point.name)
 
     def activations(self, token_ids: list[int]) -> np.ndarray:
