@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # files only; never a display
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from scaling_laws.laws import FitResult, loss_law
 
@@ -54,26 +55,48 @@ def plot_loss_vs_n(fits: FitResult, path: str) -> None:
 
 
 def plot_loss_vs_lr(fits: FitResult, path: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 5))
+    """One panel per width; one colour per token budget; parabola and vertex where fitted."""
     groups = fits.lr_law.groups if fits.lr_law else []
     if not groups:  # no lr law: still show the raw points
+        fig, ax = plt.subplots(figsize=(7, 5))
         ax.scatter([t.lr for t in fits.trials], [t.eval_fvu for t in fits.trials], s=10)
-    colours = plt.cm.plasma(np.linspace(0, 0.9, max(len(groups), 1)))
-    for colour, g in zip(colours, groups, strict=False):
-        ax.scatter(g.lrs, g.losses, color=colour, s=12)
-        if g.coeffs is not None:
-            x = np.linspace(np.log(min(g.lrs)), np.log(max(g.lrs)), 50)
-            c2, c1, c0 = g.coeffs
-            ax.plot(
-                np.exp(x),
-                np.exp(c2 * x * x + c1 * x + c0),
-                color=colour,
-                lw=1,
-                label=f"N={g.n_features}, D={g.tokens:.2g} ({g.status})",
-            )
-    ax.set(xscale="log", yscale="log", xlabel="peak learning rate", ylabel="held-out FVU")
-    if groups:
-        ax.legend(fontsize=6, ncol=2)
+        ax.set(xscale="log", yscale="log", xlabel="peak learning rate", ylabel="held-out FVU")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
+    widths = sorted({g.n_features for g in groups})
+    budgets = sorted({g.tokens for g in groups})
+    colour_of = dict(zip(budgets, plt.cm.viridis(np.linspace(0, 0.9, len(budgets))), strict=True))
+    cols = min(3, len(widths))
+    rows = -(-len(widths) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+    for ax, n in zip(axes.flat, widths, strict=False):
+        for g in (g for g in groups if g.n_features == n):
+            colour = colour_of[g.tokens]
+            ax.scatter(g.lrs, g.losses, color=colour, s=10)
+            if g.coeffs is not None:
+                x = np.linspace(np.log(min(g.lrs)), np.log(max(g.lrs)), 50)
+                c2, c1, c0 = g.coeffs
+                ax.plot(
+                    np.exp(x),
+                    np.exp(c2 * x * x + c1 * x + c0),
+                    color=colour,
+                    lw=1,
+                    ls="-" if g.status == "interior" else ":",
+                    label=f"D = {g.tokens:.2g}",
+                )
+            if g.status == "interior":
+                c2, c1, c0 = g.coeffs  # type: ignore[misc]
+                v = np.log(g.lr_star)  # type: ignore[arg-type]
+                ax.plot(g.lr_star, np.exp(c2 * v * v + c1 * v + c0), "k|", ms=8)
+        ax.set(xscale="log", yscale="log", title=f"N = {n}")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
+        ax.title.set_fontsize(9)
+    for ax in axes.flat[len(widths) :]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=6)
+    fig.supxlabel("peak learning rate (| = lr*, dotted: lr* outside the grid)", fontsize=9)
+    fig.supylabel("held-out FVU", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

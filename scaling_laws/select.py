@@ -16,6 +16,7 @@ size, optimizer betas, checkpointing) and changes what the laws decide:
 - ``sae.dead_window_tokens``: at least the sweep's, and long enough that a latent firing 1,000×
   less often than an average one (k/N per token) is not yet called dead, but at most a quarter
   of the run so AuxK can act on real dead latents;
+- ``run``: ``<sweep dir>/selected/<architecture>-<N>-selected``;
 - ``sae.k_aux`` (TopK's AuxK): a power of two near d_model / 2 (Gao et al., 2024), at most N.
 """
 
@@ -149,7 +150,10 @@ def select_config(
         sweep_sae["dead_window_tokens"] = max(1, min(window, tokens // 4))
     if "k_aux" in sweep_sae and fits.d_model is not None:
         sweep_sae["k_aux"] = min(_power_of_two_near(fits.d_model / 2), n_features)
-    cfg.setdefault("run", {})["name"] = f"{fits.architecture}-{n_features}-selected"
+    # Next to the sweep's evidence but outside trials/, so a later fit does not read it.
+    run = cfg.setdefault("run", {})
+    run["output_dir"] = f"{fits.sweep_dir.rstrip('/')}/selected"
+    run["name"] = f"{fits.architecture}-{n_features}-selected"
 
     max_n = max(p.n_features for p in law.points)
     max_d = max(p.tokens for p in law.points)
