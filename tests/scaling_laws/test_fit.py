@@ -86,11 +86,11 @@ def test_noisy_sweep_with_outliers_recovers_exponents_and_constants(noisy_fit):
     assert b == pytest.approx(TRUE_LOSS["B"], rel=0.15)
 
 
-def test_bootstrap_intervals_contain_the_true_exponents(noisy_fit):
-    """90 % intervals of the exponents hold the truth (E, A, B: see the coverage note in the
-    README; their intervals are narrower than their errors at this seed)."""
+def test_bootstrap_intervals_contain_the_truth(noisy_fit):
+    """90 % intervals hold the truth. Not E: at this seed its interval [0.042, 0.049] misses 0.05
+    (over 16 seeds it held E 15 times, and every other parameter every time; README)."""
     q = noisy_fit.loss_law.percentiles
-    for name in ("alpha", "beta"):
+    for name in ("alpha", "beta", "A", "B"):
         assert q[name].p5 <= TRUE_LOSS[name] <= q[name].p95, (name, q[name])
     # ... and are intervals, not points.
     assert q["alpha"].p95 - q["alpha"].p5 > 1e-3
