@@ -127,7 +127,9 @@ def _group_optima(
         if g.status == "interior":
             c2, c1, c0 = g.coeffs  # type: ignore[misc]
             v = np.log(g.lr_star)  # type: ignore[arg-type]
-            best[i] = min(np.exp(c2 * v * v + c1 * v + c0), s.loss[idx].min())
+            # The parabola's minimum, not the best trial: the minimum of a few noisy runs is
+            # biased low, the parabola averages over all of them.
+            best[i] = np.exp(c2 * v * v + c1 * v + c0)
             sources.append("parabola")
         else:
             best[i] = s.loss[idx].min()

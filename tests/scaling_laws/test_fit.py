@@ -81,9 +81,9 @@ def test_noisy_sweep_with_outliers_recovers_exponents_and_constants(noisy_fit):
     assert law.beta == pytest.approx(TRUE_LOSS["beta"], abs=0.02)
     # Constants are less well determined than exponents (E trades off against B·D^-β).
     e, a, b = law.E, law.A, law.B
-    assert e == pytest.approx(TRUE_LOSS["E"], rel=0.15)
+    assert e == pytest.approx(TRUE_LOSS["E"], rel=0.10)
     assert a == pytest.approx(TRUE_LOSS["A"], rel=0.10)
-    assert b == pytest.approx(TRUE_LOSS["B"], rel=0.15)
+    assert b == pytest.approx(TRUE_LOSS["B"], rel=0.10)
 
 
 def test_bootstrap_intervals_contain_the_truth(noisy_fit):
