@@ -4,7 +4,8 @@
 
 Writes the config (default ``<fits dir>/select-<N>.yaml``) with a header comment holding the
 predicted held-out FVU and its 80 % interval, plus a ``.json`` sidecar with the same numbers.
-Dotted overrides (``data.path=gs://...``) apply last; the result is validated as a
+Dotted overrides (``data.path=gs://...``) apply last (``optimizer.lr=...`` also replaces the lr
+law's value in the prediction record, and stands in for a missing lr law); the result is validated as a
 :class:`dictlearn.train.config.TrainConfig` before anything is written.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import fsspec
 import yaml
 
-from dictlearn.config import ConfigError, apply_overrides, to_yaml, validate
+from dictlearn.config import ConfigError, apply_overrides, parse_override, to_yaml, validate
 from dictlearn.train.config import TrainConfig
 from scaling_laws.select import Selection, load_fits, select_config
 
@@ -49,6 +50,14 @@ def parse_size(arguments: list[str]) -> tuple[dict[str, float], list[str]]:
     if "n_features" not in sizes:
         raise ConfigError("give n_features=N (the large run's width)")
     return sizes, rest
+
+
+def _number(value: object) -> float | None:
+    """A float from an override's value (YAML reads ``1e-4`` as a string); None if not one."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None  # left to the config's validation, which names the field
 
 
 def header(selection: Selection, fits_path: str) -> str:
@@ -85,7 +94,10 @@ def main(
         ConfigError: the chosen config (with overrides) is not a valid TrainConfig.
     """
     fits = load_fits(fits_path)
-    selection = select_config(fits, n_features, tokens=tokens, flops=flops)
+    # A learning rate given as an override replaces the lr law's (a sweep with one lr has none).
+    given = [v for k, v in map(parse_override, overrides or []) if k == ["optimizer", "lr"]]
+    lr = _number(given[-1]) if given else None
+    selection = select_config(fits, n_features, tokens=tokens, flops=flops, lr=lr)
     data = apply_overrides(selection.config, overrides or [])
     config = validate(TrainConfig, data, source="selected config")
     out = (

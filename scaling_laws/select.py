@@ -45,7 +45,8 @@ class Selection:
     Attributes:
         config: the ``dictlearn train`` config as a plain dict.
         n_features, tokens, flops: the run's size (flops None when d_model is unknown).
-        lr, lr_interval: the lr law's value and its 80 % bootstrap interval.
+        lr, lr_interval: the lr law's value and its 80 % bootstrap interval (the given lr
+            twice when it was set by hand).
         predicted_fvu, fvu_interval: predicted held-out FVU and its 80 % prediction interval.
         extrapolation: N and D over the largest fitted N and D (how far the laws are stretched).
         notes: caveats worth printing.
@@ -96,6 +97,7 @@ def select_config(
     *,
     tokens: int | None = None,
     flops: float | None = None,
+    lr: float | None = None,
 ) -> Selection:
     """Choose the large run's config from the fits.
 
@@ -104,17 +106,23 @@ def select_config(
         n_features: N of the run.
         tokens: D, the training tokens; or
         flops: C, the training compute (D = C / flops_per_token(N)).
+        lr: a learning rate chosen by hand, used instead of the lr law (which then need not
+            exist); the predicted FVU assumes the best lr all the same.
 
     Returns:
         The :class:`Selection`.
 
     Raises:
-        FitError: neither or both of tokens/flops, flops without a known d_model, or no lr law.
+        FitError: neither or both of tokens/flops, flops without a known d_model, or no lr law
+            and no ``lr``.
     """
     if (tokens is None) == (flops is None):
         raise FitError("give exactly one of tokens=T or flops=C")
-    if fits.lr_law is None:
-        raise FitError(f"the fits have no learning-rate law: {fits.lr_law_missing}")
+    if fits.lr_law is None and lr is None:
+        raise FitError(
+            f"the fits have no learning-rate law ({fits.lr_law_missing}); choose one with "
+            "optimizer.lr=..."
+        )
     fpt = (
         flops_per_token(fits.architecture, fits.d_model, n_features, fits.k)
         if fits.d_model is not None
@@ -130,7 +138,16 @@ def select_config(
     batch = fits.batch_size
     steps = max(1, math.ceil(tokens / batch))
     tokens = steps * batch
-    lr = fits.lr_law.predict(n_features, tokens)
+    notes = []
+    if lr is None:
+        assert fits.lr_law is not None
+        lr, lr_interval = (
+            fits.lr_law.predict(n_features, tokens),
+            fits.lr_law.interval(n_features, tokens, INTERVAL_LEVEL),
+        )
+    else:
+        lr_interval = (lr, lr)
+        notes.append("learning rate set by hand, not by the lr law")
     law = fits.loss_law
 
     cfg = copy.deepcopy(fits.template_config)
@@ -157,7 +174,6 @@ def select_config(
 
     max_n = max(p.n_features for p in law.points)
     max_d = max(p.tokens for p in law.points)
-    notes = []
     if n_features > 16 * max_n:
         notes.append(
             f"N is {n_features / max_n:.0f}x the largest fitted width: a long extrapolation"
@@ -168,7 +184,7 @@ def select_config(
         tokens=tokens,
         flops=fpt * tokens if fpt is not None else None,
         lr=lr,
-        lr_interval=fits.lr_law.interval(n_features, tokens, INTERVAL_LEVEL),
+        lr_interval=lr_interval,
         predicted_fvu=float(law.predict(n_features, tokens)),
         fvu_interval=law.interval(n_features, tokens, INTERVAL_LEVEL, fits.seed),
         extrapolation={

@@ -144,3 +144,18 @@ def test_fit_with_too_few_widths_is_one_line_and_exit_2(tmp_path, capsys):
 def test_fit_on_a_directory_that_is_not_a_sweep(tmp_path, capsys):
     assert main(["fit", str(tmp_path)]) == 2
     assert "is not a sweep directory" in capsys.readouterr().err
+
+
+def test_select_without_an_lr_law_needs_a_learning_rate(tmp_path, capsys):
+    write_sweep(tmp_path, draw_trials(widths=WIDTHS[:3], lr_factors=(1.0,)))
+    assert main(["fit", str(tmp_path), "--n-boot", "4"]) == 0
+    fits = str(tmp_path / "fits" / "fits.json")
+    assert main(["select", fits, "n_features=8192", "tokens=1e9"]) == 2
+    err = capsys.readouterr().err
+    assert "no learning-rate law" in err and "optimizer.lr=" in err
+    out = tmp_path / "s.yaml"
+    assert main(["select", fits, "n_features=8192", "tokens=1e9", "optimizer.lr=1e-4",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert load_config(TrainConfig, out).optimizer.lr == 1e-4
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["lr"] == 1e-4 and "set by hand" in sidecar["notes"][0]
