@@ -517,6 +517,8 @@ def fit_sweep(
         FitError: no finished trials, trials of different architectures/k/data, or too few
             widths, token budgets or points for the loss law (the message names them).
     """
+    if n_boot < 1:
+        raise FitError(f"n_boot must be at least 1 (intervals need resamples), got {n_boot}")
     trials = results.finished
     if not trials:
         left = ", ".join(f"{e.name} ({e.status})" for e in results.excluded) or "none"

@@ -201,6 +201,8 @@ def test_mixed_sweeps_and_empty_sweeps_are_errors():
         fit_sweep(SweepResults("x", mixed, [], "d"), n_boot=4)
     with pytest.raises(FitError, match="no finished trials"):
         fit_sweep(SweepResults("x", [], [], "d"), n_boot=4)
+    with pytest.raises(FitError, match="n_boot must be at least 1"):
+        fit_sweep(as_results(specs), n_boot=0)
 
 
 def test_single_learning_rate_sweep_fits_the_loss_law_but_says_why_no_lr_law():
