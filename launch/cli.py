@@ -8,6 +8,8 @@
     dictlearn steer SAE_URL --feature N (--scale S | --clamp V | --ablate) --prompt TEXT
     dictlearn submit CONFIG.yaml [key.sub=value ...] --address http://HEAD:8265
     dictlearn jobs {list,status,logs,stop} [JOB_ID] --address http://HEAD:8265
+    dictlearn fit SWEEP_DIR [--out DIR] [--holdout-largest]   # scaling laws from a sweep
+    dictlearn select FITS.json n_features=N [tokens=T | flops=C] [--out CONFIG.yaml] [key=value ...]
 
 Every stage's errors for bad input (config, data) are printed as one clear message with exit
 status 2, not as a traceback.
@@ -226,6 +228,53 @@ def _steer_arguments(p: argparse.ArgumentParser) -> None:
     _override_arguments(p)
 
 
+def _fit(args: argparse.Namespace) -> Any:
+    import warnings
+
+    from launch.fit import main
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = main(
+            args.sweep_dir,
+            args.out,
+            holdout_largest=args.holdout_largest,
+            n_boot=args.n_boot,
+            seed=args.seed,
+            d_model=args.d_model,
+        )
+    for w in caught:
+        print(f"dictlearn fit: warning: {w.message}", file=sys.stderr)
+    print(result.table)
+    print(f"\nwrote {', '.join(result.files)}")
+    return result
+
+
+def _select(args: argparse.Namespace) -> Any:
+    from launch.select import main, parse_size
+
+    sizes, overrides = parse_size(args.arguments)
+    result = main(
+        args.fits,
+        int(sizes["n_features"]),
+        tokens=int(sizes["tokens"]) if "tokens" in sizes else None,
+        flops=sizes.get("flops"),
+        out=args.out,
+        overrides=overrides,
+    )
+    s = result.selection
+    lo, hi = s.fvu_interval
+    print(
+        f"selected: n_features {s.n_features}, tokens {s.tokens:,} ({result.config.train.steps} "
+        f"steps of {result.config.train.batch_size}), lr {s.lr:.4g}\n"
+        f"  predicted held-out FVU {s.predicted_fvu:.4f} (80 % interval [{lo:.4f}, {hi:.4f}])\n"
+        f"  wrote {result.config_path} and {result.sidecar_path}"
+    )
+    for note in s.notes:
+        print(f"  note: {note}")
+    return result
+
+
 def _print_train_summary(result: Any) -> None:
     m, e = result.metrics, result.eval_metrics
     status = "preempted: checkpoint written, re-run to resume" if result.preempted else "done"
@@ -283,6 +332,38 @@ def _planted_arguments(p: argparse.ArgumentParser) -> None:
     _override_arguments(p)
 
 
+def _fit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="Sweep directory (holds trials/).")
+    p.add_argument("--out", default=None, help="Output directory (default SWEEP_DIR/fits).")
+    p.add_argument(
+        "--holdout-largest",
+        action="store_true",
+        help="Also fit without the largest width and report how well it is predicted.",
+    )
+    p.add_argument("--n-boot", type=int, default=200, help="Bootstrap resamples (default 200).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
+    p.add_argument(
+        "--d-model",
+        type=int,
+        default=None,
+        help="Input width for FLOP counts if neither the configs nor the datasets give it.",
+    )
+
+
+def _select_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("fits", metavar="FITS.json", help="What `dictlearn fit` wrote.")
+    p.add_argument(
+        "arguments",
+        nargs="+",
+        metavar="n_features=N [tokens=T | flops=C] [key.sub=value]",
+        help="The large run's width and its tokens or training FLOPs, then dotted overrides "
+        "of the written config (e.g. data.path=gs://...).",
+    )
+    p.add_argument(
+        "--out", default=None, help="Config path (default: select-N.yaml next to FITS.json)."
+    )
+
+
 # name -> (help, adds the command's arguments, runs it). Each stage's module keeps its logic; the
 # handlers here only parse and call.
 COMMANDS: dict[
@@ -326,6 +407,16 @@ COMMANDS: dict[
         run_submit,
     ),
     "jobs": ("List, inspect, tail or stop the jobs on a Ray cluster.", jobs_arguments, run_jobs),
+    "fit": (
+        "Fit scaling laws (loss, optimal lr, compute frontier) to a sweep's trials.",
+        _fit_arguments,
+        _fit,
+    ),
+    "select": (
+        "Write a train config for a large run from fitted scaling laws.",
+        _select_arguments,
+        _select,
+    ),
 }
 
 

@@ -608,6 +608,25 @@ def final_hidden(
     return _rms_norm(x, params["final_norm"], config.rms_norm_eps)
 
 
+def final_hidden_and_hooks(
+    params: Params,
+    config: Gemma3Config,
+    tokens: jax.Array,
+    *,
+    hooks: Sequence[HookPoint | str],
+    attention_mask: jax.Array | None = None,
+    edits: Mapping[str, Edit] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`final_hidden` and the activations at ``hooks`` (as in :func:`forward`), in one pass."""
+    parsed = parse_hooks(hooks, config)
+    edits = _checked_edits(edits, config)
+    x, out = _run_blocks(
+        params, config, tokens, config.n_layers, parsed, None, attention_mask, edits
+    )
+    hidden = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    return hidden, {h.name: out[h.name] for h in parsed}
+
+
 def unembed(params: Params, hidden: jax.Array) -> jax.Array:
     """Logits (fp32) of final-normed hidden states ``[..., d_model]`` (tied embedding)."""
     return jnp.einsum("...d,vd->...v", hidden, params["embed"]).astype(jnp.float32)

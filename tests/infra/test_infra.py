@@ -241,7 +241,7 @@ def test_referenced_config_exists(config: str) -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["dictlearn", "fit", "launch/configs/x.yaml"],
+        ["dictlearn", "frobnicate", "launch/configs/x.yaml"],
         ["dictlearn", "jobs", "tail"],
         ["dictlearn", "train"],
         ["dictlearn", "submit", "launch/configs/x.yaml"],
