@@ -1,4 +1,5 @@
-"""``dictlearn pipeline``: generate activations, then train an SAE on them, as one versioned run.
+"""``dictlearn pipeline``: generate activations, train an SAE on them, then evaluate it spliced into
+the LM, as one versioned run.
 
     dictlearn pipeline                                      # embedded defaults (Gemma 3 270M)
     dictlearn pipeline launch/configs/pipeline_default.yaml mesh.data=8 train.train.steps=5000
@@ -13,8 +14,9 @@ the Ray cluster, the mesh or the checkpoint cadence) and the versions of the sta
 * changing a stage's config (or an upstream stage's) gives it a new directory: nothing finished
   is ever overwritten, and two versions can be compared side by side.
 
-The run ends with a summary a person can read (tokens, FVU, L0, dead fraction, where everything
-was written); ``<output_dir>/<name>/pipeline.json`` holds the same as JSON.
+The run ends with a summary a person can read (tokens, FVU, L0, dead fraction, the spliced
+evaluation's loss recovered, where everything was written); ``<output_dir>/<name>/pipeline.json``
+holds the same as JSON.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ from dictlearn.config import (
     without_fields,
 )
 from dictlearn.data import storage
+from dictlearn.inspect.evaluate import EvalConfig
 from dictlearn.train.config import DataConfig, TrainConfig
 from dictlearn.train.trainer import RESUMABLE_CHANGES
 from sharding import MeshConfig
 
-StageName = Literal["generate", "train"]
-STAGE_ORDER: tuple[StageName, ...] = ("generate", "train")
+StageName = Literal["generate", "train", "eval"]
+STAGE_ORDER: tuple[StageName, ...] = ("generate", "train", "eval")
 
 # Fields of the train config that change how it runs, not what it produces: left out of the
 # stage's version hash so that, e.g., another mesh reuses finished work. These are the trainer's
@@ -102,6 +105,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
         "train": {"batch_size": 1024, "steps": 240, "log_every": 20},
         "checkpoint": {"every_steps": 100},
     },
+    "eval": {"tokens": 4096},
 }
 
 
@@ -119,6 +123,17 @@ class PipelineTrainConfig(TrainConfig):
     data: PipelineDataConfig = Field(default_factory=PipelineDataConfig)  # type: ignore[assignment]
     hook: str | None = Field(
         None, description="Which generated hook to train on (default: the first of generate.hooks)."
+    )
+
+
+class PipelineEvalConfig(EvalConfig):
+    """``dictlearn eval``'s config, minus what the pipeline fills in (the SAE and the model)."""
+
+    sae: str | None = Field(  # type: ignore[assignment]
+        None, description="Leave unset: the pipeline evaluates the train stage's SAE."
+    )
+    model: None = Field(  # type: ignore[assignment]
+        None, description="Leave unset: the eval stage runs the generate stage's model."
     )
 
 
@@ -144,6 +159,11 @@ class PipelineConfig(StrictModel):
     train: PipelineTrainConfig = Field(
         default_factory=lambda: PipelineTrainConfig.model_validate(EMBEDDED_DEFAULTS["train"]),
         description="The train stage (dictlearn train's config; data.path and run are filled in).",
+    )
+    eval: PipelineEvalConfig = Field(
+        default_factory=lambda: PipelineEvalConfig.model_validate(EMBEDDED_DEFAULTS["eval"]),
+        description="The eval stage (dictlearn eval's config: the trained SAE spliced into the "
+        "generate stage's model; sae and model are filled in).",
     )
 
     @model_validator(mode="after")
@@ -233,6 +253,19 @@ def plan_stages(config: PipelineConfig) -> dict[StageName, StagePlan]:
     train_dict["mesh"] = config.mesh.model_dump(mode="json")
     train_dict["run"] = {"output_dir": config.root, "name": f"train-{train_version}"}
     train = TrainConfig.model_validate(train_dict)
+
+    eval_dict = config.eval.model_dump(mode="json", exclude={"model"})
+    eval_inputs = {"train": train_version}
+    eval_version = version_hash(
+        {"stage": "eval", "config": without_fields(eval_dict, ("sae",)), "inputs": eval_inputs}
+    )
+    evaluation = EvalConfig.model_validate(
+        eval_dict
+        | {
+            "sae": f"{config.root}/train-{train_version}",
+            "model": config.generate.model.model_dump(mode="json"),
+        }
+    )
     return {
         "generate": StagePlan("generate", gen_version, gen_dir, generate),
         "train": StagePlan(
@@ -242,6 +275,14 @@ def plan_stages(config: PipelineConfig) -> dict[StageName, StagePlan]:
             train,
             inputs,
             needs=("generate",),
+        ),
+        "eval": StagePlan(
+            "eval",
+            eval_version,
+            f"{config.root}/eval-{eval_version}",
+            evaluation,
+            eval_inputs,
+            needs=("train",),
         ),
     }
 
@@ -271,7 +312,13 @@ def _run_train(plan: StagePlan) -> dict[str, Any]:
     return asdict(train(plan.config))  # type: ignore[arg-type]
 
 
-_RUNNERS = {"generate": _run_generate, "train": _run_train}
+def _run_eval(plan: StagePlan) -> dict[str, Any]:
+    from dictlearn.inspect.evaluate import main as eval_main
+
+    return asdict(eval_main(plan.config))  # type: ignore[arg-type]
+
+
+_RUNNERS = {"generate": _run_generate, "train": _run_train, "eval": _run_eval}
 
 
 @dataclass
@@ -377,6 +424,15 @@ def summary_text(result: PipelineResult) -> str:
                 f"    dead       {_number(metrics.get('dead_fraction'), '.3f')} of features",
                 f"    run dir    {r.get('run_dir')}  (config.yaml, metrics.jsonl, wandb/)",
                 f"    checkpoint {r.get('checkpoint_dir')}",
+            ]
+        elif outcome.stage == "eval":
+            m = r.get("metrics", {})
+            lines += [
+                f"    spliced at {r.get('hook')} over {_number(r.get('tokens'), ',')} tokens: "
+                f"loss recovered {_number(m.get('loss_recovered'), '.4f')}",
+                f"    CE         clean {_number(m.get('ce_clean'), '.4f')}  spliced "
+                f"{_number(m.get('ce_spliced'), '.4f')}  zero-ablated "
+                f"{_number(m.get('ce_zero_ablated'), '.4f')}  KL {_number(m.get('kl_spliced'), '.4f')}",
             ]
     lines.append(f"  summary    {result.root}/pipeline.json")
     return "\n".join(lines)

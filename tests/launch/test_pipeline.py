@@ -23,6 +23,8 @@ TINY = [
     "train.train.steps=8",
     "train.train.log_every=4",
     "train.checkpoint.every_steps=4",
+    "eval.tokens=128",
+    "eval.context_length=64",
 ]
 
 
@@ -37,17 +39,29 @@ def test_pipeline_runs_then_skips_finished_stages(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr[-3000:]
     assert_no_traceback(first.stderr)
     summary = first.stdout
-    for line in ("pipeline done", "tokens", "FVU", "L0", "dead", "run dir", "checkpoint"):
+    for line in (
+        "pipeline done",
+        "tokens",
+        "FVU",
+        "L0",
+        "dead",
+        "run dir",
+        "checkpoint",
+        "loss recovered",
+    ):
         assert line in summary, summary
 
     record = json.loads((out / "tiny" / "pipeline.json").read_text())
-    gen, train = record["stages"]
-    assert (gen["stage"], gen["status"], train["stage"], train["status"]) == (
-        "generate",
-        "ran",
-        "train",
-        "ran",
-    )
+    gen, train, evaluation = record["stages"]
+    assert [(s["stage"], s["status"]) for s in record["stages"]] == [
+        ("generate", "ran"),
+        ("train", "ran"),
+        ("eval", "ran"),
+    ]
+    spliced = evaluation["result"]["metrics"]
+    assert spliced["ce_clean"] < spliced["ce_zero_ablated"]
+    assert evaluation["result"]["sae"] == train["result"]["run_dir"]
+    assert Path(evaluation["directory"]).name == f"eval-{evaluation['version']}"
     gen_dir, train_dir = Path(gen["directory"]), Path(train["directory"])
     assert gen_dir.name == f"generate-{gen['version']}"
     assert train_dir.name == f"train-{train['version']}"
@@ -61,14 +75,14 @@ def test_pipeline_runs_then_skips_finished_stages(tmp_path: Path) -> None:
     started = time.perf_counter()
     again = run_cli(*args, env=_env(tmp_path), timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished earlier") >= 2
+    assert again.stdout.count("finished earlier") >= 3
     assert time.perf_counter() - started < 60
     # A new SAE config is a new train version on the same generated data.
     other = run_cli(*args, "train.sae.k=4", env=_env(tmp_path), timeout=300)
     assert other.returncode == 0, other.stderr[-3000:]
     record = json.loads((out / "tiny" / "pipeline.json").read_text())
     statuses = [(s["stage"], s["status"]) for s in record["stages"]]
-    assert statuses == [("generate", "skipped"), ("train", "ran")]
+    assert statuses == [("generate", "skipped"), ("train", "ran"), ("eval", "ran")]
     assert record["stages"][1]["version"] != train["version"]
 
 
