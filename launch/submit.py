@@ -54,7 +54,7 @@ from dictlearn.config import ConfigError, apply_overrides, read_yaml, without_fi
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-STAGES = ("generate", "train", "pipeline")
+STAGES = ("generate", "train", "pipeline", "sweep")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What the job needs of this checkout: the files infra/docker/Dockerfile builds the image from
@@ -81,11 +81,19 @@ _STAGE_KEYS = {
     "generate": {"corpus", "hooks", "model"},
     "train": {"sae", "data", "optimizer"},
     "pipeline": {"generate", "stages"},
+    "sweep": {"grid", "base"},
 }
 # Where a stage's Ray address lives: null would start a private local cluster inside the job.
-_RAY_ADDRESS_FIELD = {"generate": "ray.address", "pipeline": "generate.ray.address"}
+_RAY_ADDRESS_FIELD = {
+    "generate": "ray.address",
+    "pipeline": "generate.ray.address",
+    "sweep": "ray.address",
+}
 # Fields a stage fills in itself (the pipeline places each stage's outputs under output_dir).
-_FILLED_IN = {"pipeline": ("train.run", "train.data.path", "generate.output.path")}
+_FILLED_IN = {
+    "pipeline": ("train.run", "train.data.path", "generate.output.path"),
+    "sweep": ("base.run",),
+}
 # Config keys that hold local paths or URLs, checked for relative paths before submitting.
 _PATH_KEY = re.compile(r"^(path|paths|url|output_dir|gguf|safetensors|.*_(dir|path|url|file))$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # gs://..., builtin:..., memory://...
@@ -233,6 +241,10 @@ def load_stage_config(stage: str, config: str, overrides: list[str]) -> dict[str
         from launch.pipeline import load_pipeline_config
 
         model = load_pipeline_config(config, overrides)
+    elif stage == "sweep":
+        from launch.sweep import load_sweep_config
+
+        model = load_sweep_config(config, overrides)
     else:
         raise ConfigError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
     return model.model_dump(mode="json")

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from dictlearn.config import to_yaml, without_fields
+from dictlearn.config import differences, to_yaml, without_fields
 from dictlearn.data import ActivationDataset, BatchStream, DatasetError
 from dictlearn.data.planted import load_planted_truth, recovery_score
 from dictlearn.sae import get_architecture
@@ -113,20 +113,9 @@ def build_program(config: TrainConfig, dataset: ActivationDataset, mesh=None) ->
 
 def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Fields (dotted) where a checkpoint's config and this one differ, RESUMABLE_CHANGES aside."""
-    return _differences(
+    return differences(
         without_fields(saved, RESUMABLE_CHANGES), without_fields(current, RESUMABLE_CHANGES)
     )
-
-
-def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: checkpoint has {a!r}, config has {b!r}")
-    return diffs
 
 
 class _PreemptionFlag:
@@ -396,7 +385,7 @@ def _branch_state(config: TrainConfig, config_dict, program) -> tuple[TrainState
                 "must list it"
             )
         saved = trunk.restore_config(step)
-        diffs = _differences(
+        diffs = differences(
             without_fields(saved, BRANCH_CHANGES), without_fields(config_dict, BRANCH_CHANGES)
         )
         if diffs:
