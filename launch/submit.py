@@ -2,6 +2,7 @@
 
     dictlearn submit launch/configs/train_tpu_v5e_16.yaml --address http://127.0.0.1:8265
     dictlearn submit my_pipeline.yaml output_dir=gs://bucket/runs --address http://HEAD:8265
+    dictlearn submit my_sweep.yaml output_dir=gs://bucket/sweeps --address http://HEAD:8265
 
 The job runs ``dictlearn STAGE CONFIG [overrides]`` on the cluster's head node. What reaches the
 cluster, and how:

@@ -132,8 +132,9 @@ def _write_trial(run_dir: str, status: Status, attempts: int, error: str | None,
 # One trial, inside a Ray Tune worker process
 
 
-def _limit_threads(cpus: float) -> None:
-    """Keep a trial's native thread pools to the CPUs it reserved (before JAX starts here)."""
+def _trial_environment(cpus: float) -> None:
+    """Keep a trial's native thread pools to the CPUs it reserved (before JAX starts here), and
+    its console quiet: the driver prints one line per trial."""
     threads = str(max(1, math.floor(cpus)))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = threads
@@ -144,6 +145,7 @@ def _limit_threads(cpus: float) -> None:
         if "xla_cpu_multi_thread_eigen" not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
     os.environ["TQDM_DISABLE"] = "1"  # one bar, the driver's: a trial's would flood its log
+    os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def trial_result(train_result: Any, seconds: float) -> dict[str, Any]:
@@ -168,7 +170,7 @@ def run_trial(params: dict[str, Any], configs: dict[str, dict[str, Any]], cpus: 
     name = params["trial"]
     config = TrainConfig.model_validate(configs[name])
     run_dir = f"{config.run.output_dir.rstrip('/')}/{name}"
-    _limit_threads(cpus)
+    _trial_environment(cpus)
     attempts = ((read_trial(run_dir) or {}).get("attempts") or 0) + 1
     _write_trial(run_dir, "running", attempts, None, None)
     started = time.perf_counter()
@@ -181,6 +183,12 @@ def run_trial(params: dict[str, Any], configs: dict[str, dict[str, Any]], cpus: 
     except BaseException as e:
         _write_trial(run_dir, "failed", attempts, f"{type(e).__name__}: {e}", None)
         raise
+    finally:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None:
+            # Stop W&B's service process now: at interpreter exit (Tune ends the actor) its
+            # atexit hook finds the service gone and prints a ConnectionResetError traceback.
+            wandb.teardown()
     summary = trial_result(result, time.perf_counter() - started)
     _write_trial(run_dir, "finished", attempts, None, summary)
     tune.report(summary)
@@ -251,12 +259,18 @@ def _run_on_tune(config: SweepConfig, trials: list[Trial], bar: tqdm) -> None:
     # knows trials by Tune's ids, not by our names). Tune keeps its state and per-trial logs in a
     # scratch directory, removed afterwards; the run directories hold everything that matters.
     scratch = tempfile.mkdtemp(prefix="dictlearn-tune-")
+    # Tune's newer console output prints a header box per experiment even at verbose=0; the
+    # classic reporter is silent at 0. The bar and lines here are the sweep's output.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(list(by_name))},
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=config.ray.max_concurrent_trials or None
+                max_concurrent_trials=config.ray.max_concurrent_trials or None,
+                # A trial's process imports JAX and compiles its step; reusing the process for
+                # the next trial saves the imports (seconds per trial on small sweeps).
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=config.name,
@@ -267,7 +281,11 @@ def _run_on_tune(config: SweepConfig, trials: list[Trial], bar: tqdm) -> None:
                 callbacks=[_progress_callback(bar, by_name, config.retries)],
             ),
         )
-        tuner.fit()  # failed trials are in the ledger; Tune's own errors are raised
+        grid = tuner.fit()  # failed trials are in the ledger; Tune's own errors are raised
+        if grid.num_terminated + grid.num_errors < len(grid):
+            # Ctrl+C: Tune stops its trials and returns; stop here too rather than go on to the
+            # next phase. Re-running resumes.
+            raise KeyboardInterrupt("sweep interrupted: re-run the same command to resume")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -298,11 +316,31 @@ def _finished(trial: Trial) -> bool:
     return (read_trial(trial.run_dir) or {}).get("status") == "finished"
 
 
+def absolute_paths(config: SweepConfig) -> SweepConfig:
+    """``config`` with relative local paths (``output_dir``, ``base.data.path``) made absolute.
+
+    Tune runs each trial in a working directory of its own, where a relative path would read
+    nothing and write into Tune's scratch space; the sweep.yaml records the absolute paths.
+    """
+    data = config.model_dump(mode="json")
+    data["output_dir"] = _absolute(data["output_dir"])
+    data["base"]["data"]["path"] = _absolute(data["base"]["data"]["path"])
+    return SweepConfig.model_validate(data)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def main(config: SweepConfig) -> SweepResult:
     """Run (or resume) the sweep described by ``config``; see the module docstring."""
     from dictlearn.ray_cluster import ray_session
+    from dictlearn.train.trainer import open_dataset
 
+    config = absolute_paths(config)
     plan = plan_sweep(config)
+    # A missing dataset (or a d_model mismatch) is one error here, not every trial failing twice.
+    open_dataset(config.base)
     check_sweep_dir(config)
     started = time.perf_counter()
     done_before = {t.name for t in plan.trials + plan.trunks if _finished(t)}

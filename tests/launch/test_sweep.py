@@ -168,6 +168,16 @@ def test_branched_budgets_match_runs_from_scratch(
         assert abs(fvus[True][name] / scratch - 1) < 0.01, (name, scratch, fvus[True][name])
 
 
+def test_bad_sweep_configs_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _sweep_file(tmp_path / "sweep.yaml", str(tmp_path / "missing"), tmp_path / "out")
+    assert cli_main(["sweep", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no activation dataset at" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert cli_main(["sweep", str(config), "grid.tokens=[100]"]) == 2
+    assert "not multiples of base.train.batch_size=64" in capsys.readouterr().err
+
+
 def test_submit_takes_sweep_configs(tmp_path: Path) -> None:
     config = _sweep_file(tmp_path / "sweep.yaml", "gs://b/acts", Path("/shared/sweeps"))
     assert infer_stage(yaml.safe_load(config.read_text()), str(config)) == "sweep"
