@@ -71,6 +71,21 @@ def without_fields(data: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, A
     return out
 
 
+def differences(
+    saved: dict[str, Any], current: dict[str, Any], saved_as: str = "checkpoint", prefix: str = ""
+) -> list[str]:
+    """Fields (dotted) where two resolved configs differ, one line each:
+    ``sae.k: checkpoint has 32, config has 64`` (``saved_as`` names the older one)."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += differences(a, b, saved_as, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {saved_as} has {a!r}, config has {b!r}")
+    return diffs
+
+
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 

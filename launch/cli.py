@@ -2,6 +2,7 @@
 
     dictlearn generate CONFIG.yaml [key.sub=value ...]   # activation datasets from a corpus
     dictlearn train CONFIG.yaml [key.sub=value ...]
+    dictlearn sweep SWEEP.yaml [key.sub=value ...]       # a grid of training runs on Ray Tune
     dictlearn planted OUT_URL [key=value ...]      # write a planted-dictionary dataset
     dictlearn export RUN_DIR --format saelens|gemmascope|native --out URL
     dictlearn eval SAE_URL [--tokens N] [--corpus URL ...]   # spliced loss recovered
@@ -12,7 +13,7 @@
     dictlearn select FITS.json n_features=N [tokens=T | flops=C] [--out CONFIG.yaml] [key=value ...]
 
 Every stage's errors for bad input (config, data) are printed as one clear message with exit
-status 2, not as a traceback.
+status 2, not as a traceback. ``dictlearn sweep`` exits 1 when a trial failed (after its retry).
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def _pipeline(args: argparse.Namespace) -> Any:
     result = main(config)
     print(summary_text(result))
     return result
+
+
+def _sweep(args: argparse.Namespace) -> Any:
+    from launch.sweep import load_sweep_config, main, summary_text
+
+    result = main(load_sweep_config(args.config, args.overrides))
+    print(summary_text(result))
+    return 1 if result.failed else 0  # the sweep went on, but a script should know
 
 
 def _planted(args: argparse.Namespace) -> Any:
@@ -381,6 +390,11 @@ COMMANDS: dict[
         _pipeline_arguments,
         _pipeline,
     ),
+    "sweep": (
+        "Train a grid of SAEs (widths x lr x tokens ...) on one dataset, as Ray Tune trials.",
+        _config_arguments,
+        _sweep,
+    ),
     "planted": (
         "Write a synthetic planted-dictionary activation dataset.",
         _planted_arguments,
@@ -451,11 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _, _, handler = COMMANDS[args.command]
     try:
-        handler(args)
+        outcome = handler(args)
     except _user_errors() as e:
         print(f"dictlearn {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    # A handler may return an exit status (sweep: 1 when a trial failed); others return results.
+    return outcome if isinstance(outcome, int) else 0
 
 
 def entry_point() -> None:

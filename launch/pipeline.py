@@ -242,13 +242,11 @@ def plan_stages(config: PipelineConfig) -> dict[StageName, StagePlan]:
 
     train_dict = config.train.model_dump(mode="json", exclude={"hook"})
     inputs = {"generate": gen_version, "hook": config.hook}
-    train_version = version_hash(
-        {
-            "stage": "train",
-            "config": without_fields(train_dict, TRAIN_EXECUTION_FIELDS),
-            "inputs": inputs,
-        }
-    )
+    hashed = without_fields(train_dict, TRAIN_EXECUTION_FIELDS)
+    if hashed.get("init") is None:
+        # Added to TrainConfig after pipelines had versions: unset, it leaves them unchanged.
+        hashed.pop("init", None)
+    train_version = version_hash({"stage": "train", "config": hashed, "inputs": inputs})
     train_dict["data"]["path"] = f"{gen_dir}/{config.hook}"
     train_dict["mesh"] = config.mesh.model_dump(mode="json")
     train_dict["run"] = {"output_dir": config.root, "name": f"train-{train_version}"}

@@ -2,6 +2,7 @@
 
     dictlearn submit launch/configs/train_tpu_v5e_16.yaml --address http://127.0.0.1:8265
     dictlearn submit my_pipeline.yaml output_dir=gs://bucket/runs --address http://HEAD:8265
+    dictlearn submit my_sweep.yaml output_dir=gs://bucket/sweeps --address http://HEAD:8265
 
 The job runs ``dictlearn STAGE CONFIG [overrides]`` on the cluster's head node. What reaches the
 cluster, and how:
@@ -54,7 +55,7 @@ from dictlearn.config import ConfigError, apply_overrides, read_yaml, without_fi
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-STAGES = ("generate", "train", "pipeline")
+STAGES = ("generate", "train", "pipeline", "sweep")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What the job needs of this checkout: the files infra/docker/Dockerfile builds the image from
@@ -81,11 +82,19 @@ _STAGE_KEYS = {
     "generate": {"corpus", "hooks", "model"},
     "train": {"sae", "data", "optimizer"},
     "pipeline": {"generate", "stages"},
+    "sweep": {"grid", "base"},
 }
 # Where a stage's Ray address lives: null would start a private local cluster inside the job.
-_RAY_ADDRESS_FIELD = {"generate": "ray.address", "pipeline": "generate.ray.address"}
+_RAY_ADDRESS_FIELD = {
+    "generate": "ray.address",
+    "pipeline": "generate.ray.address",
+    "sweep": "ray.address",
+}
 # Fields a stage fills in itself (the pipeline places each stage's outputs under output_dir).
-_FILLED_IN = {"pipeline": ("train.run", "train.data.path", "generate.output.path")}
+_FILLED_IN = {
+    "pipeline": ("train.run", "train.data.path", "generate.output.path"),
+    "sweep": ("base.run",),
+}
 # Config keys that hold local paths or URLs, checked for relative paths before submitting.
 _PATH_KEY = re.compile(r"^(path|paths|url|output_dir|gguf|safetensors|.*_(dir|path|url|file))$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # gs://..., builtin:..., memory://...
@@ -233,6 +242,10 @@ def load_stage_config(stage: str, config: str, overrides: list[str]) -> dict[str
         from launch.pipeline import load_pipeline_config
 
         model = load_pipeline_config(config, overrides)
+    elif stage == "sweep":
+        from launch.sweep import load_sweep_config
+
+        model = load_sweep_config(config, overrides)
     else:
         raise ConfigError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
     return model.model_dump(mode="json")

@@ -37,17 +37,36 @@ class Checkpointer:
         directory: checkpoint root (local path or ``gs://`` URL).
         keep: how many checkpoints to keep.
         async_save: write in a background thread (``wait`` / ``close`` before exiting).
+        keep_steps: steps whose checkpoints are never deleted, besides the newest ``keep`` (the
+            branch points a sweep's token budgets restore from).
     """
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        keep: int = 3,
+        async_save: bool = True,
+        keep_steps: tuple[int, ...] = (),
+    ):
         # Orbax (tensorstore) accepts only absolute local paths; URLs (gs://...) pass as is.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        if keep_steps:
+            retention: dict[str, Any] = {
+                "preservation_policy": ocp.checkpoint_managers.AnyPreservationPolicy(
+                    [
+                        ocp.checkpoint_managers.LatestN(keep),
+                        ocp.checkpoint_managers.CustomSteps(list(keep_steps)),
+                    ]
+                )
+            }
+        else:
+            retention = {"max_to_keep": keep}
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
                 enable_async_checkpointing=async_save,
                 create=True,
+                **retention,
             ),
             item_names=(STATE, DATA, CONFIG),
         )

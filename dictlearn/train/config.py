@@ -62,6 +62,13 @@ class CheckpointConfig(StrictModel):
     resume: Literal["auto", "never"] = Field(
         "auto", description="auto: continue from the run's latest checkpoint if there is one."
     )
+    keep_steps: list[int] = Field(
+        default_factory=list,
+        description=(
+            "Steps always checkpointed and never deleted (besides the newest `keep`): the "
+            "branch points a sweep's token budgets start their decays from."
+        ),
+    )
 
 
 class TrackerConfig(StrictModel):
@@ -72,6 +79,26 @@ class TrackerConfig(StrictModel):
     )
     project: str = Field("dictlearn", description="W&B project.")
     entity: str | None = Field(None, description="W&B entity (team).")
+    group: str | None = Field(
+        None, description="W&B run group (a sweep sets it to the sweep's name)."
+    )
+
+
+class InitConfig(StrictModel):
+    """Start from another run's checkpoint instead of a fresh init (a branch of a sweep's trunk).
+
+    The state (parameters, optimizer moments and step, dead-latent counters) and the data
+    position are restored from ``from_checkpoint`` at ``step``; training goes on to
+    ``train.steps``. The other run must have the same config except for fields that only
+    change the schedule's end (``train.steps``, ``optimizer.decay_fraction``) or how it ran,
+    and its lr must still be in its constant phase at ``step`` and this run's too, so that the
+    branch is the same run as one trained from scratch to ``train.steps``.
+    """
+
+    from_checkpoint: str = Field(
+        description="Checkpoint directory (local path or URL) of the run to branch from."
+    )
+    step: int = Field(gt=0, description="Checkpointed step of that run to start from.")
 
 
 class RunConfig(StrictModel):
@@ -149,11 +176,18 @@ class TrainConfig(StrictModel):
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     ray: ClusterConfig = Field(default_factory=ClusterConfig)
+    init: InitConfig | None = Field(
+        None, description="Start from another run's checkpoint (null: a fresh init)."
+    )
 
     @model_validator(mode="after")
     def _eval_needs_heldout(self) -> TrainConfig:
         if self.train.eval_every and self.data.eval_fraction == 0:
             raise ValueError("train.eval_every > 0 needs held-out data: set data.eval_fraction > 0")
+        if self.init is not None and self.init.step >= self.train.steps:
+            raise ValueError(
+                f"init.step={self.init.step} must be below train.steps={self.train.steps}"
+            )
         return self
 
     @property

@@ -9,10 +9,19 @@ import optax
 from dictlearn.train.config import OptimizerConfig
 
 
+def decay_start_step(cfg: OptimizerConfig, total_steps: int) -> int:
+    """First step of the linear decay; the lr is the same for every run length before it.
+
+    So a run of ``total_steps`` can branch from a longer constant-lr run's checkpoint at any
+    step up to here (``TrainConfig.init``) and be the same run as one trained from scratch.
+    """
+    decay_steps = round(cfg.decay_fraction * total_steps)
+    return max(total_steps - decay_steps, cfg.warmup_steps)
+
+
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warm-up to ``lr``, constant, then linear decay to 0 over ``decay_fraction``."""
-    decay_steps = round(cfg.decay_fraction * total_steps)
-    decay_start = max(total_steps - decay_steps, cfg.warmup_steps)
+    decay_start = decay_start_step(cfg, total_steps)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)

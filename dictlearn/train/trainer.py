@@ -24,13 +24,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from dictlearn.config import to_yaml, without_fields
+from dictlearn.config import differences, to_yaml, without_fields
 from dictlearn.data import ActivationDataset, BatchStream, DatasetError
 from dictlearn.data.planted import load_planted_truth, recovery_score
 from dictlearn.sae import get_architecture
 from dictlearn.tracking import Tracker, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
-from dictlearn.train.config import TrainConfig
+from dictlearn.train.config import OptimizerConfig, TrainConfig
+from dictlearn.train.optimizer import decay_start_step
 from dictlearn.train.step import TrainProgram, TrainState
 from sharding import make_mesh
 
@@ -50,6 +51,15 @@ RESUMABLE_CHANGES = (
     # (the divergence message suggests it); the result is then no longer bit-identical.
     "optimizer.lr",
     "optimizer.warmup_steps",
+)
+
+# Config fields in which a branch (``init.from_checkpoint``) may differ from the run it branches
+# from: how either ran, and where its schedule ends. Not the lr or the warm-up: the branch must
+# have followed the same schedule up to the branch point.
+BRANCH_CHANGES = (
+    *(name for name in RESUMABLE_CHANGES if name not in ("optimizer.lr", "optimizer.warmup_steps")),
+    "optimizer.decay_fraction",
+    "init",
 )
 
 
@@ -103,20 +113,9 @@ def build_program(config: TrainConfig, dataset: ActivationDataset, mesh=None) ->
 
 def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Fields (dotted) where a checkpoint's config and this one differ, RESUMABLE_CHANGES aside."""
-    return _differences(
+    return differences(
         without_fields(saved, RESUMABLE_CHANGES), without_fields(current, RESUMABLE_CHANGES)
     )
-
-
-def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: checkpoint has {a!r}, config has {b!r}")
-    return diffs
 
 
 class _PreemptionFlag:
@@ -197,7 +196,10 @@ def main(config: TrainConfig) -> TrainResult:
     config_dict = config.model_dump(mode="json")
 
     checkpointer = Checkpointer(
-        ckpt_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+        ckpt_dir,
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+        keep_steps=tuple(config.checkpoint.keep_steps),
     )
     # Refuses (before anything in the run directory changes) a checkpoint of another config.
     state, position = _initial_state(config, config_dict, program, dataset, checkpointer)
@@ -218,9 +220,11 @@ def main(config: TrainConfig) -> TrainResult:
         project=config.tracker.project,
         entity=config.tracker.entity,
         name=config.run_name,
+        group=config.tracker.group,
         enabled=is_lead,
     )
     last_saved = checkpointer.latest_step()
+    keep_steps = set(config.checkpoint.keep_steps)
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     preempted = False
@@ -264,6 +268,7 @@ def main(config: TrainConfig) -> TrainResult:
                 if (
                     done % config.checkpoint.every_steps == 0
                     or done == config.train.steps
+                    or done in keep_steps
                     or (stopping and last_saved != done)
                 ):
                     # The loss above was computed before this step's update: check the state
@@ -349,6 +354,8 @@ def _finished_result(run_dir: str, ckpt_dir: str, step: int, config: TrainConfig
 
 def _initial_state(config, config_dict, program, dataset, checkpointer) -> tuple[TrainState, int]:
     latest = checkpointer.latest_step() if config.checkpoint.resume == "auto" else None
+    if latest is None and config.init is not None:
+        return _branch_state(config, config_dict, program)
     if latest is None:
         key = jax.random.key(config.train.seed)
         return program.init(key, jax.numpy.asarray(dataset.mean)), 0
@@ -360,6 +367,46 @@ def _initial_state(config, config_dict, program, dataset, checkpointer) -> tuple
             + "\nuse another run.name, or checkpoint.resume=never to start over in place"
         )
     restored = checkpointer.restore(program.abstract_state(), latest)
+    return restored.state, restored.data_position
+
+
+def _branch_state(config: TrainConfig, config_dict, program) -> tuple[TrainState, int]:
+    """State and data position of ``config.init``'s checkpoint, after checking that this run
+    and that one follow the same schedule up to it (so the branch equals a from-scratch run)."""
+    assert config.init is not None
+    source, step = config.init.from_checkpoint, config.init.step
+    trunk = Checkpointer(source, async_save=False)
+    try:
+        steps = trunk.all_steps()
+        if step not in steps:
+            raise ValueError(
+                f"init.step={step}: {source} has no checkpoint at that step (it has "
+                f"{sorted(steps) or 'none'}); checkpoint.keep_steps of the run branched from "
+                "must list it"
+            )
+        saved = trunk.restore_config(step)
+        diffs = differences(
+            without_fields(saved, BRANCH_CHANGES), without_fields(config_dict, BRANCH_CHANGES)
+        )
+        if diffs:
+            raise ValueError(
+                f"init.from_checkpoint={source} is a run of another config:\n  "
+                + "\n  ".join(diffs)
+            )
+        saved_opt = OptimizerConfig.model_validate(saved["optimizer"])
+        for who, opt, total in (
+            (source, saved_opt, saved["train"]["steps"]),
+            ("this run", config.optimizer, config.train.steps),
+        ):
+            start = decay_start_step(opt, total)
+            if step > start:
+                raise ValueError(
+                    f"init.step={step} is past the start of {who}'s lr decay (step {start}): "
+                    "a branch must start while both runs are in the constant-lr phase"
+                )
+        restored = trunk.restore(program.abstract_state(), step)
+    finally:
+        trunk.close()
     return restored.state, restored.data_position
 
 

@@ -62,6 +62,8 @@ def test_result_fields_change_the_right_versions() -> None:
     for override in ("train.train.steps=500", "train.optimizer.lr=3e-4", "train.train.seed=1"):
         changed = _versions(override)
         assert changed["train"] != base["train"], override
+    branched = _versions("train.init={from_checkpoint: /runs/trunk/checkpoints, step: 10}")
+    assert branched["train"] != base["train"]
     upstream = _versions("generate.max_tokens=1000")
     assert upstream["generate"] != base["generate"] and upstream["train"] != base["train"]
 
