@@ -184,17 +184,43 @@ def _planted_arguments(p: argparse.ArgumentParser) -> None:
     _override_arguments(p)
 
 
+class _ValueThenOverrides(argparse.Action):
+    """An option's value, then any ``key=value`` overrides that follow it.
+
+    argparse hands every positional to the first run of positionals, so in
+    ``index build SAE --out URL k=5`` the override after ``--out`` would be unrecognised.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        value, *extra = values
+        if not_overrides := [v for v in extra if "=" not in v]:
+            parser.error(f"{option_string} takes one value; unexpected {' '.join(not_overrides)}")
+        setattr(namespace, self.dest, value)
+        namespace.overrides = [*(namespace.overrides or []), *extra]
+
+
 def _index_arguments(p: argparse.ArgumentParser) -> None:
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     build = verbs.add_parser(
         "build", help="For every feature, its k nearest features by cosine (Parquet + manifest)."
     )
     build.add_argument("sae", metavar="SAE_URL", help="An SAE export or run directory.")
-    build.add_argument("--out", required=True, metavar="OUT_URL", help="Index directory (fsspec).")
-    build.add_argument(
-        "--against", metavar="SAE_B_URL", help="Cross-SAE: neighbours among this SAE's features."
-    )
     _override_arguments(build)
+    build.add_argument(
+        "--out",
+        required=True,
+        nargs="+",
+        action=_ValueThenOverrides,
+        metavar="OUT_URL",
+        help="Index directory (any fsspec URL).",
+    )
+    build.add_argument(
+        "--against",
+        nargs="+",
+        action=_ValueThenOverrides,
+        metavar="SAE_B_URL",
+        help="Cross-SAE: neighbours among this SAE's features.",
+    )
 
 
 def _neighbors_arguments(p: argparse.ArgumentParser) -> None:
