@@ -3,6 +3,7 @@
     dictlearn generate CONFIG.yaml [key.sub=value ...]   # activation datasets from a corpus
     dictlearn train CONFIG.yaml [key.sub=value ...]
     dictlearn planted OUT_URL [key=value ...]      # write a planted-dictionary dataset
+    dictlearn export RUN_DIR --format saelens|gemmascope|native --out URL
     dictlearn submit CONFIG.yaml [key.sub=value ...] --address http://HEAD:8265
     dictlearn jobs {list,status,logs,stop} [JOB_ID] --address http://HEAD:8265
     dictlearn index build SAE_URL --out OUT_URL [--against SAE_B_URL] [key=value ...]
@@ -101,6 +102,32 @@ def _index(args: argparse.Namespace) -> Any:
     return result
 
 
+def _export(args: argparse.Namespace) -> Any:
+    from dictlearn.config import validate
+    from dictlearn.export import ExportConfig, export_sae
+
+    config = validate(
+        ExportConfig,
+        {
+            "source": args.source,
+            "format": args.format,
+            "out": args.out,
+            "step": args.step,
+            "dataset": args.dataset,
+            "density_tokens": args.density_tokens,
+        },
+        "export request",
+    )
+    result = export_sae(config)
+    sae = result.sae
+    print(
+        f"exported step {result.step} of {config.source} as {result.format} to {result.out}: "
+        f"{sae.architecture}{f' k={sae.k}' if sae.k else ''}, d_in {sae.d_in}, d_sae {sae.d_sae}"
+        f" ({', '.join(result.files)})"
+    )
+    return result
+
+
 def _neighbors(args: argparse.Namespace) -> Any:
     import numpy as np
 
@@ -125,6 +152,27 @@ def _neighbors(args: argparse.Namespace) -> Any:
     ]
     print("\n".join(lines))
     return result
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    from dictlearn.export.formats import FORMATS
+
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT_DIR", help="The run to export.")
+    p.add_argument("--format", required=True, choices=FORMATS, help="Export format.")
+    p.add_argument("--out", required=True, metavar="URL", help="Output directory (or gs:// URL).")
+    p.add_argument("--step", type=int, default=None, help="Checkpoint step (default: newest).")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        metavar="URL",
+        help="The run's activation dataset, if it moved (default: the run's data.path).",
+    )
+    p.add_argument(
+        "--density-tokens",
+        type=int,
+        default=65_536,
+        help="Dataset rows for the per-latent firing frequencies (0: skip them).",
+    )
 
 
 def _print_train_summary(result: Any) -> None:
@@ -257,6 +305,11 @@ COMMANDS: dict[
         "Write a synthetic planted-dictionary activation dataset.",
         _planted_arguments,
         _planted,
+    ),
+    "export": (
+        "Export a trained SAE for other tools (SAELens, Gemma Scope, native).",
+        _export_arguments,
+        _export,
     ),
     "submit": (
         "Run a stage's config as a job on a Ray cluster (Ray Jobs API).",

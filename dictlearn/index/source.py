@@ -8,11 +8,14 @@ its decoder (``W_dec``, ``[d_sae, d_in]``) or encoder (``W_enc.T``) plus what id
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from dictlearn.index.exact import normalize_rows
+
+if TYPE_CHECKING:
+    from dictlearn.export import InferenceSAE
 
 Metric = Literal["decoder", "encoder"]
 
@@ -49,14 +52,10 @@ class Directions:
         return cls(normalize_rows(weights), source, digest, metric)
 
 
-def _load_sae(url: str) -> Any:
+def _load_sae(url: str) -> InferenceSAE:
     """``dictlearn.export.load_sae`` (imported late: it pulls in the export formats)."""
-    try:
-        from dictlearn.export import load_sae
-    except ImportError:  # the export package has not landed on this branch yet
-        raise ValueError(
-            f"cannot read the SAE at {url}: dictlearn.export (load_sae) is not installed"
-        ) from None
+    from dictlearn.export import load_sae
+
     return load_sae(url)
 
 
@@ -64,8 +63,7 @@ def load_directions(url: str, metric: Metric = "decoder") -> Directions:
     """The unit feature directions of the SAE at ``url``.
 
     Raises:
-        ValueError: ``url`` is no SAE dictlearn can read (the message names it; ``load_sae``'s
-            ``ExportError`` is a ValueError).
+        ExportError: ``url`` is no SAE dictlearn can read (a ValueError naming it).
     """
     sae = _load_sae(url)
     weights = sae.W_dec if metric == "decoder" else np.asarray(sae.W_enc).T

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from dictlearn.export import load_sae
 from dictlearn.index import (
     Directions,
     IndexConfig,
@@ -16,7 +17,7 @@ from dictlearn.index import (
     query_neighbors,
 )
 from dictlearn.index.store import MANIFEST
-from tests.index.conftest import read_stand_in, write_stand_in
+from tests.index.conftest import write_sae
 
 
 def _dirs(n: int, d: int, seed: int, name: str = "sae") -> Directions:
@@ -127,9 +128,10 @@ def test_approximate_index_recall_and_vector_query(tmp_path) -> None:
     assert got.cosines[0] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_queries_against_an_sae_and_an_exact_index(tmp_path, stand_in_loader) -> None:
-    sae = write_stand_in(tmp_path / "sae.npz", 90, 8, seed=4)
-    w = read_stand_in(sae)
+@pytest.mark.parametrize("fmt", ["native", "saelens", "gemmascope"])
+def test_queries_against_an_sae_and_an_exact_index(tmp_path, fmt: str) -> None:
+    sae = write_sae(tmp_path / "sae", 90, 8, seed=4, fmt=fmt)
+    w = load_sae(sae)
     q = Directions.from_weights(w.W_dec, sae, w.digest)
     build_from_directions(_config(tmp_path / "idx", sae=sae), q)
     ref_ids, ref_cos = brute_force_knn(w.W_dec, w.W_dec, 4, exclude_self=True)

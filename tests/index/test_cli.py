@@ -1,19 +1,15 @@
 """``dictlearn index build`` / ``dictlearn neighbors`` through ``launch.cli.main``.
 
-The SAEs here are the ``.npz`` stand-ins of ``tests/index/conftest.py`` (``dictlearn.export``
-is not on this branch yet); the commands reach them through the same loader hook that
-``load_sae`` fills.
+The SAEs are real exports (native, saelens and gemmascope formats) read by
+``dictlearn.export.load_sae``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from launch.cli import main
-from tests.index.conftest import write_stand_in
-
-pytestmark = pytest.mark.usefixtures("stand_in_loader")
+from tests.index.conftest import write_sae
 
 
 def _one_line_error(capsys, *needles: str) -> None:
@@ -24,7 +20,7 @@ def _one_line_error(capsys, *needles: str) -> None:
 
 
 def test_build_then_query(tmp_path, capsys) -> None:
-    sae = write_stand_in(tmp_path / "a.npz", 100, 8, seed=0)
+    sae = write_sae(tmp_path / "a", 100, 8, seed=0)
     out = str(tmp_path / "idx")
     assert main(["index", "build", sae, "--out", out, "k=3", "block_size=32", "mesh.model=4"]) == 0
     assert "index done: 100 features, k=3" in capsys.readouterr().out
@@ -39,15 +35,15 @@ def test_build_then_query(tmp_path, capsys) -> None:
 
 
 def test_cross_sae_build(tmp_path, capsys) -> None:
-    a = write_stand_in(tmp_path / "a.npz", 40, 8, seed=0)
-    b = write_stand_in(tmp_path / "b.npz", 160, 8, seed=1)
+    a = write_sae(tmp_path / "a", 40, 8, seed=0)
+    b = write_sae(tmp_path / "b", 160, 8, seed=1)
     out = str(tmp_path / "x")
     assert main(["index", "build", a, "--out", out, "--against", b, "k=4"]) == 0
     assert f"against {b}" in capsys.readouterr().out
 
 
 def test_feature_out_of_range(tmp_path, capsys) -> None:
-    sae = write_stand_in(tmp_path / "a.npz", 100, 8, seed=0)
+    sae = write_sae(tmp_path / "a", 100, 8, seed=0)
     out = str(tmp_path / "idx")
     assert main(["index", "build", sae, "--out", out, "k=3"]) == 0
     capsys.readouterr()
@@ -60,8 +56,8 @@ def test_feature_out_of_range(tmp_path, capsys) -> None:
 
 
 def test_width_mismatch_cross_and_vector(tmp_path, capsys) -> None:
-    a = write_stand_in(tmp_path / "a.npz", 40, 8, seed=0)
-    b = write_stand_in(tmp_path / "b.npz", 60, 9, seed=1)
+    a = write_sae(tmp_path / "a", 40, 8, seed=0)
+    b = write_sae(tmp_path / "b", 60, 9, seed=1)
     out = tmp_path / "x"
     assert main(["index", "build", a, "--out", str(out), "--against", b]) == 2
     _one_line_error(capsys, b, "d_in=9", "d_in=8")
@@ -76,11 +72,11 @@ def test_unknown_format_and_bad_arguments(tmp_path, capsys) -> None:
     bogus.write_bytes(b"nope")
     out = tmp_path / "idx"
     assert main(["index", "build", str(bogus), "--out", str(out)]) == 2
-    _one_line_error(capsys, str(bogus), "unknown SAE format")
+    _one_line_error(capsys, str(bogus), "holds no SAE")
     assert not out.exists()
     assert main(["neighbors", str(bogus), "3"]) == 2
     _one_line_error(capsys, str(bogus))
-    sae = write_stand_in(tmp_path / "a.npz", 40, 8, seed=0)
+    sae = write_sae(tmp_path / "a", 40, 8, seed=0)
     assert main(["index", "build", sae, "--out", str(out), "k=0"]) == 2
     # Config errors use the house format: a header line, then one line per bad field.
     assert "  k: Input should be greater than or equal to 1" in capsys.readouterr().err
