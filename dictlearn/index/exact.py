@@ -133,46 +133,60 @@ class ShardedKnn:
         dtype, exclude_self = self.compute_dtype, self.exclude_self
         rows = layout.block // mesh.shape[DATA]
 
+        padded = layout.keys_per_shard * mesh.shape[MODEL] > layout.n_keys
+        # One more candidate when the query itself may be among them (dropped below).
+        cand = kc + 1 if exclude_self else kc
+
         def local(queries: jax.Array, keys: jax.Array, start: jax.Array):
             # queries [rows, d] fp32 (this device's rows of the block), keys [chunks*chunk, d].
-            shard = jax.lax.axis_index(MODEL)
+            shard_offset = jax.lax.axis_index(MODEL) * (chunks * chunk)
             row_ids = start + jax.lax.axis_index(DATA) * rows + jnp.arange(rows, dtype=jnp.int32)
             q = queries.astype(dtype)
             key_chunks = keys.reshape(chunks, chunk, -1)
 
-            def step(carry, c):
-                best_v, best_i = carry
+            def chunk_top(c):
                 rows_c = jax.lax.dynamic_index_in_dim(key_chunks, c, keepdims=False)
                 cos = jnp.dot(q, rows_c.astype(dtype).T, preferred_element_type=jnp.float32)
-                local_ids = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-                global_ids = shard * (chunks * chunk) + local_ids
-                bad = (global_ids >= layout.n_keys)[None, :]
-                if exclude_self:
-                    bad = bad | (global_ids[None, :] == row_ids[:, None])
-                cos = jnp.where(bad, -jnp.inf, cos)
-                v, i = top_k(cos, kc)
+                if not padded:
+                    v, i = top_k(cos, cand)
+                else:  # padding rows get -inf, added inside the top-k (no extra pass)
+                    global_ids = shard_offset + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+                    v, i = top_k(cos, cand, jnp.where(global_ids < layout.n_keys, 0.0, -jnp.inf))
+                return v, i + c * chunk
+
+            def step(carry, c):
+                v, i = chunk_top(c)
                 # Earlier chunks first: on ties the lower feature index wins, as in lax.top_k.
-                v, pos = jax.lax.top_k(jnp.concatenate([best_v, v], axis=1), kc)
-                i = jnp.take_along_axis(jnp.concatenate([best_i, i + c * chunk], 1), pos, axis=1)
+                v, pos = top_k(jnp.concatenate([carry[0], v], axis=1), cand)
+                i = jnp.take_along_axis(jnp.concatenate([carry[1], i], 1), pos, axis=1)
                 return (v, i), None
 
-            init = (
-                jnp.full((rows, kc), -jnp.inf, jnp.float32),
-                jnp.zeros((rows, kc), jnp.int32),
-            )
-            init = jax.tree.map(lambda x: vary_over(x, (DATA, MODEL)), init)
-            (best_v, best_i), _ = jax.lax.scan(step, init, jnp.arange(chunks))
+            if chunks == 1:
+                best_v, best_i = chunk_top(0)
+            else:
+                init = (
+                    jnp.full((rows, cand), -jnp.inf, jnp.float32),
+                    jnp.zeros((rows, cand), jnp.int32),
+                )
+                init = jax.tree.map(lambda x: vary_over(x, (DATA, MODEL)), init)
+                (best_v, best_i), _ = jax.lax.scan(step, init, jnp.arange(chunks))
             if dtype != jnp.float32:
                 # Re-rank this shard's candidates by their fp32 cosines (its own key rows, no
                 # communication), so the merge and the reported values are fp32.
                 rows_of = jnp.take(keys, best_i, axis=0, mode="clip")
                 exact = jnp.einsum("rd,rcd->rc", queries, rows_of)
-                exact = jnp.where(jnp.isfinite(best_v), exact, -jnp.inf)
-                best_v, pos = jax.lax.top_k(exact, k)
+                best_v = jnp.where(jnp.isfinite(best_v), exact, -jnp.inf)
+            if exclude_self or dtype != jnp.float32:
+                if exclude_self:
+                    # The top cand of everything minus the query itself is the top cand - 1 of
+                    # everything: mask the query if it is there, else drop the last.
+                    is_self = best_i + shard_offset == row_ids[:, None]
+                    best_v = jnp.where(is_self, -jnp.inf, best_v)
+                best_v, pos = jax.lax.top_k(best_v, k)
                 best_i = jnp.take_along_axis(best_i, pos, axis=1)
             sel = merge_shard_candidates(best_v, best_i, MODEL)
             values = jnp.where(sel.mask, sel.values, 0.0)
-            ids = jnp.where(sel.mask, sel.indices + shard * (chunks * chunk), 0)
+            ids = jnp.where(sel.mask, sel.indices + shard_offset, 0)
             values, ids = jax.lax.psum((values, ids), MODEL)
             # [block, k] on every device (small), so any process can write it: each data row
             # of the mesh fills its rows, a psum over data assembles them (replicated).
