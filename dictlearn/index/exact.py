@@ -6,12 +6,14 @@ during training, and the query directions go through in blocks of rows split ove
 Inside ``shard_map`` each device walks its key slice in chunks of ``key_chunk`` rows:
 
 1. cosines of its query rows against one key chunk (``compute_dtype`` matmul, fp32 accumulate),
-2. self-matches (same global index, for an index of an SAE against itself) and padding masked out,
-3. the chunk's local top-k merged into a running top-k (``[rows, k]``),
+2. the chunk's top-k (padding rows masked inside it) merged into a running top-k (``[rows, k]``),
+3. for an SAE indexed against itself, one candidate more, and the query itself (same global
+   index) dropped at the end: exact, and no pass over the cosines to mask a diagonal,
 
 then only the ``k`` candidates per row cross devices: ``merge_shard_candidates`` (the two-stage
-top-k of ``dictlearn.sae.topk_select``) picks the global winners, and each winner's cosine is
-recomputed in fp32 by the shard that holds its key row. So a device holds at most
+top-k of ``dictlearn.sae.topk_select``) picks the global winners. With bf16 scores each shard
+first re-ranks ``rescore_factor x k`` candidates by their fp32 cosines (from its own key rows),
+so the merge and the reported cosines are fp32. A device holds at most
 ``rows x key_chunk`` cosines, and the same code runs one SAE on a laptop or 1M+ features on a
 multi-host slice.
 
@@ -87,7 +89,8 @@ class ShardedKnn:
         key_chunk: key rows scored at once on one device (bounds memory: ``block / data x
             key_chunk`` cosines).
         compute_dtype: the matmul's input dtype; accumulation and the reported cosines are fp32.
-        exclude_self: mask query ``i`` against key ``i`` (an SAE indexed against itself).
+        exclude_self: never return key ``i`` for query ``i`` (an SAE indexed against itself):
+            each shard keeps one candidate more and drops the query itself (or the last).
         rescore_factor: with a low-precision ``compute_dtype``, each shard keeps
             ``rescore_factor * k`` candidates by the low-precision cosine and re-ranks them by
             their fp32 cosine (bf16 alone misorders neighbours whose cosines differ by < ~4e-3).
@@ -110,10 +113,11 @@ class ShardedKnn:
             raise ValueError(f"k={k} must be in [1, {available}] for {n_keys} key features")
         self.k, self.d, self.mesh = k, d, mesh
         self.layout = KnnLayout.plan(mesh, n_keys, block, key_chunk)
-        if self.layout.key_chunk < k:
+        needed = k + (1 if exclude_self else 0)
+        if self.layout.key_chunk < needed:
             raise ValueError(
-                f"k={k} exceeds the {self.layout.key_chunk} key features per chunk on one "
-                f"device; use a smaller mesh.model"
+                f"k={k} needs {needed} key features per chunk on one device, there are "
+                f"{self.layout.key_chunk}; use a smaller mesh.model"
             )
         self.compute_dtype = jnp.dtype(compute_dtype)
         # bf16 scores pick rescore_factor * k candidates per shard; fp32 re-ranks them.
@@ -135,7 +139,7 @@ class ShardedKnn:
 
         padded = layout.keys_per_shard * mesh.shape[MODEL] > layout.n_keys
         # One more candidate when the query itself may be among them (dropped below).
-        cand = kc + 1 if exclude_self else kc
+        cand = min(kc + 1, chunk) if exclude_self else kc
 
         def local(queries: jax.Array, keys: jax.Array, start: jax.Array):
             # queries [rows, d] fp32 (this device's rows of the block), keys [chunks*chunk, d].

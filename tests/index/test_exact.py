@@ -94,3 +94,12 @@ def test_k_larger_than_features_is_an_error() -> None:
     x = _directions(300, 8, seed=5)
     with pytest.raises(ValueError, match="k=300"):
         exact_knn(x[:20], x[:20], 300, _mesh(1, 1), exclude_self=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_other_feature_as_neighbor(dtype: str) -> None:
+    # k = F - 1: the self-match must be dropped even when every candidate is kept.
+    x = _directions(20, 8, seed=6)[:20]
+    ref_ids, ref_cos = brute_force_knn(x, x, 19, exclude_self=True)
+    ids, cos = exact_knn(x, x, 19, _mesh(1, 1), compute_dtype=dtype, exclude_self=True)
+    _assert_same_neighbors(ids, cos, ref_ids, ref_cos)
