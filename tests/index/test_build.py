@@ -146,3 +146,13 @@ def test_queries_against_an_sae_and_an_exact_index(tmp_path, fmt: str) -> None:
     enc = query_neighbors(sae, feature=11, k=4, metric="encoder")
     ref_enc, _ = brute_force_knn(w.W_enc.T, w.W_enc.T, 4, exclude_self=True)
     np.testing.assert_array_equal(enc.neighbors, ref_enc[11])
+
+
+def test_build_and_query_on_an_fsspec_url() -> None:
+    q = _dirs(70, 8, seed=7)
+    url = "memory://index-test/idx"
+    result = build_from_directions(_config(url, k=3), q)
+    assert result.parts_written == 2
+    ref_ids, _ = brute_force_knn(q.vectors, q.vectors, 3, exclude_self=True)
+    got = query_neighbors(url, feature=65, k=3)
+    np.testing.assert_array_equal(got.neighbors, ref_ids[65])
