@@ -85,12 +85,13 @@ def _planted(args: argparse.Namespace) -> Any:
 
 def _index(args: argparse.Namespace) -> Any:
     from dictlearn.config import apply_overrides, validate
-    from dictlearn.index import IndexConfig, build_index
+    from dictlearn.index import IndexConfig
+    from launch.index import build
 
     data = apply_overrides({"sae": args.sae, "out": args.out}, args.overrides)
     if args.against is not None:
         data["against"] = args.against
-    result = build_index(validate(IndexConfig, data, "index config"))
+    result = build(validate(IndexConfig, data, "index config"))
     m = result.manifest
     status = "already complete" if result.parts_written == 0 else "done"
     keys = f" against {m.keys_source}" if m.cross else ""

@@ -31,6 +31,7 @@ from dictlearn.index.store import (
     IndexStore,
     part_name,
 )
+from dictlearn.train.config import ClusterConfig
 from sharding import MeshConfig
 
 
@@ -70,6 +71,11 @@ class IndexConfig(StrictModel):
     )
     mesh: MeshConfig = Field(default_factory=MeshConfig, description="The (data, model) mesh.")
     ann: AnnConfig = Field(default_factory=AnnConfig, description="HNSW parameters.")
+    ray: ClusterConfig = Field(
+        default_factory=ClusterConfig,
+        description="Multi-host exact builds: one Ray actor per host joined by jax.distributed "
+        "(ray.hosts=4 'ray.resources_per_host={TPU: 4}'); the default builds in this process.",
+    )
 
 
 @dataclass(frozen=True)
