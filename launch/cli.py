@@ -11,6 +11,8 @@
     dictlearn jobs {list,status,logs,stop} [JOB_ID] --address http://HEAD:8265
     dictlearn fit SWEEP_DIR [--out DIR] [--holdout-largest]   # scaling laws from a sweep
     dictlearn select FITS.json n_features=N [tokens=T | flops=C] [--out CONFIG.yaml] [key=value ...]
+    dictlearn index build SAE_URL --out OUT_URL [--against SAE_B_URL] [key=value ...]
+    dictlearn neighbors INDEX_OR_SAE FEATURE [-k 10] | --vector v.npy
 
 Every stage's errors for bad input (config, data) are printed as one clear message with exit
 status 2, not as a traceback. ``dictlearn sweep`` exits 1 when a trial failed (after its retry).
@@ -94,6 +96,26 @@ def _planted(args: argparse.Namespace) -> Any:
     return None
 
 
+def _index(args: argparse.Namespace) -> Any:
+    from dictlearn.config import apply_overrides, validate
+    from dictlearn.index import IndexConfig
+    from launch.index import build
+
+    data = apply_overrides({"sae": args.sae, "out": args.out}, args.overrides)
+    if args.against is not None:
+        data["against"] = args.against
+    result = build(validate(IndexConfig, data, "index config"))
+    m = result.manifest
+    status = "already complete" if result.parts_written == 0 else "done"
+    keys = f" against {m.keys_source}" if m.cross else ""
+    print(
+        f"index {status}: {m.n_features:,} features{keys}, k={m.k}, {m.metric} cosine, "
+        f"{m.method} ({m.compute_dtype}); {result.parts_written} parts written, "
+        f"{result.parts_skipped} skipped in {result.seconds:.1f} s\n  {result.url}"
+    )
+    return result
+
+
 def _export(args: argparse.Namespace) -> Any:
     from dictlearn.config import validate
     from dictlearn.export import ExportConfig, export_sae
@@ -117,6 +139,32 @@ def _export(args: argparse.Namespace) -> Any:
         f"{sae.architecture}{f' k={sae.k}' if sae.k else ''}, d_in {sae.d_in}, d_sae {sae.d_sae}"
         f" ({', '.join(result.files)})"
     )
+    return result
+
+
+def _neighbors(args: argparse.Namespace) -> Any:
+    import numpy as np
+
+    from dictlearn.index import query_neighbors
+
+    vector = None
+    if args.vector is not None:
+        try:
+            vector = np.load(args.vector, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read --vector {args.vector}: {e}") from None
+    if (args.feature is None) == (vector is None):
+        raise ValueError("give a FEATURE id or --vector FILE.npy (one of them)")
+    result = query_neighbors(args.target, args.feature, vector, args.k, args.metric)
+    query = f"feature {args.feature}" if vector is None else f"vector {args.vector}"
+    kind = "exact" if result.exact else "approximate"
+    lines = [f"{query}: {len(result.neighbors)} nearest features of {result.keys_source} ({kind})"]
+    lines += ["  rank  neighbor    cosine"]
+    lines += [
+        f"  {rank:>4}  {int(n):>8}  {float(c):8.4f}"
+        for rank, (n, c) in enumerate(zip(result.neighbors, result.cosines, strict=True))
+    ]
+    print("\n".join(lines))
     return result
 
 
@@ -373,6 +421,58 @@ def _select_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _ValueThenOverrides(argparse.Action):
+    """An option's value, then any ``key=value`` overrides that follow it.
+
+    argparse hands every positional to the first run of positionals, so in
+    ``index build SAE --out URL k=5`` the override after ``--out`` would be unrecognised.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        value, *extra = values
+        if not_overrides := [v for v in extra if "=" not in v]:
+            parser.error(f"{option_string} takes one value; unexpected {' '.join(not_overrides)}")
+        setattr(namespace, self.dest, value)
+        namespace.overrides = [*(namespace.overrides or []), *extra]
+
+
+def _index_arguments(p: argparse.ArgumentParser) -> None:
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    build = verbs.add_parser(
+        "build", help="For every feature, its k nearest features by cosine (Parquet + manifest)."
+    )
+    build.add_argument("sae", metavar="SAE_URL", help="An SAE export or run directory.")
+    _override_arguments(build)
+    build.add_argument(
+        "--out",
+        required=True,
+        nargs="+",
+        action=_ValueThenOverrides,
+        metavar="OUT_URL",
+        help="Index directory (any fsspec URL).",
+    )
+    build.add_argument(
+        "--against",
+        nargs="+",
+        action=_ValueThenOverrides,
+        metavar="SAE_B_URL",
+        help="Cross-SAE: neighbours among this SAE's features.",
+    )
+
+
+def _neighbors_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="INDEX_OR_SAE", help="An index directory or an SAE URL.")
+    p.add_argument("feature", nargs="?", type=int, metavar="FEATURE", help="A feature id.")
+    p.add_argument("-k", type=int, default=10, help="Neighbours to show (default 10).")
+    p.add_argument("--vector", metavar="FILE.npy", help="Query by a [d_in] direction instead.")
+    p.add_argument(
+        "--metric",
+        choices=("decoder", "encoder"),
+        default="decoder",
+        help="For an SAE target: compare decoder or encoder directions.",
+    )
+
+
 # name -> (help, adds the command's arguments, runs it). Each stage's module keeps its logic; the
 # handlers here only parse and call.
 COMMANDS: dict[
@@ -430,6 +530,12 @@ COMMANDS: dict[
         "Write a train config for a large run from fitted scaling laws.",
         _select_arguments,
         _select,
+    ),
+    "index": ("Build a feature-neighbour index of an SAE.", _index_arguments, _index),
+    "neighbors": (
+        "Nearest features of a feature or direction (from an index or an SAE).",
+        _neighbors_arguments,
+        _neighbors,
     ),
 }
 
