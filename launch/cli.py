@@ -12,7 +12,7 @@
     dictlearn fit SWEEP_DIR [--out DIR] [--holdout-largest]   # scaling laws from a sweep
     dictlearn select FITS.json n_features=N [tokens=T | flops=C] [--out CONFIG.yaml] [key=value ...]
     dictlearn index build SAE_URL --out OUT_URL [--against SAE_B_URL] [key=value ...]
-    dictlearn neighbors INDEX_OR_SAE FEATURE [-k 10] | --vector v.npy
+    dictlearn neighbors INDEX_OR_SAE FEATURE [-k 10] | --vector v.npy | --text TEXT
 
 Every stage's errors for bad input (config, data) are printed as one clear message with exit
 status 2, not as a traceback. ``dictlearn sweep`` exits 1 when a trial failed (after its retry).
@@ -147,6 +147,8 @@ def _neighbors(args: argparse.Namespace) -> Any:
 
     from dictlearn.index import query_neighbors
 
+    if args.text is not None:
+        return _text_neighbors(args)
     vector = None
     if args.vector is not None:
         try:
@@ -164,6 +166,26 @@ def _neighbors(args: argparse.Namespace) -> Any:
         f"  {rank:>4}  {int(n):>8}  {float(c):8.4f}"
         for rank, (n, c) in enumerate(zip(result.neighbors, result.cosines, strict=True))
     ]
+    print("\n".join(lines))
+    return result
+
+
+def _text_neighbors(args: argparse.Namespace) -> Any:
+    from dictlearn.inspect.text import text_neighbors
+
+    if args.feature is not None or args.vector is not None:
+        raise ValueError("give one of FEATURE, --vector FILE.npy or --text TEXT")
+    result = text_neighbors(args.target, args.text, top=args.top, k=args.k)
+    lines = [f"features of {args.target} on each token (activation; nearest features, cosine)"]
+    for entry in result:
+        t = entry.token
+        cells = [
+            f"{f} ({v:.2f}; "
+            + ", ".join(f"{n} {c:.2f}" for n, c in entry.neighbors.get(f, []))
+            + ")"
+            for f, v in t.features
+        ]
+        lines.append(f"  {t.position:>4} {t.text!r:<14} " + ("  ".join(cells) or "-"))
     print("\n".join(lines))
     return result
 
@@ -465,6 +487,13 @@ def _neighbors_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("feature", nargs="?", type=int, metavar="FEATURE", help="A feature id.")
     p.add_argument("-k", type=int, default=10, help="Neighbours to show (default 10).")
     p.add_argument("--vector", metavar="FILE.npy", help="Query by a [d_in] direction instead.")
+    p.add_argument(
+        "--text",
+        metavar="TEXT",
+        help="Run the SAE's source model on TEXT: each token's most active features, with "
+        "their nearest features.",
+    )
+    p.add_argument("--top", type=int, default=3, help="With --text: features per token.")
     p.add_argument(
         "--metric",
         choices=("decoder", "encoder"),

@@ -135,3 +135,45 @@ def token_features(
         ]
         out.append(TokenFeatures(pos, int(token_id), model.tokenizer.decode([token_id]), fired))
     return out
+
+
+@dataclass(frozen=True)
+class TokenNeighbors:
+    """A token, its most active features, and each feature's nearest features."""
+
+    token: TokenFeatures
+    neighbors: dict[int, list[tuple[int, float]]]
+    """For each of the token's features: ``(neighbour, cosine)`` pairs, nearest first."""
+
+
+def text_neighbors(
+    target: str, text: str, top: int = 3, k: int = 3, model: ModelConfig | None = None
+) -> list[TokenNeighbors]:
+    """Each token of ``text`` with its ``top`` features and their ``k`` nearest features.
+
+    Args:
+        target: an index directory (its source SAE is used) or an SAE URL.
+        text: the text to run the SAE's source model on.
+        top: features per token.
+        k: neighbours per feature.
+        model: the LM; default: the one the SAE's metadata names.
+
+    Raises:
+        ExportError: the SAE names no model or hook we can run, or the text is too long.
+    """
+    from dictlearn.export import load_sae
+    from dictlearn.index import IndexStore, query_neighbors
+
+    manifest = IndexStore(target).manifest()
+    sae = load_sae(manifest.source if manifest is not None else target)
+    source = SourceModel.for_sae(sae, model)
+    out = []
+    for token in token_features(sae, source, text, top=top):
+        found = {}
+        for feature, _ in token.features:
+            result = query_neighbors(target, feature, None, k)
+            found[feature] = [
+                (int(n), float(c)) for n, c in zip(result.neighbors, result.cosines, strict=True)
+            ]
+        out.append(TokenNeighbors(token, found))
+    return out

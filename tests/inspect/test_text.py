@@ -69,3 +69,19 @@ def test_text_query_refuses_sae_of_another_model_or_width():
         SourceModel.for_sae(_sae(model_name="gpt2-small"))
     with pytest.raises(ExportError, match="layer"):
         SourceModel.for_sae(_sae(hook_name="resid_post.40"))
+
+
+def test_neighbors_by_text_through_the_cli(source, tmp_path, capsys):
+    from dictlearn.export.formats import write_export
+    from launch.cli import main as cli_main
+
+    sae, _ = source
+    url = str(tmp_path / "sae")
+    write_export(sae, url, "native")
+    assert cli_main(["neighbors", url, "--text", "Golden Gate", "--top", "2", "-k", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"features of {url}")
+    assert len(out) == 1 + len(sae_tokens := [line for line in out[1:] if line.strip()])
+    assert all("(" in line for line in sae_tokens)  # every token lists features with neighbours
+    assert cli_main(["neighbors", url, "3", "--text", "x"]) == 2
+    assert "one of FEATURE" in capsys.readouterr().err
