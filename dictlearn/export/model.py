@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dictlearn.sae.topk_select import top_k
+
 ActivationRule = Literal["topk", "jumprelu", "relu"]
 ACTIVATION_RULES: tuple[str, ...] = ("topk", "jumprelu", "relu")
 
@@ -165,8 +167,9 @@ class InferenceSAE:
         return _decode(self.params(), jnp.asarray(latents, jnp.float32))
 
     def reconstruct(self, x: jax.Array | np.ndarray) -> jax.Array:
-        """``decode(encode(x))``."""
-        return self.decode(self.encode(x))
+        """``decode(encode(x))`` (for TopK from the ``k`` active decoder rows alone)."""
+        self._check_input(x)
+        return _reconstruct(self.params(), jnp.asarray(x, jnp.float32))
 
     def features(self, x: jax.Array | np.ndarray, top: int = 10) -> tuple[jax.Array, jax.Array]:
         """The ``top`` most active latents of each row: ``(values, indices)``, each ``[..., top]``."""
@@ -206,23 +209,39 @@ class SAEParams:
         return (x.astype(jnp.float32) - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: jax.Array) -> jax.Array:
-        pre = self.preactivations(x)
-        if self.rule == "relu":
-            return jax.nn.relu(pre)
-        if self.rule == "jumprelu":
+        """Dense latents ``[..., d_sae]``."""
+        if self.rule != "topk":
+            pre = self.preactivations(x)
+            if self.rule == "relu":
+                return jax.nn.relu(pre)
             return jnp.where(pre > self.threshold, pre, 0.0)
-        values, indices = jax.lax.top_k(pre, self.k)
-        flat_pre = pre.reshape(-1, pre.shape[-1])
-        rows = jnp.arange(flat_pre.shape[0])[:, None]
-        latents = (
-            jnp.zeros_like(flat_pre)
-            .at[rows, indices.reshape(-1, self.k)]
-            .set(jax.nn.relu(values.reshape(-1, self.k)))
-        )
-        return latents.reshape(pre.shape)
+        values, indices = self.top_k(x)
+        flat_values, flat_indices = values.reshape(-1, self.k), indices.reshape(-1, self.k)
+        rows = jnp.arange(flat_values.shape[0])[:, None]
+        latents = jnp.zeros((flat_values.shape[0], self.W_enc.shape[1]), jnp.float32)
+        latents = latents.at[rows, flat_indices].set(flat_values)
+        return latents.reshape(*values.shape[:-1], self.W_enc.shape[1])
+
+    def top_k(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """TopK's ``k`` ReLU'd values and their latent indices, ``[..., k]`` each.
+
+        Exactly ``lax.top_k`` of the pre-activations (same tie order), through the trainer's
+        top-k (the native kernel on CPU, where XLA's TopK is single-threaded).
+        """
+        flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        values, indices = top_k((flat - self.b_dec) @ self.W_enc, self.k, self.b_enc)
+        shape = (*x.shape[:-1], self.k)
+        return jax.nn.relu(values).reshape(shape), indices.reshape(shape)
 
     def decode(self, latents: jax.Array) -> jax.Array:
         return latents @ self.W_dec + self.b_dec
+
+    def reconstruct(self, x: jax.Array) -> jax.Array:
+        """``decode(encode(x))``; for TopK from the ``k`` active rows of ``W_dec`` alone."""
+        if self.rule != "topk":
+            return self.decode(self.encode(x))
+        values, indices = self.top_k(x)
+        return jnp.einsum("...k,...kd->...d", values, self.W_dec[indices]) + self.b_dec
 
 
 @jax.jit
@@ -238,3 +257,8 @@ def _encode(sae: SAEParams, x: jax.Array) -> jax.Array:
 @jax.jit
 def _decode(sae: SAEParams, latents: jax.Array) -> jax.Array:
     return sae.decode(latents)
+
+
+@jax.jit
+def _reconstruct(sae: SAEParams, x: jax.Array) -> jax.Array:
+    return sae.reconstruct(x)

@@ -25,7 +25,7 @@ def _where(positions: Positions, new: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _splice(sae: SAEParams, positions: Positions, x: jax.Array) -> jax.Array:
-    return _where(positions, sae.decode(sae.encode(x)), x)
+    return _where(positions, sae.reconstruct(x).astype(x.dtype), x)
 
 
 def _clamp(

@@ -218,7 +218,7 @@ def _eval_batch(
     counted = targets != config.bos_id
     sums = _ce_and_kl(params, {k: h[:, :-1] for k, h in hidden.items()}, targets, counted)
     latents = sae.encode(x)
-    recon = sae.decode(latents)
+    recon = sae.reconstruct(x)
     fired = (latents > 0) & kept
     return sums | {
         "n_targets": jnp.sum(counted),
