@@ -4,6 +4,7 @@
     dictlearn train CONFIG.yaml [key.sub=value ...]
     dictlearn planted OUT_URL [key=value ...]      # write a planted-dictionary dataset
     dictlearn export RUN_DIR --format saelens|gemmascope|native --out URL
+    dictlearn dashboard SAE_URL --out DIR [--tokens N] [--features 0,5] [--index URL] [k=v ...]
     dictlearn submit CONFIG.yaml [key.sub=value ...] --address http://HEAD:8265
     dictlearn jobs {list,status,logs,stop} [JOB_ID] --address http://HEAD:8265
 
@@ -128,6 +129,46 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _dashboard(args: argparse.Namespace) -> Any:
+    from dictlearn.config import apply_overrides, validate
+    from dictlearn.inspect.dashboard import DashboardConfig, main
+
+    data: dict[str, Any] = {"sae": args.sae, "out": args.out}
+    if args.tokens is not None:
+        data["tokens"] = args.tokens
+    if args.features is not None:
+        try:
+            data["features"] = [int(f) for f in args.features.split(",") if f.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--features {args.features!r}: expected comma-separated ids, e.g. 0,5,9"
+            ) from None
+    if args.index is not None:
+        data["index"] = args.index
+    config = validate(DashboardConfig, apply_overrides(data, args.overrides), "dashboard config")
+    result = main(config)
+    print(
+        f"dashboard done: {result.features} features over {result.tokens:,} tokens "
+        f"({result.lm_tokens:,} LM tokens, pass {result.pass_seconds:.1f} s, total "
+        f"{result.seconds:.1f} s, {result.workers} Ray workers)\n"
+        f"  open {result.out.rstrip('/')}/index.html"
+    )
+    return result
+
+
+def _dashboard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae", metavar="SAE_URL", help="Run directory, checkpoint or SAE export.")
+    p.add_argument("--out", required=True, metavar="DIR", help="Output directory of the site.")
+    p.add_argument("--tokens", type=int, default=None, help="LM tokens to run (default 65536).")
+    p.add_argument(
+        "--features", default=None, metavar="IDS", help="Comma-separated feature ids (default all)."
+    )
+    p.add_argument(
+        "--index", default=None, metavar="URL", help="A `dictlearn index` directory (neighbours)."
+    )
+    _override_arguments(p)
+
+
 def _print_train_summary(result: Any) -> None:
     m, e = result.metrics, result.eval_metrics
     status = "preempted: checkpoint written, re-run to resume" if result.preempted else "done"
@@ -211,6 +252,11 @@ COMMANDS: dict[
         "Export a trained SAE for other tools (SAELens, Gemma Scope, native).",
         _export_arguments,
         _export,
+    ),
+    "dashboard": (
+        "Feature dashboards of an SAE over a corpus: a static site + Neuronpedia JSON.",
+        _dashboard_arguments,
+        _dashboard,
     ),
     "submit": (
         "Run a stage's config as a job on a Ray cluster (Ray Jobs API).",
