@@ -308,6 +308,22 @@ def test_dashboard_reads_neighbours_from_an_index(built, tmp_path):
     assert 'href="1.html"' not in html and 'href="2.html"' in html  # 1 has no page: no link
 
 
+@pytest.mark.slow
+def test_ray_workers_give_the_same_dashboards(built, tmp_path):
+    """Two Ray actors (``generate``'s LM workers) over the shards, buffers merged here: the
+    same pages, byte for byte, as the in-process pass."""
+    _, _, _, config, _ = built
+    out = tmp_path / "site"
+    ray_config = config.model_copy(
+        update={"out": str(out), "ray": config.ray.model_copy(update={"num_workers": 2})}
+    )
+    result = main(ray_config)
+    assert result.workers == 2
+    assert result.lm_tokens == TOKENS
+    for name in ("neuronpedia/0.json", "neuronpedia/7.json", "features/7.html", "features.js"):
+        assert (out / name).read_text() == (Path(config.out) / name).read_text(), name
+
+
 # ---------------------------------------------------------------------------------------------
 # The site in a real browser
 
@@ -344,9 +360,10 @@ def test_site_in_headless_chromium(built, tmp_path):
         browser.eval("document.querySelectorAll('#features th')[2].click()")
         first = browser.eval("document.querySelector('#features tbody tr td a').textContent")
         assert int(first) == max(rows, key=lambda r: (r[2], -r[0]))[0]
+        browser.screenshot(tmp_path / "dashboard.png")
         browser.type_into("#search", word)
         assert browser.eval("document.querySelectorAll('#features tbody tr').length") == expected
-        browser.screenshot(tmp_path / "dashboard.png")
+        browser.screenshot(tmp_path / "search.png")
         feature = browser.eval("document.querySelector('#features tbody tr td a').textContent")
         browser.click_and_wait("#features tbody tr td a")
         assert browser.eval("location.href").endswith(f"/features/{feature}.html")
@@ -360,9 +377,10 @@ def test_site_in_headless_chromium(built, tmp_path):
         browser.click_and_wait("#back")
         assert browser.eval("location.href").endswith("/index.html")
         assert browser.errors == []
-    for name in ("dashboard.png", "feature.png"):
+    for name in ("dashboard.png", "search.png", "feature.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        if os.environ.get("DICTLEARN_UPDATE_SCREENSHOTS"):  # refresh the README's images
+        # DICTLEARN_UPDATE_SCREENSHOTS=1 refreshes the README's images (not on every run).
+        if name != "search.png" and os.environ.get("DICTLEARN_UPDATE_SCREENSHOTS"):
             (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
             shutil.copy(tmp_path / name, REPO / "docs" / "img" / name)
 
