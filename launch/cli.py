@@ -295,7 +295,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option, so `key=value` overrides
+    # written after options (`dashboard SAE --out D first=200`) come back unrecognised.
+    if extra:
+        if "overrides" in vars(args) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _, _, handler = COMMANDS[args.command]
     try:
         handler(args)
