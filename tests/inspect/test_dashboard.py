@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dictlearn import lm
+from dictlearn.config import ConfigError
 from dictlearn.corpus import (
     CorpusConfig,
     batch_contexts,
@@ -25,7 +26,7 @@ from dictlearn.export import InferenceSAE, write_export
 from dictlearn.inspect import SourceModel
 from dictlearn.inspect.dashboard import DashboardConfig, main
 from dictlearn.inspect.dashboard import collector as col
-from dictlearn.inspect.dashboard.run import context_budgets
+from dictlearn.inspect.dashboard.run import check_memory, context_budgets
 from launch.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,6 +151,32 @@ def test_merging_worker_states_is_exact():
     merged = col.merge_states(states)
     _assert_matches(merged, _reference(lat, tokens, valid, ids, spec), spec)
     assert spec.window_length == 16  # the window is capped at the context length
+
+
+def test_a_feature_subset_keeps_each_features_buffers():
+    spec = col.CollectorSpec(n_features=12, context_length=16, top_n=4, n_samples=4, window=2)
+    lat, tokens, valid, ids = _random_batches(2)
+    full = _stream(spec, lat, tokens, valid, ids, batch=6)
+    chosen = np.array([3, 7], np.int32)
+    sub_spec = col.CollectorSpec(n_features=2, context_length=16, top_n=4, n_samples=4, window=2)
+    state = col.init_state(sub_spec)
+    for lo in range(0, len(lat), 6):
+        part = slice(lo, lo + 6)
+        state = col.update(
+            state, lat[part][..., chosen], tokens[part], valid[part], ids[part], chosen,
+            spec=sub_spec,
+        )  # fmt: skip
+    state = col.to_numpy(state)
+    for name in ("top", "sample"):
+        for field, value in state[name].items():
+            np.testing.assert_array_equal(value, full[name][field][chosen], err_msg=name + field)
+
+
+def test_buffers_past_the_memory_cap_are_refused():
+    spec = col.CollectorSpec(n_features=1 << 20, context_length=128)
+    with pytest.raises(ConfigError, match=r"GiB per worker .*\(first=N"):
+        check_memory(spec)
+    check_memory(col.CollectorSpec(n_features=16384, context_length=128))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,6 +154,7 @@ def update(
     tokens: jax.Array,
     valid: jax.Array,
     context_ids: jax.Array,
+    feature_ids: jax.Array | None = None,
     *,
     spec: CollectorSpec,
 ) -> dict[str, Any]:
@@ -167,6 +168,9 @@ def update(
             rows); invalid positions never rank, fire or enter the histogram.
         context_ids: ``[B]`` int32 global ids of the contexts, distinct across the whole corpus
             (ties in activation go to the smaller id).
+        feature_ids: ``[F]`` the SAE's ids of the latents' columns, which seed the sample's
+            hash (default ``0..F-1``): a feature's sample is the same whichever subset of
+            features is collected.
     """
     latents = jnp.where(valid[..., None], latents.astype(jnp.float32), 0.0)
     b, _, f = latents.shape
@@ -194,9 +198,9 @@ def update(
     top_candidates = candidates(jnp.where(fired, ctx_max, EMPTY_VALUE), spec.top_n)
     del top_candidates["rows"]
     top = _merge_into(state["top"], top_candidates, "value", True)
-    priority = jnp.where(
-        fired, context_priority(jnp.arange(f, dtype=jnp.int32)[:, None], ids), jnp.inf
-    )
+    if feature_ids is None:
+        feature_ids = jnp.arange(f, dtype=jnp.int32)
+    priority = jnp.where(fired, context_priority(feature_ids[:, None], ids), jnp.inf)
     sample_candidates = candidates(-priority, spec.n_samples)
     rows = sample_candidates.pop("rows")
     sample_candidates["priority"] = jnp.take_along_axis(priority, rows, 1)

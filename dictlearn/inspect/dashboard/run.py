@@ -128,7 +128,9 @@ class DashboardWorker(ShardWorker):
             )
             if not all_features:  # encode every latent (TopK needs them all), keep the chosen
                 latents = jnp.take(latents, arrays["features"], axis=2)
-            return collector.update(state, latents, tokens, valid, ids, spec=collector_spec)
+            return collector.update(
+                state, latents, tokens, valid, ids, arrays["features"], spec=collector_spec
+            )
 
         self._step = jax.jit(step, donate_argnums=(2,))
 
@@ -202,6 +204,26 @@ def check_features(config: DashboardConfig, d_sae: int) -> np.ndarray:
     return np.arange(min(config.first or d_sae, d_sae), dtype=np.int64)
 
 
+MAX_BUFFER_BYTES = 8 << 30
+"""Largest per-worker collector state :func:`main` agrees to build (features x entries)."""
+
+
+def check_memory(spec: collector.CollectorSpec) -> None:
+    """Refuse buffers past :data:`MAX_BUFFER_BYTES` (a million-feature SAE needs ``first=``).
+
+    Raises:
+        ConfigError: naming the size and the settings that shrink it.
+    """
+    per_entry = 16 + 8 * spec.window_length  # value, context, position, start; tokens + acts
+    size = spec.n_features * (spec.top_n + spec.n_samples) * per_entry
+    if size > MAX_BUFFER_BYTES:
+        raise ConfigError(
+            f"the dashboard buffers of {spec.n_features} features would take "
+            f"{size / 2**30:.1f} GiB per worker (top_n={spec.top_n}, n_samples={spec.n_samples},"
+            f" window={spec.window}); pick fewer features (first=N or --features) or lower those"
+        )
+
+
 def context_budgets(tokens: int, context_length: int, n_shards: int) -> list[int]:
     """Contexts per shard: ``tokens // context_length`` split evenly (sizes differ by <= 1).
 
@@ -255,11 +277,12 @@ def main(config: DashboardConfig) -> DashboardResult:
     sae = load_sae(config.sae)
     model, hook = resolve_source_model(sae, config.model)
     features = check_features(config, sae.d_sae)
+    cspec = collector_spec(config, len(features))
+    check_memory(cspec)
     shards = plan_corpus_shards(config.corpus)
     budgets = context_budgets(config.tokens, config.context_length, len(shards))
     first_ids = [0, *itertools.accumulate(budgets)][:-1]
     spec = worker_spec(config, model, hook.name)
-    cspec = collector_spec(config, len(features))
 
     n_workers = min(config.ray.num_workers, len(shards))
     if n_workers <= 1:
@@ -377,8 +400,16 @@ def _run_on_ray(
         for i in range(n_workers)
     ]
     try:
-        ready, _ = ray.wait([a.ready.remote() for a in actors], num_returns=n_workers)
-        ray.get(ready, timeout=rc.start_timeout_s)
+        refs = [a.ready.remote() for a in actors]
+        ready, _ = ray.wait(refs, num_returns=n_workers, timeout=rc.start_timeout_s)
+        if len(ready) < n_workers:
+            raise RuntimeError(
+                f"only {len(ready)} of {n_workers} dashboard workers started within "
+                f"{rc.start_timeout_s:.0f} s; each asks for {rc.cpus_per_worker} CPUs and "
+                f"{dict(rc.resources_per_worker)} (is the cluster big enough?)"
+            )
+        for ref in refs:
+            _get(ref)  # a worker's setup error (e.g. its mesh) as itself
         pending = collections.deque(range(len(shards)))
         outstanding: dict[Any, int] = {}
         load = [0] * n_workers
