@@ -214,7 +214,9 @@ def _neuronpedia(data: SiteData, row: int, tokens: _Tokens) -> dict[str, Any]:
     edges = data.spec.hist_edges
     counts = state["hist"][row]
 
-    def activation(entry: dict[str, Any], bin_min: float, bin_max: float) -> dict[str, Any]:
+    def activation(
+        entry: dict[str, Any], bin_min: float, bin_max: float, contains: float
+    ) -> dict[str, Any]:
         values = [round(max(v, 0.0), 5) for v in entry["acts"]]
         return {
             "tokens": [tokens(t) for t in entry["tokens"]],
@@ -224,12 +226,14 @@ def _neuronpedia(data: SiteData, row: int, tokens: _Tokens) -> dict[str, Any]:
             "minValue": min(values),
             "binMin": bin_min,
             "binMax": bin_max,
-            "binContains": entry["value"],
+            "binContains": contains,
         }
 
-    activations = [activation(e, -1, -1) for e in top]  # binMin -1: the top-activations bin
+    # The top activations are the bin [-1, -1]; each quantile band holds 1/N_BANDS of the
+    # feature's firing contexts.
+    activations = [activation(e, -1, -1, -1) for e in top]
     for _, lo, hi, part in _bands(_entries(state["sample"], row)):
-        activations += [activation(e, lo, hi) for e in part]
+        activations += [activation(e, lo, hi, 1 / N_BANDS) for e in part]
     shown = np.flatnonzero(counts)
     return {
         "modelId": data.neuronpedia_model_id,
