@@ -1,6 +1,6 @@
 """The streaming part of a dashboard: per-feature statistics in memory bounded by features x N.
 
-One :class:`Collector` sees the SAE latents of ``[B, T]`` token contexts batch after batch and
+The collector (:func:`update`) sees the SAE latents of ``[B, T]`` token contexts batch after batch and
 keeps, per feature, only:
 
 - the ``top_n`` contexts where it fires hardest (one entry per context: its maximum over the

@@ -168,13 +168,17 @@ class DashboardWorker(ShardWorker):
             contexts = itertools.islice(contexts, max_contexts)
         state = collector.init_state(self.collector_spec)
         n = 0
-        for batch in batch_contexts(contexts, spec.batch_size):
+        batches = batch_contexts(contexts, spec.batch_size)
+        batch = next(batches, None)
+        while batch is not None:
             rows = batch.shape[0]
             ids = first_context_id + n + np.arange(spec.batch_size, dtype=np.int64)
             if rows < spec.batch_size:  # pad to one compiled shape; padded rows are all BOS
                 pad = np.full((spec.batch_size - rows, batch.shape[1]), self.tokenizer.bos_id)
                 batch = np.concatenate([batch, pad.astype(np.int32)])
             state = self.dashboard_step(state, batch, ids)
+            batch = next(batches, None)  # read and tokenize the next batch while this one runs
+            jax.block_until_ready(state)  # so the progress bar counts finished work
             n += rows
             if progress is not None:
                 progress(rows * spec.context_length)

@@ -202,6 +202,8 @@ def _feature_page(data: SiteData, row: int, tokens: _Tokens, shown: set[int]) ->
     parts.append('<h2>Top activations</h2><div id="top">')
     parts += [_context_html(e, tokens, max_value) for e in top] or ["<p>None.</p>"]
     parts.append("</div><h2>Samples by activation quantile</h2>")
+    if not samples:
+        parts.append("<p>None.</p>")
     for label, lo, hi, part in reversed(_bands(samples)):
         parts.append(f"<h3>{html.escape(label)}: {_fmt(lo)} to {_fmt(hi)}</h3>")
         parts += [_context_html(e, tokens, max_value) for e in part]
@@ -388,6 +390,7 @@ td.tok { font-family: monospace; font-size: .9em; white-space: pre; }
 #search { font-size: 1em; padding: 4px 6px; }
 .cols { display: flex; gap: 2.5em; flex-wrap: wrap; }
 .cols ol { font-size: .9em; margin: 0; padding-left: 1.6em; }
+.cols code { unicode-bidi: isolate; }  /* a right-to-left token must not reorder its line */
 .ctx { font-family: monospace; font-size: .9em; margin: 2px 0; white-space: pre-wrap; }
 .ctx .val { display: inline-block; width: 4.5em; color: #666; }
 .ctx .max { outline: 1px solid #c05000; }
