@@ -172,6 +172,35 @@ def test_a_feature_subset_keeps_each_features_buffers():
             np.testing.assert_array_equal(value, full[name][field][chosen], err_msg=name + field)
 
 
+def test_topk_sparse_histogram_equals_the_dense_one():
+    """A TopK SAE's (values, indices) give the same histogram and counts as its dense latents,
+    also when only some features are collected."""
+    rng = np.random.default_rng(3)
+    b, t, f, k = 6, 16, 20, 4
+    pre = rng.normal(size=(b, t, f)).astype(np.float32) * 3
+    indices = np.argsort(-pre, axis=-1)[..., :k]
+    values = np.maximum(np.take_along_axis(pre, indices, -1), 0)  # some of the k are zero
+    dense = np.zeros_like(pre)
+    np.put_along_axis(dense, indices, values, -1)
+    tokens = rng.integers(0, 100, (b, t)).astype(np.int32)
+    valid = rng.random((b, t)) > 0.2
+    ids = np.arange(b, dtype=np.int32)
+    for chosen in (np.arange(f), np.array([2, 5, 11, 19])):
+        spec = col.CollectorSpec(n_features=len(chosen), context_length=t, top_n=3, n_samples=3)
+        column_of = np.full(f, -1, np.int32)
+        column_of[chosen] = np.arange(len(chosen))
+        lat = dense[..., chosen]
+        want = col.to_numpy(col.update(col.init_state(spec), lat, tokens, valid, ids, spec=spec))
+        got = col.update(
+            col.init_state(spec), lat, tokens, valid, ids, None, (values, column_of[indices]),
+            spec=spec,
+        )  # fmt: skip
+        got = col.to_numpy(got)
+        np.testing.assert_array_equal(got["hist"], want["hist"])
+        np.testing.assert_array_equal(got["fires"], want["fires"])
+        assert want["fires"].sum() == ((lat > 0) & valid[..., None]).sum() > 0
+
+
 def test_buffers_past_the_memory_cap_are_refused():
     spec = col.CollectorSpec(n_features=1 << 20, context_length=128)
     with pytest.raises(ConfigError, match=r"GiB per worker .*\(first=N"):

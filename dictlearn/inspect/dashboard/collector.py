@@ -155,6 +155,7 @@ def update(
     valid: jax.Array,
     context_ids: jax.Array,
     feature_ids: jax.Array | None = None,
+    sparse: tuple[jax.Array, jax.Array] | None = None,
     *,
     spec: CollectorSpec,
 ) -> dict[str, Any]:
@@ -171,6 +172,10 @@ def update(
         feature_ids: ``[F]`` the SAE's ids of the latents' columns, which seed the sample's
             hash (default ``0..F-1``): a feature's sample is the same whichever subset of
             features is collected.
+        sparse: for a TopK SAE, ``(values, columns)``, each ``[B, T, k]``: its k chosen
+            latents per token and their column in ``latents`` (``-1``: not collected). The
+            histogram and firing counts then scatter only these ``B*T*k`` pairs instead of all
+            ``B*T*F`` (same result: every other latent is zero).
     """
     latents = jnp.where(valid[..., None], latents.astype(jnp.float32), 0.0)
     b, _, f = latents.shape
@@ -206,29 +211,40 @@ def update(
     sample_candidates["priority"] = jnp.take_along_axis(priority, rows, 1)
     sample = _merge_into(state["sample"], sample_candidates, "priority", False)
 
-    # Histogram: one scatter-add over every (token, feature); zeros go to a discarded bin.
-    log_lo, log_hi = np.log10(spec.hist_min), np.log10(spec.hist_max)
-    scale = spec.hist_bins / (log_hi - log_lo)
-    positive = latents > 0
-    bins = jnp.clip(
-        jnp.floor((jnp.log10(jnp.where(positive, latents, 1.0)) - log_lo) * scale),
-        0,
-        spec.hist_bins - 1,
-    ).astype(jnp.int32)
-    flat = jnp.where(positive, jnp.arange(f) * spec.hist_bins + bins, f * spec.hist_bins)
-    hist = (
-        jnp.zeros(f * spec.hist_bins + 1, jnp.int32)
-        .at[flat.reshape(-1)]
-        .add(1, mode="drop")[:-1]
-        .reshape(f, spec.hist_bins)
-    )
+    if sparse is None:  # every (token, feature) pair; zeros are dropped below
+        values, columns = latents, jnp.arange(f, dtype=jnp.int32)
+    else:  # only the pairs a TopK SAE can have made nonzero
+        values = jnp.where(valid[..., None], sparse[0].astype(jnp.float32), 0.0)
+        columns = sparse[1]
+    hist, fires = _histogram(values, columns, spec)
     return {
         "top": top,
         "sample": sample,
         "hist": state["hist"] + hist,
-        "fires": state["fires"] + positive.sum(axis=(0, 1), dtype=jnp.int32),
+        "fires": state["fires"] + fires,
         "tokens_seen": state["tokens_seen"] + valid.sum(dtype=jnp.int32),
     }
+
+
+def _histogram(
+    values: jax.Array, columns: jax.Array, spec: CollectorSpec
+) -> tuple[jax.Array, jax.Array]:
+    """Per-feature histogram ``[F, bins]`` and firing counts ``[F]`` of the positive ``values``.
+
+    One scatter-add over ``values``' entries (``columns`` broadcasts against them: a feature
+    index, ``-1`` for none); zeros and unknown columns land in a discarded slot.
+    """
+    f, nb = spec.n_features, spec.hist_bins
+    log_lo, log_hi = np.log10(spec.hist_min), np.log10(spec.hist_max)
+    keep = (values > 0) & (columns >= 0)
+    bins = jnp.clip(
+        jnp.floor((jnp.log10(jnp.where(keep, values, 1.0)) - log_lo) * (nb / (log_hi - log_lo))),
+        0,
+        nb - 1,
+    ).astype(jnp.int32)
+    slot = jnp.where(keep, columns * nb + bins, f * nb).reshape(-1)
+    hist = jnp.zeros(f * nb + 1, jnp.int32).at[slot].add(1, mode="drop")[:-1].reshape(f, nb)
+    return hist, hist.sum(axis=1)
 
 
 def to_numpy(state: dict[str, Any]) -> dict[str, Any]:
