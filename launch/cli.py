@@ -166,7 +166,12 @@ def _dashboard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--index", default=None, metavar="URL", help="A `dictlearn index` directory (neighbours)."
     )
-    _override_arguments(p)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="Other settings, e.g. first=200 top_n=10 context_length=256 ray.num_workers=4.",
+    )
 
 
 def _print_train_summary(result: Any) -> None:
