@@ -449,6 +449,7 @@ def test_site_in_headless_chromium(built, tmp_path):
     ("sae", "args", "message"),
     [
         (_sae(), ["--features", "3,96"], r"features: 96 is out of range .* d_sae 96"),
+        (_sae(), ["features=[1,200]"], r"features: 200 is out of range"),  # after the options
         (_sae(d_in=32), [], r"reads d_in 32, but gemma3-270m's resid_post\.1 has width 640"),
         (_sae(hook_name="resid_post.40"), [], r"layer"),
         (_sae(hook_name="attn_in.3"), [], r"hook"),
