@@ -7,6 +7,7 @@
     dictlearn export RUN_DIR --format saelens|gemmascope|native --out URL
     dictlearn eval SAE_URL [--tokens N] [--corpus URL ...]   # spliced loss recovered
     dictlearn steer SAE_URL --feature N (--scale S | --clamp V | --ablate) --prompt TEXT
+    dictlearn dashboard SAE_URL --out DIR [--tokens N] [--features 0,5] [--index URL] [k=v ...]
     dictlearn submit CONFIG.yaml [key.sub=value ...] --address http://HEAD:8265
     dictlearn jobs {list,status,logs,stop} [JOB_ID] --address http://HEAD:8265
     dictlearn fit SWEEP_DIR [--out DIR] [--holdout-largest]   # scaling laws from a sweep
@@ -240,6 +241,33 @@ def _eval(args: argparse.Namespace) -> Any:
     return result
 
 
+def _dashboard(args: argparse.Namespace) -> Any:
+    from dictlearn.config import apply_overrides, validate
+    from dictlearn.inspect.dashboard import DashboardConfig, main
+
+    data: dict[str, Any] = {"sae": args.sae, "out": args.out}
+    if args.tokens is not None:
+        data["tokens"] = args.tokens
+    if args.features is not None:
+        try:
+            data["features"] = [int(f) for f in args.features.split(",") if f.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--features {args.features!r}: expected comma-separated ids, e.g. 0,5,9"
+            ) from None
+    if args.index is not None:
+        data["index"] = args.index
+    config = validate(DashboardConfig, apply_overrides(data, args.overrides), "dashboard config")
+    result = main(config)
+    print(
+        f"dashboard done: {result.features} features over {result.tokens:,} tokens "
+        f"({result.lm_tokens:,} LM tokens, pass {result.pass_seconds:.1f} s, total "
+        f"{result.seconds:.1f} s, {result.workers} Ray workers)\n"
+        f"  open {result.out.rstrip('/')}/index.html"
+    )
+    return result
+
+
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sae", metavar="SAE_URL", help="Export directory, params.npz or run dir.")
     p.add_argument("--tokens", type=int, default=None, help="LM tokens to evaluate on.")
@@ -352,6 +380,24 @@ def _select(args: argparse.Namespace) -> Any:
     for note in s.notes:
         print(f"  note: {note}")
     return result
+
+
+def _dashboard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae", metavar="SAE_URL", help="Run directory, checkpoint or SAE export.")
+    p.add_argument("--out", required=True, metavar="DIR", help="Output directory of the site.")
+    p.add_argument("--tokens", type=int, default=None, help="LM tokens to run (default 65536).")
+    p.add_argument(
+        "--features", default=None, metavar="IDS", help="Comma-separated feature ids (default all)."
+    )
+    p.add_argument(
+        "--index", default=None, metavar="URL", help="A `dictlearn index` directory (neighbours)."
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="Other settings, e.g. first=200 top_n=10 context_length=256 ray.num_workers=4.",
+    )
 
 
 def _print_train_summary(result: Any) -> None:
@@ -544,6 +590,11 @@ COMMANDS: dict[
         _steer_arguments,
         _steer,
     ),
+    "dashboard": (
+        "Feature dashboards of an SAE over a corpus: a static site + Neuronpedia JSON.",
+        _dashboard_arguments,
+        _dashboard,
+    ),
     "submit": (
         "Run a stage's config as a job on a Ray cluster (Ray Jobs API).",
         submit_arguments,
@@ -597,7 +648,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option, so `key=value` overrides
+    # written after options (`dashboard SAE --out D first=200`) come back unrecognised.
+    if extra:
+        if "overrides" in vars(args) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _, _, handler = COMMANDS[args.command]
     try:
         outcome = handler(args)

@@ -12,10 +12,11 @@
 from typing import TYPE_CHECKING, Any
 
 from dictlearn.activations.config import GenerateConfig, ModelConfig, OutputConfig, RayConfig
+from dictlearn.activations.model import ResolvedModel, resolve_model
 
 if TYPE_CHECKING:
     from dictlearn.activations.generate import LEDGER_NAME, GenerateResult, main
-    from dictlearn.activations.worker import ShardOutcome, ShardWorker, WorkerSpec, resolve_model
+    from dictlearn.activations.worker import ShardOutcome, ShardWorker, WorkerSpec
 
 # The Ray side (coordinator, worker actors) is imported on first use: code that only needs the
 # configs (the eval stage, text queries, a GPU benchmark on a host without Ray) stays light.
@@ -26,7 +27,6 @@ _LAZY = {
     "ShardOutcome": "dictlearn.activations.worker",
     "ShardWorker": "dictlearn.activations.worker",
     "WorkerSpec": "dictlearn.activations.worker",
-    "resolve_model": "dictlearn.activations.worker",
 }
 
 
@@ -45,6 +45,7 @@ __all__ = [
     "ModelConfig",
     "OutputConfig",
     "RayConfig",
+    "ResolvedModel",
     "ShardOutcome",
     "ShardWorker",
     "WorkerSpec",

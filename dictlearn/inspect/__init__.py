@@ -4,6 +4,8 @@
 - :mod:`dictlearn.inspect.edits`: interventions made of an SAE (splice, steer, clamp, ablate).
 - :mod:`dictlearn.inspect.evaluate`: ``dictlearn eval``, the SAE spliced into its LM.
 - :mod:`dictlearn.inspect.steer`: ``dictlearn steer``, generation with a feature steered.
+- :mod:`dictlearn.inspect.dashboard`: feature dashboards (``dictlearn dashboard``): a static
+  site and Neuronpedia JSON from one streaming pass over a corpus.
 """
 
 from dictlearn.inspect.edits import ablate_feature, clamp_feature, splice, steer_feature

@@ -19,7 +19,7 @@ import numpy as np
 
 from dictlearn import lm
 from dictlearn.activations.config import ModelConfig
-from dictlearn.activations.worker import resolve_model
+from dictlearn.activations.model import ResolvedModel, resolve_model
 from dictlearn.config import ConfigError
 from dictlearn.export.model import ExportError, InferenceSAE
 
@@ -52,34 +52,13 @@ class SourceModel:
         every layer when ``full`` (for logits: spliced evaluation, steering).
 
         Raises:
-            ExportError: the SAE does not say which model or hook it reads, the model is not
-                one we can run, or its width differs from the SAE's ``d_in``.
+            ExportError: as :func:`resolve_source_model`.
         """
-        where = sae.source or "the SAE"
-        hook = sae.hook_name
-        if model is None:
-            name = sae.metadata.get("model_name")
-            if not name or name == "planted":
-                raise ExportError(
-                    f"{where} does not come from a language model we can run (model_name "
-                    f"{name!r}); text queries need an SAE trained on LM activations"
-                )
-            model = ModelConfig(name=_preset_name(name, where))
-        if not hook:
-            raise ExportError(f"{where} records no hook_name; text queries need to know the hook")
-        try:
-            resolved = resolve_model(model)
-            (point,) = lm.parse_hooks([hook], resolved.config)
-        except (ConfigError, ValueError) as e:
-            raise ExportError(f"{where}: {e}") from None
-        if resolved.config.d_model != sae.d_in:
-            raise ExportError(
-                f"{where} reads d_in {sae.d_in}, but {resolved.config.name}'s {hook} has width "
-                f"{resolved.config.d_model}; this SAE is not for that model"
-            )
+        resolved, point = resolve_source_model(sae, model)
+        spec = resolved.spec
         max_layer = None if full else point.layer
-        params, _ = lm.load_gguf(model.gguf, resolved.config, max_layer=max_layer)
-        return cls(params, resolved.config, lm.Tokenizer.from_gguf(model.gguf), point.name)
+        params, _ = lm.load_gguf(spec.gguf, resolved.config, max_layer=max_layer)
+        return cls(params, resolved.config, lm.Tokenizer.from_gguf(spec.gguf), point.name)
 
     def activations(self, token_ids: list[int]) -> np.ndarray:
         """``[T, d_model]`` activations of the hook for one token sequence."""
@@ -90,6 +69,43 @@ class SourceModel:
             )
         out = _forward(self.params, self.config, jnp.asarray([token_ids], jnp.int32), self.hook)
         return np.asarray(out[0], np.float32)
+
+
+def resolve_source_model(
+    sae: InferenceSAE, model: ModelConfig | None = None
+) -> tuple[ResolvedModel, lm.HookPoint]:
+    """The model named in ``sae.metadata`` (or ``model``) and the SAE's hook on it, checked.
+
+    Reads only the weights' headers: cheap enough to fail fast before any work starts.
+
+    Raises:
+        ExportError: the SAE does not say which model or hook it reads, the model is not one we
+            can run, the hook is not one of its hook points, or its width differs from the
+            SAE's ``d_in``.
+    """
+    where = sae.source or "the SAE"
+    hook = sae.hook_name
+    if model is None:
+        name = sae.metadata.get("model_name")
+        if not name or name == "planted":
+            raise ExportError(
+                f"{where} does not come from a language model we can run (model_name "
+                f"{name!r}); text queries need an SAE trained on LM activations"
+            )
+        model = ModelConfig(name=_preset_name(name, where))
+    if not hook:
+        raise ExportError(f"{where} records no hook_name; text queries need to know the hook")
+    try:
+        resolved = resolve_model(model)
+        (point,) = lm.parse_hooks([hook], resolved.config)
+    except (ConfigError, ValueError) as e:
+        raise ExportError(f"{where}: {e}") from None
+    if resolved.config.d_model != sae.d_in:
+        raise ExportError(
+            f"{where} reads d_in {sae.d_in}, but {resolved.config.name}'s {hook} has width "
+            f"{resolved.config.d_model}; this SAE is not for that model"
+        )
+    return resolved, point
 
 
 def _preset_name(model_name: str, where: str) -> str:
