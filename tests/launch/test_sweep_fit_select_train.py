@@ -47,9 +47,9 @@ def test_sweep_fit_select_train(tmp_path: Path, capsys: pytest.CaptureFixture[st
                 str(fits_dir / "fits.json"),
                 "n_features=512",
                 "tokens=131072",
+                f"run.output_dir={tmp_path / 'runs'}",
                 "--out",
                 str(selected),
-                f"run.output_dir={tmp_path / 'runs'}",
             ]
         )
         == 0

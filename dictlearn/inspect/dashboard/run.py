@@ -45,7 +45,6 @@ from dictlearn.corpus import (
     plan_corpus_shards,
 )
 from dictlearn.export import InferenceSAE, load_sae
-from dictlearn.export.model import _encode, _preactivations  # the SAE's own, traced into ours
 from dictlearn.inspect.dashboard import collector
 from dictlearn.inspect.dashboard.config import DashboardConfig
 from dictlearn.inspect.dashboard.site import SiteData, write_site
@@ -104,16 +103,14 @@ class DashboardWorker(ShardWorker):
         column_of = np.full(sae.d_sae, -1, np.int32)  # SAE latent -> collector column
         column_of[self.features] = np.arange(len(self.features), dtype=np.int32)
         self._sae_arrays = {
-            "w_enc": jnp.asarray(sae.W_enc, jnp.float32),
-            "b_enc": jnp.asarray(sae.b_enc, jnp.float32),
-            "b_dec": jnp.asarray(sae.b_dec, jnp.float32),
-            "threshold": None if sae.threshold is None else jnp.asarray(sae.threshold),
+            "sae": sae.params(),
             "features": jnp.asarray(self.features),
             "column_of": jnp.asarray(column_of),
         }
         config = spec.model.config
         (hook,) = spec.hooks
         rule, k = sae.architecture, sae.k or 0
+        d_sae = sae.d_sae
         all_features = len(self.features) == sae.d_sae and bool(
             np.array_equal(self.features, np.arange(sae.d_sae))
         )
@@ -121,30 +118,21 @@ class DashboardWorker(ShardWorker):
         def step(params, arrays, state, tokens, valid, ids):
             acts = lm.forward(params, config, tokens, hooks=(hook,))[hook].astype(jnp.float32)
             sparse = None
+            sae_params = arrays["sae"]
             if rule == "topk":
                 # InferenceSAE.encode's TopK, keeping its (values, indices) too: the collector's
                 # histogram then scatters B*T*k pairs, not B*T*d_sae.
-                pre = _preactivations(acts, arrays["w_enc"], arrays["b_enc"], arrays["b_dec"])
-                values, indices = jax.lax.top_k(pre, k)
-                values = jax.nn.relu(values)
+                values, indices = sae_params.top_k(acts)
                 rows = jnp.arange(values.shape[0] * values.shape[1])[:, None]
                 latents = (
-                    jnp.zeros((rows.shape[0], pre.shape[-1]), jnp.float32)
+                    jnp.zeros((rows.shape[0], d_sae), jnp.float32)
                     .at[rows, indices.reshape(-1, k)]
                     .set(values.reshape(-1, k))
-                    .reshape(pre.shape)
+                    .reshape(*values.shape[:-1], d_sae)
                 )
                 sparse = (values, arrays["column_of"][indices])
             else:
-                latents = _encode(
-                    acts,
-                    arrays["w_enc"],
-                    arrays["b_enc"],
-                    arrays["b_dec"],
-                    arrays["threshold"],
-                    rule=rule,
-                    k=k,
-                )
+                latents = sae_params.encode(acts)
             if not all_features:  # encode every latent (TopK needs them all), keep the chosen
                 latents = jnp.take(latents, arrays["features"], axis=2)
             return collector.update(
