@@ -163,8 +163,15 @@ def trial_result(train_result: Any, seconds: float) -> dict[str, Any]:
     }
 
 
-def run_trial(params: dict[str, Any], configs: dict[str, dict[str, Any]], cpus: float) -> None:
-    """Tune's function trainable: train trial ``params["trial"]`` and keep its ledger entry."""
+def run_trial(
+    params: dict[str, Any],
+    configs: dict[str, dict[str, Any]],
+    cpus: float,
+    spliced_eval: dict[str, Any] | None = None,
+    evaluated: list[str] | None = None,
+) -> None:
+    """Tune's function trainable: train trial ``params["trial"]`` (then, with ``spliced_eval``,
+    evaluate it spliced into its source LM) and keep its ledger entry."""
     from ray import tune
 
     name = params["trial"]
@@ -180,6 +187,9 @@ def run_trial(params: dict[str, Any], configs: dict[str, dict[str, Any]], cpus: 
         result = train_main(config)
         if result.preempted:
             raise RuntimeError("stopped by SIGTERM after a checkpoint (re-run to resume)")
+        spliced = {}
+        if spliced_eval is not None and name in (evaluated or []):
+            spliced = _spliced_metrics(result.run_dir, spliced_eval)
     except BaseException as e:
         _write_trial(run_dir, "failed", attempts, f"{type(e).__name__}: {e}", None)
         raise
@@ -189,9 +199,18 @@ def run_trial(params: dict[str, Any], configs: dict[str, dict[str, Any]], cpus: 
             # Stop W&B's service process now: at interpreter exit (Tune ends the actor) its
             # atexit hook finds the service gone and prints a ConnectionResetError traceback.
             wandb.teardown()
-    summary = trial_result(result, time.perf_counter() - started)
+    summary = trial_result(result, time.perf_counter() - started) | spliced
     _write_trial(run_dir, "finished", attempts, None, summary)
     tune.report(summary)
+
+
+def _spliced_metrics(run_dir: str, settings: dict[str, Any]) -> dict[str, float]:
+    """``dictlearn eval`` of the trial's SAE, as ``spliced/...`` numbers."""
+    from dictlearn.inspect.evaluate import EvalConfig
+    from dictlearn.inspect.evaluate import main as eval_main
+
+    evaluation = eval_main(EvalConfig.model_validate(settings | {"sae": run_dir}))
+    return {f"spliced/{k}": v for k, v in evaluation.metrics.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +228,11 @@ def trial_line(name: str, result: dict[str, Any]) -> str:
         f"l0 {_number(result.get('eval/l0', result.get('l0')), '.1f')}  "
         f"dead {_number(result.get('dead_fraction'), '.3f')}  "
         f"{_number(result.get('seconds'), '.0f')} s"
+        + (
+            f"  loss recovered {_number(result['spliced/loss_recovered'], '.4f')}"
+            if "spliced/loss_recovered" in result
+            else ""
+        )
     )
 
 
@@ -238,7 +262,9 @@ def _progress_callback(bar: tqdm, by_name: dict[str, Trial], retries: int):
     return Progress()
 
 
-def _run_on_tune(config: SweepConfig, trials: list[Trial], bar: tqdm) -> None:
+def _run_on_tune(
+    config: SweepConfig, trials: list[Trial], bar: tqdm, trunk_names: frozenset[str] = frozenset()
+) -> None:
     """Run ``trials`` as one Ray Tune experiment; outcomes land in their ``trial.json``."""
     from ray import tune
 
@@ -251,6 +277,11 @@ def _run_on_tune(config: SweepConfig, trials: list[Trial], bar: tqdm) -> None:
             run_trial,
             configs={t.name: t.config.model_dump(mode="json") for t in trials},
             cpus=config.ray.cpus_per_trial,
+            spliced_eval=None
+            if config.spliced_eval is None
+            else config.spliced_eval.model_dump(mode="json"),
+            # Trunks are not trials: only the budgets branched from them are evaluated.
+            evaluated=[t.name for t in trials if t.name not in trunk_names],
         ),
         resources,
     )
@@ -340,7 +371,12 @@ def main(config: SweepConfig) -> SweepResult:
     config = absolute_paths(config)
     plan = plan_sweep(config)
     # A missing dataset (or a d_model mismatch) is one error here, not every trial failing twice.
-    open_dataset(config.base)
+    dataset = open_dataset(config.base)
+    if config.spliced_eval is not None and dataset.manifest.source_model == "planted":
+        raise ConfigError(
+            f"spliced_eval needs activations of a language model, but {config.base.data.path} "
+            "is planted data; remove spliced_eval or sweep on a generated dataset"
+        )
     check_sweep_dir(config)
     started = time.perf_counter()
     done_before = {t.name for t in plan.trials + plan.trunks if _finished(t)}
@@ -372,7 +408,7 @@ def main(config: SweepConfig) -> SweepResult:
         with ray_session(config.ray.address, actors=concurrency, resources_per_actor=resources):
             # Trunks and the trials trained from scratch first, together; then the branches,
             # whose trunks have finished by then.
-            _run_on_tune(config, trunks + scratch, bar)
+            _run_on_tune(config, trunks + scratch, bar, frozenset(t.name for t in trunks))
             for t in trunks + scratch:
                 outcomes[t.name] = _outcome(t, False, t in trunks)
             failed_trunks = {t.name for t in trunks if outcomes[t.name].status == "failed"}

@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from dictlearn.config import StrictModel, validate
+from dictlearn.inspect.evaluate import EvalSettings
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.optimizer import decay_start_step
 
@@ -150,6 +151,12 @@ class SweepConfig(StrictModel):
             "Train the token budgets of each point as decays branched from one constant-lr "
             "trunk run (needs base.optimizer.decay_fraction > 0) instead of from scratch."
         ),
+    )
+    spliced_eval: EvalSettings | None = Field(
+        None,
+        description="When set (e.g. {tokens: 4096}), every trial also runs the spliced evaluation "
+        "of dictlearn eval (loss recovered, KL) on its dataset's source model: needs a dataset "
+        "generated from a language model, not planted data.",
     )
     retries: int = Field(1, ge=0, description="Times a failed trial is retried.")
     ray: SweepRayConfig = Field(default_factory=SweepRayConfig, description="Ray resources.")

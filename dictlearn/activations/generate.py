@@ -37,14 +37,8 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from dictlearn.activations.config import GenerateConfig
-from dictlearn.activations.worker import (
-    ResolvedModel,
-    ShardOutcome,
-    ShardWorker,
-    WorkerSpec,
-    parse_model_hooks,
-    resolve_model,
-)
+from dictlearn.activations.model import ResolvedModel, resolve_model
+from dictlearn.activations.worker import ShardOutcome, ShardWorker, WorkerSpec, parse_model_hooks
 from dictlearn.config import ConfigError
 from dictlearn.corpus import CorpusShard, plan_corpus_shards
 from dictlearn.data import DatasetError, ShardInfo, commit_manifest, read_shard_infos, storage

@@ -54,10 +54,10 @@ def default_eval_corpus() -> CorpusConfig:
     return CorpusConfig(paths=[PYTHON_DOCS, PYTHON_STDLIB], seed=EVAL_CORPUS_SEED)
 
 
-class EvalConfig(StrictModel):
-    """What ``dictlearn eval`` measures, on which text."""
+class EvalSettings(StrictModel):
+    """How a spliced evaluation runs, whatever SAE it is given (pipelines and sweeps set these
+    once for every SAE they train)."""
 
-    sae: str = Field(description="An SAE: export directory, params.npz or training run.")
     corpus: CorpusConfig = Field(
         default_factory=default_eval_corpus,
         description="Held-out text (default: the built-in corpora in another document order).",
@@ -71,6 +71,12 @@ class EvalConfig(StrictModel):
     dense_threshold: float = Field(
         0.1, gt=0, le=1, description="A latent firing on more than this fraction is dense."
     )
+
+
+class EvalConfig(EvalSettings):
+    """What ``dictlearn eval`` measures, on which text."""
+
+    sae: str = Field(description="An SAE: export directory, params.npz or training run.")
 
 
 @dataclass

@@ -185,3 +185,42 @@ def test_submit_takes_sweep_configs(tmp_path: Path) -> None:
     # The job's sweep joins the cluster it runs on instead of starting a private one.
     assert prepared.stage == "sweep" and prepared.overrides == ["ray.address=auto"]
     assert prepared.resolved["ray"]["address"] == "auto"
+
+
+def test_spliced_eval_needs_language_model_activations(
+    tmp_path: Path, planted_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _sweep_file(
+        tmp_path / "sweep.yaml", planted_url, tmp_path / "out", spliced_eval={"tokens": 128}
+    )
+    assert cli_main(["sweep", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "spliced_eval needs activations of a language model" in err
+    assert not (tmp_path / "out" / "tiny").exists()
+
+
+@pytest.mark.slow
+def test_sweep_trials_report_the_spliced_evaluation(
+    tmp_path: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Gemma 3 270M activations (generated here), two trials each evaluated spliced into it."""
+    from dictlearn.activations import main as generate_main
+    from tests.activations.helpers import tiny
+
+    generated = generate_main(tiny(str(tmp_path / "acts"), hooks=["resid_post.1"]))
+    data = generated.datasets["resid_post.1"]
+    config = _sweep_file(
+        tmp_path / "sweep.yaml",
+        data,
+        tmp_path / "out",
+        spliced_eval={"tokens": 128, "context_length": 64, "batch_size": 2},
+        grid={"n_features": [32], "lr": [3e-3], "tokens": [640, 1280]},
+    )
+    assert cli_main(["sweep", str(config)]) == 0
+    out = capsys.readouterr().out
+    ledger = _ledger(tmp_path / "out" / "tiny")
+    assert len(ledger) == 2
+    for name, record in ledger.items():
+        result = record["result"]
+        assert result["spliced/ce_clean"] < result["spliced/ce_zero_ablated"]
+        assert f"loss recovered {result['spliced/loss_recovered']:.4f}" in out, (name, out)

@@ -34,7 +34,8 @@ import ray
 from tqdm.auto import tqdm
 
 from dictlearn import lm
-from dictlearn.activations.worker import ResolvedModel, ShardWorker, WorkerSpec
+from dictlearn.activations.model import ResolvedModel
+from dictlearn.activations.worker import ShardWorker, WorkerSpec
 from dictlearn.config import ConfigError
 from dictlearn.corpus import (
     CorpusError,
