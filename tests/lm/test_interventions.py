@@ -127,3 +127,25 @@ def test_generation_under_an_edit(params):
     assert steered.split() == [str(target)] * 6
     sampled = [lm.generate(params, TINY, tok, "abc", 6, temperature=1.0, seed=s) for s in range(3)]
     assert len(set(sampled)) > 1
+
+
+def test_edits_on_a_sharded_model(params):
+    """Heads and FFN split over the model axis, the batch over data: the same edited logits."""
+    import sharding
+
+    assert jax.device_count() == 8, "tests/conftest.py should give 8 virtual CPU devices"
+    tokens = jax.random.randint(jax.random.key(5), (4, 9), 0, TINY.vocab_size, dtype=jnp.int32)
+    direction = jax.random.normal(jax.random.key(6), (TINY.d_model,))
+    at = np.zeros((4, 9), bool)
+    at[:, 3:] = True
+    edits = {
+        "resid_post.2": lm.add(direction, 2.0, jnp.asarray(at)),
+        "mlp_out.4": lm.zero_ablate(32),
+    }
+    expected = LOGITS(params, TINY, tokens, edits=edits)
+    mesh = sharding.make_mesh(sharding.MeshConfig(model=2))
+    sharded = lm.shard_params(params, TINY, mesh)
+    batch = jax.device_put(tokens, sharding.named_sharding(mesh, ("batch", None)))
+    got = LOGITS(sharded, TINY, batch, edits=edits)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(expected, LOGITS(params, TINY, tokens), atol=1e-3)
