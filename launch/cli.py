@@ -489,21 +489,6 @@ def _select_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-class _ValueThenOverrides(argparse.Action):
-    """An option's value, then any ``key=value`` overrides that follow it.
-
-    argparse hands every positional to the first run of positionals, so in
-    ``index build SAE --out URL k=5`` the override after ``--out`` would be unrecognised.
-    """
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        value, *extra = values
-        if not_overrides := [v for v in extra if "=" not in v]:
-            parser.error(f"{option_string} takes one value; unexpected {' '.join(not_overrides)}")
-        setattr(namespace, self.dest, value)
-        namespace.overrides = [*(namespace.overrides or []), *extra]
-
-
 def _index_arguments(p: argparse.ArgumentParser) -> None:
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     build = verbs.add_parser(
@@ -512,19 +497,10 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     build.add_argument("sae", metavar="SAE_URL", help="An SAE export or run directory.")
     _override_arguments(build)
     build.add_argument(
-        "--out",
-        required=True,
-        nargs="+",
-        action=_ValueThenOverrides,
-        metavar="OUT_URL",
-        help="Index directory (any fsspec URL).",
+        "--out", required=True, metavar="OUT_URL", help="Index directory (any fsspec URL)."
     )
     build.add_argument(
-        "--against",
-        nargs="+",
-        action=_ValueThenOverrides,
-        metavar="SAE_B_URL",
-        help="Cross-SAE: neighbours among this SAE's features.",
+        "--against", metavar="SAE_B_URL", help="Cross-SAE: neighbours among this SAE's features."
     )
 
 
