@@ -151,6 +151,10 @@ def select_config(
     law = fits.loss_law
 
     cfg = copy.deepcopy(fits.template_config)
+    # A sweep trial may have branched from a trunk's checkpoint; the large run starts fresh.
+    cfg.pop("init", None)
+    # ...and keeps no sweep-only checkpoints (the trunks' branch points).
+    cfg.get("checkpoint", {}).pop("keep_steps", None)
     sweep_opt, sweep_sae = cfg["optimizer"], cfg["sae"]
     sweep_opt["lr"] = lr
     sweep_opt["warmup_steps"] = min(

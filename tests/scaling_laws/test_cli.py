@@ -159,3 +159,19 @@ def test_select_without_an_lr_law_needs_a_learning_rate(tmp_path, capsys):
     assert load_config(TrainConfig, out).optimizer.lr == 1e-4
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["lr"] == 1e-4 and "set by hand" in sidecar["notes"][0]
+
+
+def test_selected_config_starts_fresh_even_from_a_branched_trial(fitted):
+    """Sweep trials may branch from a trunk's checkpoint; the large run must not."""
+    from scaling_laws.select import select_config
+
+    root, _ = fitted
+    fits = FitResult.model_validate_json((root / "fits" / "fits.json").read_text())
+    branched = fits.template_config | {
+        "init": {"from_checkpoint": str(root / "trunks" / "t" / "checkpoints"), "step": 3},
+        "checkpoint": fits.template_config.get("checkpoint", {}) | {"keep_steps": [3, 7]},
+    }
+    fits = fits.model_copy(update={"template_config": branched})
+    selection = select_config(fits, 4 * max(WIDTHS), tokens=2**22)
+    config = TrainConfig.model_validate(selection.config)
+    assert config.init is None and config.checkpoint.keep_steps == []
