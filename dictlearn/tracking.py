@@ -32,6 +32,8 @@ class Tracker:
         config: the resolved run config (recorded in W&B).
         wandb_mode: ``offline`` (default: no network at all), ``online`` or ``disabled``.
         project, entity, name: W&B identifiers.
+        group: W&B group (the members of a group run share one); such runs are opened side by
+            side in one process, where a plain run finishes any run opened before it.
         enabled: False on non-zero processes of a multi-host run (only process 0 logs).
     """
 
@@ -44,6 +46,7 @@ class Tracker:
         project: str = "dictlearn",
         entity: str | None = None,
         name: str | None = None,
+        group: str | None = None,
         enabled: bool = True,
     ):
         self.enabled = enabled
@@ -55,7 +58,9 @@ class Tracker:
         fs.makedirs(path, exist_ok=True)
         self._file = fsspec.open(f"{run_dir.rstrip('/')}/{METRICS_FILE}", "a").open()
         if wandb_mode != "disabled":
-            self._wandb_run = _start_wandb(run_dir, config, wandb_mode, project, entity, name)
+            self._wandb_run = _start_wandb(
+                run_dir, config, wandb_mode, project, entity, name, group
+            )
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
         if not self.enabled:
@@ -81,7 +86,7 @@ class Tracker:
             self._wandb_run = None
 
 
-def _start_wandb(run_dir, config, mode, project, entity, name):
+def _start_wandb(run_dir, config, mode, project, entity, name, group=None):
     import wandb  # imported lazily: ~2 s, and not needed with wandb_mode=disabled
 
     local_dir = run_dir if "://" not in run_dir else os.path.join(os.getcwd(), "wandb-local")
@@ -91,12 +96,13 @@ def _start_wandb(run_dir, config, mode, project, entity, name):
         project=project,
         entity=entity,
         name=name,
+        group=group,
         config=config,
         dir=local_dir,
         mode=mode,
         resume="allow",
         id=name,
-        reinit="finish_previous",
+        reinit="finish_previous" if group is None else "create_new",
     )
 
 

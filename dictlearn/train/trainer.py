@@ -350,7 +350,7 @@ def _finished_result(run_dir: str, ckpt_dir: str, step: int, config: TrainConfig
 def _initial_state(config, config_dict, program, dataset, checkpointer) -> tuple[TrainState, int]:
     latest = checkpointer.latest_step() if config.checkpoint.resume == "auto" else None
     if latest is None:
-        key = jax.random.key(config.train.seed)
+        key = jax.random.key(config.train.param_seed)
         return program.init(key, jax.numpy.asarray(dataset.mean)), 0
     diffs = _config_differences(checkpointer.restore_config(latest), config_dict)
     if diffs:
