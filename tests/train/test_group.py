@@ -174,3 +174,32 @@ def test_cli_trains_a_group_and_exports_a_member(tmp_path: Path, planted_url: st
     )
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "d_sae 128" in exported.stdout
+
+
+def test_preempted_group_checkpoints_every_member_and_resumes_bit_identical(
+    tmp_path: Path, planted_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _group_config(tmp_path, planted_url, checkpoint={"every_steps": 100})
+    reference = validate(
+        GroupTrainConfig,
+        config.model_dump(mode="json") | {"run": {"output_dir": str(tmp_path / "reference")}},
+    )
+    group_trainer.main(reference)
+
+    # SIGTERM seen after step 3 (the flag the loop polls between steps): every member writes
+    # a checkpoint there and the run reports itself preempted.
+    polls = iter(range(1, 100))
+    monkeypatch.setattr(group_trainer, "_on_any_process", lambda flag: next(polls) == 3)
+    stopped = group_trainer.main(config)
+    assert stopped.preempted and {r.steps for r in stopped.members.values()} == {3}
+    for member in config.members():
+        assert committed_steps(Path(run_dir_of(member)) / "checkpoints") == [3]
+
+    monkeypatch.undo()
+    resumed = group_trainer.main(config)
+    assert not resumed.preempted
+    for member, expected in zip(config.members(), reference.members(), strict=True):
+        _, final = restore_final(member)
+        _, want = restore_final(expected)
+        assert final.step == want.step == config.train.steps
+        assert_trees_equal(final.state, want.state)
