@@ -178,7 +178,13 @@ class TrainConfig(StrictModel):
 
 
 # Fields of the shared `sae` section a member keeps even when it names another architecture.
-_SAE_COMMON_FIELDS = ("d_model", "dead_window_tokens", "decoder_init_norm", "init_b_dec_to_mean")
+_SAE_COMMON_FIELDS = (
+    "n_features",
+    "d_model",
+    "dead_window_tokens",
+    "decoder_init_norm",
+    "init_b_dec_to_mean",
+)
 
 
 class GroupMember(StrictModel):
@@ -193,7 +199,8 @@ class GroupMember(StrictModel):
         description=(
             "Fields over the shared `sae` section (e.g. {n_features: 8192, k: 64}). Naming "
             "another architecture starts from that architecture's defaults instead, keeping only "
-            "the shared d_model, dead_window_tokens, decoder_init_norm and init_b_dec_to_mean."
+            "the shared n_features, d_model, dead_window_tokens, decoder_init_norm and "
+            "init_b_dec_to_mean."
         ),
     )
     optimizer: dict[str, Any] = Field(

@@ -58,6 +58,14 @@ def test_members_resolve_to_single_sae_configs(tmp_path: Path, planted_url: str)
     assert [m.optimizer.lr for m in members] == [1e-3, 3e-3, 1e-3]
     assert [m.sae.architecture for m in members] == ["topk", "topk", "jumprelu"]
     assert members[2].sae.n_features == 32 and members[0].sae.n_features == 64
+    # Another architecture starts from its own defaults, keeping the shared width.
+    other = validate(
+        GroupTrainConfig,
+        tiny_config_dict(tmp_path, planted_url)
+        | {"group": [{"name": "j", "sae": {"architecture": "jumprelu"}}]},
+    ).members()[0]
+    assert (other.sae.architecture, other.sae.n_features) == ("jumprelu", 64)
+    assert "k" not in other.sae.model_dump()
     # A member's seed seeds its init only; the data order stays the group's.
     assert [m.train.param_seed for m in members] == [0, 7, 0]
     assert {m.train.seed for m in members} == {0}
