@@ -32,7 +32,10 @@ class Tracker:
         config: the resolved run config (recorded in W&B).
         wandb_mode: ``offline`` (default: no network at all), ``online`` or ``disabled``.
         project, entity, name: W&B identifiers.
-        group: W&B run group (the sweep a run belongs to), or None.
+        group: W&B run group: the sweep a trial belongs to, or the group run whose members
+            train together; None for none.
+        side_by_side: this run is opened beside others in one process (a group run's members),
+            where a plain run finishes any run opened before it.
         enabled: False on non-zero processes of a multi-host run (only process 0 logs).
     """
 
@@ -46,6 +49,7 @@ class Tracker:
         entity: str | None = None,
         name: str | None = None,
         group: str | None = None,
+        side_by_side: bool = False,
         enabled: bool = True,
     ):
         self.enabled = enabled
@@ -58,7 +62,7 @@ class Tracker:
         self._file = fsspec.open(f"{run_dir.rstrip('/')}/{METRICS_FILE}", "a").open()
         if wandb_mode != "disabled":
             self._wandb_run = _start_wandb(
-                run_dir, config, wandb_mode, project, entity, name, group
+                run_dir, config, wandb_mode, project, entity, name, group, side_by_side
             )
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
@@ -85,7 +89,7 @@ class Tracker:
             self._wandb_run = None
 
 
-def _start_wandb(run_dir, config, mode, project, entity, name, group):
+def _start_wandb(run_dir, config, mode, project, entity, name, group=None, side_by_side=False):
     import wandb  # imported lazily: ~2 s, and not needed with wandb_mode=disabled
 
     local_dir = run_dir if "://" not in run_dir else os.path.join(os.getcwd(), "wandb-local")
@@ -103,7 +107,7 @@ def _start_wandb(run_dir, config, mode, project, entity, name, group):
         # A sweep's trial names repeat across sweeps: prefix the group so that a trial never
         # resumes another sweep's W&B run of the same name.
         id=name if group is None else f"{group}-{name}",
-        reinit="finish_previous",
+        reinit="create_new" if side_by_side else "finish_previous",
     )
 
 

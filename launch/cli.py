@@ -1,7 +1,7 @@
 """The ``dictlearn`` command: parse, load the stage's config, call its ``main``.
 
     dictlearn generate CONFIG.yaml [key.sub=value ...]   # activation datasets from a corpus
-    dictlearn train CONFIG.yaml [key.sub=value ...]
+    dictlearn train CONFIG.yaml [key.sub=value ...]     # one SAE, or a `group:` of several
     dictlearn sweep SWEEP.yaml [key.sub=value ...]       # a grid of training runs on Ray Tune
     dictlearn planted OUT_URL [key=value ...]      # write a planted-dictionary dataset
     dictlearn export RUN_DIR --format saelens|gemmascope|native --out URL
@@ -33,12 +33,19 @@ from sharding.host_memory import reuse_freed_host_memory
 
 
 def _train(args: argparse.Namespace) -> Any:
-    from dictlearn.config import load_config
-    from dictlearn.train.config import TrainConfig
+    from dictlearn.train.config import load_train_config
+    from dictlearn.train.group import GroupResult
     from launch.train import train
 
-    result = train(load_config(TrainConfig, args.config, args.overrides))
-    _print_train_summary(result)
+    result = train(load_train_config(args.config, args.overrides))
+    if isinstance(result, GroupResult):
+        rate = f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""
+        print(f"group {result.name}: {len(result.members)} SAEs on one batch stream{rate}")
+        for name, member in result.members.items():
+            print(f"[{name}]")
+            _print_train_summary(member)
+    else:
+        _print_train_summary(result)
     return result
 
 

@@ -42,7 +42,7 @@ from dictlearn.config import (
 )
 from dictlearn.data import storage
 from dictlearn.inspect.evaluate import EvalConfig
-from dictlearn.train.config import DataConfig, TrainConfig
+from dictlearn.train.config import DataConfig, GroupTrainConfig, TrainConfig
 from dictlearn.train.trainer import RESUMABLE_CHANGES
 from sharding import MeshConfig
 
@@ -122,8 +122,29 @@ class PipelineTrainConfig(TrainConfig):
 
     data: PipelineDataConfig = Field(default_factory=PipelineDataConfig)  # type: ignore[assignment]
     hook: str | None = Field(
-        None, description="Which generated hook to train on (default: the first of generate.hooks)."
+        None,
+        description=(
+            "Which generated hook to train on (default: the first of generate.hooks; with "
+            "widths, every hook)."
+        ),
     )
+    widths: list[int] = Field(
+        default_factory=list,
+        # Left out of dumps when empty, so single-SAE pipelines keep their version hashes.
+        exclude_if=lambda v: not v,
+        description=(
+            "Gemma Scope's shape: one SAE per width (n_features), trained together as a group on "
+            "one batch stream, on every generated hook (or on `hook` alone if set), each hook's "
+            "group its own train stage; members are named <architecture>-<width>. Empty: one SAE "
+            "(sae.n_features) on one hook."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_widths(self) -> PipelineTrainConfig:
+        if len(set(self.widths)) != len(self.widths) or any(w <= 0 for w in self.widths):
+            raise ValueError(f"train.widths must be distinct positive integers, got {self.widths}")
+        return self
 
 
 class PipelineEvalConfig(EvalConfig):
@@ -188,6 +209,13 @@ class PipelineConfig(StrictModel):
     def hook(self) -> str:
         return self.train.hook or self.generate.hooks[0]
 
+    @property
+    def train_hooks(self) -> list[str]:
+        """The hooks that get a train stage: one, or with ``train.widths`` every generated one."""
+        if self.train.widths and self.train.hook is None:
+            return list(self.generate.hooks)
+        return [self.hook]
+
 
 def merge_onto_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """``given`` deep-merged onto ``defaults``; a section naming another ``architecture`` than
@@ -223,14 +251,18 @@ class StagePlan:
     stage: StageName
     version: str
     directory: str
-    config: GenerateConfig | TrainConfig
+    config: GenerateConfig | TrainConfig | EvalConfig
     inputs: dict[str, str] = field(default_factory=dict)
     needs: tuple[StageName, ...] = ()
 
 
-def plan_stages(config: PipelineConfig) -> dict[StageName, StagePlan]:
+def plan_stages(config: PipelineConfig) -> dict[str, StagePlan]:
     """Resolve every stage's config and versioned directory (even stages not selected to run:
-    a later stage's version depends on its inputs' versions)."""
+    a later stage's version depends on its inputs' versions).
+
+    Keys are ``generate``, ``train`` and ``eval``; with ``train.widths``, one ``train:<hook>``
+    per hook and one ``eval:<hook>:<member>`` per SAE of its group.
+    """
     gen_dict = config.generate.model_dump(mode="json")
     gen_version = version_hash(
         {"stage": "generate", "config": config.generate.fingerprint_fields()}
@@ -239,50 +271,62 @@ def plan_stages(config: PipelineConfig) -> dict[StageName, StagePlan]:
     generate = GenerateConfig.model_validate(
         gen_dict | {"output": gen_dict["output"] | {"path": gen_dir}}
     )
+    plans = {"generate": StagePlan("generate", gen_version, gen_dir, generate)}
+    for hook in config.train_hooks:
+        key = f"train:{hook}" if config.train.widths else "train"
+        plans[key] = _plan_train(config, hook, gen_version, gen_dir)
+        plans |= _plan_evals(config, key, plans[key])
+    return plans
 
+
+def _plan_train(config: PipelineConfig, hook: str, gen_version: str, gen_dir: str) -> StagePlan:
     train_dict = config.train.model_dump(mode="json", exclude={"hook"})
-    inputs = {"generate": gen_version, "hook": config.hook}
+    inputs = {"generate": gen_version, "hook": hook}
     hashed = without_fields(train_dict, TRAIN_EXECUTION_FIELDS)
     if hashed.get("init") is None:
         # Added to TrainConfig after pipelines had versions: unset, it leaves them unchanged.
         hashed.pop("init", None)
     train_version = version_hash({"stage": "train", "config": hashed, "inputs": inputs})
-    train_dict["data"]["path"] = f"{gen_dir}/{config.hook}"
+    directory = f"{config.root}/train-{train_version}"
+    train_dict["data"]["path"] = f"{gen_dir}/{hook}"
     train_dict["mesh"] = config.mesh.model_dump(mode="json")
-    train_dict["run"] = {"output_dir": config.root, "name": f"train-{train_version}"}
-    train = TrainConfig.model_validate(train_dict)
+    widths = train_dict.pop("widths", [])
+    train: TrainConfig
+    if widths:
+        # The group's members write under the stage directory: train-<version>/<arch>-<width>/.
+        train_dict["run"] = {"output_dir": directory, "name": f"{config.name}-{hook}"}
+        architecture = train_dict["sae"]["architecture"]
+        train_dict["group"] = [
+            {"name": f"{architecture}-{w}", "sae": {"n_features": w}} for w in widths
+        ]
+        train = GroupTrainConfig.model_validate(train_dict)
+    else:
+        train_dict["run"] = {"output_dir": config.root, "name": f"train-{train_version}"}
+        train = TrainConfig.model_validate(train_dict)
+    return StagePlan("train", train_version, directory, train, inputs, needs=("generate",))
 
+
+def _plan_evals(config: PipelineConfig, train_key: str, train: StagePlan) -> dict[str, StagePlan]:
+    """One eval stage per SAE the train stage trains (one, or a group's members)."""
+    if isinstance(train.config, GroupTrainConfig):
+        saes = {m.name: f"{train.directory}/{m.name}" for m in train.config.group}
+    else:
+        saes = {"": train.directory}
     eval_dict = config.eval.model_dump(mode="json", exclude={"model"})
-    eval_inputs = {"train": train_version}
-    eval_version = version_hash(
-        {"stage": "eval", "config": without_fields(eval_dict, ("sae",)), "inputs": eval_inputs}
-    )
-    evaluation = EvalConfig.model_validate(
-        eval_dict
-        | {
-            "sae": f"{config.root}/train-{train_version}",
-            "model": config.generate.model.model_dump(mode="json"),
-        }
-    )
-    return {
-        "generate": StagePlan("generate", gen_version, gen_dir, generate),
-        "train": StagePlan(
-            "train",
-            train_version,
-            f"{config.root}/train-{train_version}",
-            train,
-            inputs,
-            needs=("generate",),
-        ),
-        "eval": StagePlan(
-            "eval",
-            eval_version,
-            f"{config.root}/eval-{eval_version}",
-            evaluation,
-            eval_inputs,
-            needs=("train",),
-        ),
-    }
+    plans = {}
+    for member, sae_dir in saes.items():
+        inputs = {"train": train.version} | ({"member": member} if member else {})
+        version = version_hash(
+            {"stage": "eval", "config": without_fields(eval_dict, ("sae",)), "inputs": inputs}
+        )
+        evaluation = EvalConfig.model_validate(
+            eval_dict | {"sae": sae_dir, "model": config.generate.model.model_dump(mode="json")}
+        )
+        key = "eval" + train_key[len("train") :] + (f":{member}" if member else "")
+        plans[key] = StagePlan(
+            "eval", version, f"{config.root}/eval-{version}", evaluation, inputs, needs=(train_key,)
+        )
+    return plans
 
 
 def read_stage_marker(directory: str) -> dict[str, Any] | None:
@@ -307,7 +351,9 @@ def _run_generate(plan: StagePlan) -> dict[str, Any]:
 def _run_train(plan: StagePlan) -> dict[str, Any]:
     from launch.train import train
 
-    return asdict(train(plan.config))  # type: ignore[arg-type]
+    result = train(plan.config)  # type: ignore[arg-type]
+    # A group's result: its members' results, and whether any was preempted.
+    return asdict(result) | {"preempted": result.preempted}
 
 
 def _run_eval(plan: StagePlan) -> dict[str, Any]:
@@ -345,24 +391,28 @@ def main(config: PipelineConfig) -> PipelineResult:
     plans = plan_stages(config)
     outcomes: list[StageOutcome] = []
     preempted = False
-    for name in config.stages:
-        plan = plans[name]
+    runs = [
+        (key, plan) for name in config.stages for key, plan in plans.items() if plan.stage == name
+    ]
+    for key, plan in runs:
+        name = plan.stage
         for upstream in plan.needs:
             needed = plans[upstream]
-            if upstream not in config.stages and read_stage_marker(needed.directory) is None:
+            upstream_stage = needed.stage
+            if upstream_stage not in config.stages and read_stage_marker(needed.directory) is None:
                 raise ConfigError(
                     f"stage {name} reads the {upstream} stage's output {needed.directory} "
-                    f"(version {needed.version}), which has not finished; add {upstream} to "
-                    "stages"
+                    f"(version {needed.version}), which has not finished; add {upstream_stage} "
+                    "to stages"
                 )
         marker = read_stage_marker(plan.directory)
         if marker is not None:
             outcomes.append(
                 StageOutcome(name, plan.version, plan.directory, "skipped", 0.0, marker["result"])
             )
-            print(f"[{name}] finished earlier: {plan.directory} (skipped)", flush=True)
+            print(f"[{key}] finished earlier: {plan.directory} (skipped)", flush=True)
             continue
-        print(f"[{name}] version {plan.version} -> {plan.directory}", flush=True)
+        print(f"[{key}] version {plan.version} -> {plan.directory}", flush=True)
         started = time.perf_counter()
         result = _RUNNERS[name](plan)
         seconds = time.perf_counter() - started
@@ -409,6 +459,18 @@ def summary_text(result: PipelineResult) -> str:
             lines.append(f"    tokens     {_number(r.get('tokens'), ',')}")
             for hook, url in r.get("datasets", {}).items():
                 lines.append(f"    dataset    {hook}: {url}")
+        elif outcome.stage == "train" and "members" in r:
+            lines.append(
+                f"    group      {r.get('name')}: {len(r['members'])} SAEs, one batch stream"
+            )
+            for member_name, m in r["members"].items():
+                evals, metrics = m.get("eval_metrics", {}), m.get("metrics", {})
+                lines.append(
+                    f"    {member_name:<16} FVU {_number(evals.get('fvu', metrics.get('fvu')), '.4f')}"
+                    f"  L0 {_number(evals.get('l0', metrics.get('l0')), '.1f')}"
+                    f"  dead {_number(metrics.get('dead_fraction'), '.3f')}  "
+                    f"steps {_number(m.get('steps'), ',')}  run dir {m.get('run_dir')}"
+                )
         elif outcome.stage == "train":
             metrics, evals = r.get("metrics", {}), r.get("eval_metrics", {})
             fvu = evals.get("fvu", metrics.get("fvu"))

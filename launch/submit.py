@@ -231,9 +231,9 @@ def load_stage_config(stage: str, config: str, overrides: list[str]) -> dict[str
     from dictlearn.config import load_config
 
     if stage == "train":
-        from dictlearn.train.config import TrainConfig
+        from dictlearn.train.config import load_train_config
 
-        model: Any = load_config(TrainConfig, config, overrides)
+        model: Any = load_train_config(config, overrides)
     elif stage == "generate":
         from dictlearn.activations.config import GenerateConfig
 

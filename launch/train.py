@@ -7,13 +7,23 @@ pay for it at start-up.
 
 from __future__ import annotations
 
-from dictlearn.train.config import TrainConfig
+from typing import TYPE_CHECKING
+
+from dictlearn.train.config import GroupTrainConfig, TrainConfig
 from dictlearn.train.trainer import TrainResult
 
+if TYPE_CHECKING:
+    from dictlearn.train.group import GroupResult
 
-def train(config: TrainConfig) -> TrainResult:
+
+def train(config: TrainConfig) -> TrainResult | GroupResult:
     """Train (or resume) ``config`` where it asks to run: in this process, or
-    (``config.ray.uses_ray``) on ``config.ray.hosts`` Ray trainer actors."""
+    (``config.ray.uses_ray``) on ``config.ray.hosts`` Ray trainer actors. A
+    :class:`GroupTrainConfig` trains its members together, in this process."""
+    if isinstance(config, GroupTrainConfig):
+        from dictlearn.train.group import main as group_main
+
+        return group_main(config)
     if not config.ray.uses_ray:
         from dictlearn.train.trainer import main
 

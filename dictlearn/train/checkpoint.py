@@ -128,6 +128,10 @@ class Checkpointer:
         )
         return restored[CONFIG]
 
+    def delete(self, step: int) -> None:
+        """Delete the checkpoint of ``step`` (e.g. one a resume from an older step supersedes)."""
+        self._manager.delete(step)
+
     def wait(self) -> None:
         """Block until any background save has committed."""
         self._manager.wait_until_finished()

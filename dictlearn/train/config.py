@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from dictlearn.config import StrictModel
+from dictlearn.config import StrictModel, apply_overrides, read_yaml, validate
 from dictlearn.sae import SAEConfig, TopKConfig
 from sharding import MeshConfig
 
@@ -48,9 +49,24 @@ class LoopConfig(StrictModel):
     batch_size: int = Field(4096, gt=0, description="Tokens per global batch.")
     steps: int = Field(1000, gt=0, description="Optimizer steps.")
     seed: int = Field(0, description="Seeds parameter init and the data order.")
+    init_seed: int | None = Field(
+        None,
+        # Left out of dumps when unset, so configs (and the pipeline's version hashes) of runs
+        # that never set it stay exactly what they were.
+        exclude_if=lambda v: v is None,
+        description=(
+            "Seeds parameter init alone; null: train.seed. A group member's `seed` sets it, so "
+            "members share the group's data order yet start from their own init."
+        ),
+    )
     log_every: int = Field(10, gt=0, description="Steps between metric log lines.")
     eval_every: int = Field(0, ge=0, description="Steps between evaluations (0: only at the end).")
     eval_batches: int = Field(4, ge=0, description="Held-out batches per evaluation.")
+
+    @property
+    def param_seed(self) -> int:
+        """The seed of parameter init: ``init_seed`` if set, else ``seed``."""
+        return self.seed if self.init_seed is None else self.init_seed
 
 
 class CheckpointConfig(StrictModel):
@@ -193,3 +209,120 @@ class TrainConfig(StrictModel):
     @property
     def run_name(self) -> str:
         return self.run.name or f"{self.sae.architecture}-{self.sae.n_features}-s{self.train.seed}"
+
+
+# Fields of the shared `sae` section a member keeps even when it names another architecture.
+_SAE_COMMON_FIELDS = (
+    "n_features",
+    "d_model",
+    "dead_window_tokens",
+    "decoder_init_norm",
+    "init_b_dec_to_mean",
+)
+
+
+class GroupMember(StrictModel):
+    """One SAE of a group: what differs from the group's shared sections."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The member's run name: its run directory is <run.output_dir>/<name>.",
+    )
+    sae: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Fields over the shared `sae` section (e.g. {n_features: 8192, k: 64}). Naming "
+            "another architecture starts from that architecture's defaults instead, keeping only "
+            "the shared n_features, d_model, dead_window_tokens, decoder_init_norm and "
+            "init_b_dec_to_mean."
+        ),
+    )
+    optimizer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields over the shared `optimizer` section (e.g. {lr: 3e-3, warmup_steps: 50}).",
+    )
+    seed: int | None = Field(
+        None,
+        description=(
+            "Seeds this member's parameter init (its train.init_seed); null: train.seed. The data "
+            "order is the group's (train.seed): every member reads the same batches."
+        ),
+    )
+
+
+class GroupTrainConfig(TrainConfig):
+    """``dictlearn train`` for several SAEs on one batch stream (a config with a ``group`` list).
+
+    The sections other than ``group`` are shared: every member reads the same global batches
+    (``data``, ``train.batch_size/steps/seed``) on the same ``mesh`` and saves at the same steps.
+    ``sae`` and ``optimizer`` are the base each member's overrides apply to. Each member resolves
+    to an ordinary single-SAE :class:`TrainConfig` (:meth:`members`) whose run directory,
+    checkpoints and metrics are exactly those of that config trained alone.
+    """
+
+    group: list[GroupMember] = Field(
+        min_length=1, description="The SAEs trained together, each with its own run directory."
+    )
+
+    @model_validator(mode="after")
+    def _check_group(self) -> GroupTrainConfig:
+        names = [m.name for m in self.group]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"group member names must be unique; repeated: {', '.join(repeated)}")
+        if self.ray.uses_ray:
+            raise ValueError(
+                "group runs train in this process; multi-host groups (ray.hosts > 1 or "
+                "ray.resources_per_host) are not supported yet"
+            )
+        self.members()  # every member must resolve to a valid config
+        return self
+
+    @property
+    def run_name(self) -> str:
+        """The group's name (its W&B group); members' run names are their own ``name``."""
+        return self.run.name or "group"
+
+    def members(self) -> list[TrainConfig]:
+        """Each member's resolved single-SAE config, in ``group`` order.
+
+        Raises:
+            ValueError: a member's overrides do not make a valid config (names the member and field).
+        """
+        shared = self.model_dump(mode="json", exclude={"group"})
+        shared_sae = shared["sae"]
+        set_fields = self.sae.model_fields_set
+        resolved = []
+        for i, member in enumerate(self.group):
+            data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in shared.items()}
+            architecture = member.sae.get("architecture", shared_sae["architecture"])
+            if architecture == shared_sae["architecture"]:
+                sae = shared_sae
+            else:
+                sae = {k: shared_sae[k] for k in _SAE_COMMON_FIELDS if k in set_fields}
+            data["sae"] = sae | member.sae
+            data["optimizer"] = shared["optimizer"] | member.optimizer
+            if member.seed is not None:
+                data["train"] = shared["train"] | {"init_seed": member.seed}
+            data["run"] = shared["run"] | {"name": member.name}
+            try:
+                resolved.append(TrainConfig.model_validate(data))
+            except ValidationError as e:
+                fields = "; ".join(
+                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+                )
+                raise ValueError(f"group.{i} ({member.name}): {fields}") from None
+        return resolved
+
+
+def load_train_config(
+    path: str | Path | None, overrides: list[str] | None = None
+) -> TrainConfig | GroupTrainConfig:
+    """``dictlearn train``'s config: a :class:`GroupTrainConfig` when it has a ``group`` list.
+
+    Raises:
+        ConfigError: the file or an override is malformed (names the field).
+    """
+    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides or [])
+    cls = GroupTrainConfig if "group" in data else TrainConfig
+    return validate(cls, data, source=f"config {path}" if path else "config")

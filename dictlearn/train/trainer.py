@@ -357,7 +357,7 @@ def _initial_state(config, config_dict, program, dataset, checkpointer) -> tuple
     if latest is None and config.init is not None:
         return _branch_state(config, config_dict, program)
     if latest is None:
-        key = jax.random.key(config.train.seed)
+        key = jax.random.key(config.train.param_seed)
         return program.init(key, jax.numpy.asarray(dataset.mean)), 0
     diffs = _config_differences(checkpointer.restore_config(latest), config_dict)
     if diffs:

@@ -86,6 +86,47 @@ def test_pipeline_runs_then_skips_finished_stages(tmp_path: Path) -> None:
     assert record["stages"][1]["version"] != train["version"]
 
 
+def test_pipeline_trains_a_group_of_widths_per_hook(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hooks = ["resid_post.1", "resid_post.2"]
+    args = [
+        "pipeline",
+        f"output_dir={out}",
+        "name=scope",
+        *TINY,
+        f"generate.hooks=[{', '.join(hooks)}]",
+        "train.widths=[128, 256]",
+        "train.train.steps=4",
+        # Each member's eval stage is planned (test_pipeline_config); running four full-model
+        # evaluations here would only repeat the single-SAE test's at four times the cost.
+        "stages=[generate, train]",
+    ]
+    first = run_cli(*args, env=_env(tmp_path), timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert_no_traceback(first.stderr)
+    record = json.loads((out / "scope" / "pipeline.json").read_text())
+    gen, *trains = record["stages"]
+    assert gen["stage"] == "generate" and [t["stage"] for t in trains] == ["train", "train"]
+    assert [t["status"] for t in trains] == ["ran", "ran"]
+    assert len({t["version"] for t in trains}) == 2
+    for stage, hook in zip(trains, hooks, strict=True):
+        assert stage["result"]["name"] == f"scope-{hook}"
+        assert (Path(stage["directory"]) / "stage.json").is_file()
+        for width in (128, 256):
+            member = stage["result"]["members"][f"topk-{width}"]
+            assert member["steps"] == 4
+            assert Path(member["run_dir"]) == Path(stage["directory"]) / f"topk-{width}"
+            assert (Path(member["run_dir"]) / "config.yaml").is_file()
+    for hook in hooks:
+        assert f"[train:{hook}] version" in first.stdout, first.stdout
+    for width in (128, 256):
+        assert first.stdout.count(f"    topk-{width}   ") == 2, first.stdout
+
+    again = run_cli(*args, env=_env(tmp_path), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier") >= 3
+
+
 def test_pipeline_bad_input_is_one_line(tmp_path: Path) -> None:
     result = run_cli("pipeline", f"output_dir={tmp_path}", "train.mesh.model=2", env=_env(tmp_path))
     assert result.returncode == 2

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dictlearn.config import ConfigError
-from dictlearn.train.config import TrainConfig
+from dictlearn.train.config import GroupTrainConfig, TrainConfig
 from launch.pipeline import (
     TRAIN_EXECUTION_FIELDS,
     PipelineConfig,
@@ -107,3 +107,45 @@ def test_config_file_is_merged_onto_defaults(tmp_path: Path) -> None:
     config = load_pipeline_config(str(path), ["train.sae.k=8"])
     assert (config.name, config.train.sae.n_features, config.train.sae.k) == ("mine", 512, 8)
     assert config.generate == PipelineConfig().generate
+
+
+def test_widths_plan_a_group_per_hook() -> None:
+    overrides = ["output_dir=/tmp/x", "name=demo", "generate.hooks=[resid_post.2, resid_post.6]"]
+    single = plan_stages(load_pipeline_config(None, overrides))
+    assert sorted(single) == ["eval", "generate", "train"]  # without widths: one SAE
+    assert single["eval"].config.sae == single["train"].directory
+    assert single["eval"].needs == ("train",)
+
+    config = load_pipeline_config(None, [*overrides, "train.widths=[1024, 4096]"])
+    plans = plan_stages(config)
+    assert sorted(k for k in plans if not k.startswith("eval")) == [
+        "generate",
+        "train:resid_post.2",
+        "train:resid_post.6",
+    ]
+    gen = plans["generate"]
+    versions = set()
+    for hook in ("resid_post.2", "resid_post.6"):
+        plan = plans[f"train:{hook}"]
+        assert isinstance(plan.config, GroupTrainConfig)
+        assert plan.directory == f"/tmp/x/demo/train-{plan.version}"
+        assert plan.inputs == {"generate": gen.version, "hook": hook}
+        members = plan.config.members()
+        assert [m.run_name for m in members] == ["topk-1024", "topk-4096"]
+        assert [m.sae.n_features for m in members] == [1024, 4096]
+        assert {m.data.path for m in members} == {f"{gen.directory}/{hook}"}
+        assert {m.run.output_dir for m in members} == {plan.directory}
+        for member in members:  # every SAE of the group is evaluated spliced into the LM
+            evaluation = plans[f"eval:{hook}:{member.run_name}"]
+            assert evaluation.config.sae == f"{plan.directory}/{member.run_name}"
+            assert evaluation.needs == (f"train:{hook}",)
+        versions.add(plan.version)
+    assert len(versions) == 2
+    # train.hook picks one hook; the widths change the version of its stage.
+    one = plan_stages(
+        load_pipeline_config(None, [*overrides, "train.widths=[1024]", "train.hook=resid_post.6"])
+    )
+    assert sorted(one) == ["eval:resid_post.6:topk-1024", "generate", "train:resid_post.6"]
+    assert one["train:resid_post.6"].version not in versions
+    with pytest.raises(ConfigError, match="distinct positive"):
+        load_pipeline_config(None, ["train.widths=[1024, 1024]"])
