@@ -128,6 +128,18 @@ class RayConfig(StrictModel):
                 raise ValueError("set CPUs with cpus_per_worker, not resources_per_worker.CPU")
         return resources
 
+    def actor_options(self, name: str) -> dict[str, Any]:
+        """``ray.remote(...).options(...)`` of a worker actor named ``name``: its resources and
+        restart policy (generation and dashboard workers alike)."""
+        return {
+            "name": name,
+            "num_cpus": self.cpus_per_worker,
+            "num_gpus": self.resources_per_worker.get("GPU", 0),
+            "resources": {k: v for k, v in self.resources_per_worker.items() if k != "GPU"},
+            "max_restarts": self.max_restarts,
+            "max_task_retries": self.max_task_retries,
+        }
+
 
 class GenerateConfig(StrictModel):
     """Run a Gemma 3 over a corpus on Ray workers and write activation datasets."""

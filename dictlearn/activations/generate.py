@@ -381,14 +381,7 @@ def _run_workers(
     actor_cls = ray.remote(concurrency_groups={"control": 1})(ShardWorker)
     tag = os.urandom(4).hex()
     actors = [
-        actor_cls.options(
-            name=f"dictlearn-generate-{tag}-{i}",
-            num_cpus=rc.cpus_per_worker,
-            num_gpus=rc.resources_per_worker.get("GPU", 0),
-            resources={k: v for k, v in rc.resources_per_worker.items() if k != "GPU"},
-            max_restarts=rc.max_restarts,
-            max_task_retries=rc.max_task_retries,
-        ).remote(spec)
+        actor_cls.options(**rc.actor_options(f"dictlearn-generate-{tag}-{i}")).remote(spec)
         for i in range(n_workers)
     ]
     try:

@@ -14,18 +14,13 @@ from jax.tree_util import Partial
 
 from dictlearn import lm
 from dictlearn.export.model import ExportError, InferenceSAE, SAEParams
+from dictlearn.lm.interventions import apply_at
 
 Positions = jax.Array | None
 
 
-def _where(positions: Positions, new: jax.Array, x: jax.Array) -> jax.Array:
-    if positions is None:
-        return new
-    return jnp.where(jnp.asarray(positions, bool)[..., None], new, x)
-
-
 def _splice(sae: SAEParams, positions: Positions, x: jax.Array) -> jax.Array:
-    return _where(positions, sae.reconstruct(x).astype(x.dtype), x)
+    return apply_at(positions, sae.reconstruct(x).astype(x.dtype), x)
 
 
 def _clamp(
@@ -35,7 +30,7 @@ def _clamp(
     # Move only along the feature's decoder direction: the SAE's error term and every other
     # feature's contribution stay as they were.
     new = x + (value - current)[..., None] * sae.W_dec[feature]
-    return _where(positions, new, x)
+    return apply_at(positions, new, x)
 
 
 def check_feature(sae: InferenceSAE, feature: int) -> int:

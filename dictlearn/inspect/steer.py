@@ -27,6 +27,7 @@ from dictlearn.export import load_sae
 from dictlearn.export.model import ExportError, InferenceSAE
 from dictlearn.inspect.edits import ablate_feature, check_feature, clamp_feature, steer_feature
 from dictlearn.inspect.text import SourceModel
+from dictlearn.lm.interventions import only_at
 
 
 class SteerConfig(StrictModel):
@@ -108,15 +109,9 @@ def next_token_probs(
     tokens = jnp.asarray([prompt_ids], jnp.int32)
     if edits:
         keep = jnp.asarray([[i > 0 for i in range(len(prompt_ids))]])
-        edits = {
-            name: jax.tree_util.Partial(_keep_non_bos, keep, edit) for name, edit in edits.items()
-        }
+        edits = {name: only_at(keep, edit) for name, edit in edits.items()}
     logits = _next_logits(model.params, model.config, tokens, len(prompt_ids) - 1, edits or {})
     return np.asarray(jax.nn.softmax(logits[0]))
-
-
-def _keep_non_bos(keep, edit, x):
-    return jnp.where(keep[..., None], edit(x), x)
 
 
 _next_logits = jax.jit(

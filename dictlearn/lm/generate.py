@@ -14,9 +14,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 
 from dictlearn.lm.gemma3 import Edit, Gemma3Config, Params, next_token_logits
+from dictlearn.lm.interventions import only_at
 from dictlearn.lm.tokenizer import Tokenizer
 
 
@@ -55,10 +55,6 @@ def _decode(
     done = jnp.zeros(buffer.shape[0], dtype=bool)
     _, buffer, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), buffer, done))
     return buffer
-
-
-def _keep_positions(keep: jax.Array, edit: Edit, x: jax.Array) -> jax.Array:
-    return jnp.where(keep[..., None], edit(x), x)
 
 
 def generate(
@@ -111,9 +107,7 @@ def generate(
         keep = np.asarray(mask, bool)
         if not edit_bos:
             keep[np.arange(len(prompts)), [width - len(ids) for ids in encoded]] = False
-        wrapped = {
-            name: Partial(_keep_positions, jnp.asarray(keep), edit) for name, edit in edits.items()
-        }
+        wrapped = {name: only_at(keep, edit) for name, edit in edits.items()}
     out = np.asarray(
         _decode(
             params,

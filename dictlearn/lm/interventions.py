@@ -19,21 +19,24 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
+from dictlearn.lm.gemma3 import Edit
+
 Positions = jax.Array | None
 
 
-def _apply(positions: Positions, new: jax.Array, x: jax.Array) -> jax.Array:
+def apply_at(positions: Positions, new: jax.Array, x: jax.Array) -> jax.Array:
+    """``new`` where ``positions`` says (everywhere for None), ``x`` elsewhere."""
     if positions is None:
         return new
     return jnp.where(jnp.asarray(positions, bool)[..., None], new, x)
 
 
 def _add(direction: jax.Array, scale: jax.Array, positions: Positions, x: jax.Array) -> jax.Array:
-    return _apply(positions, x + scale * direction.astype(x.dtype), x)
+    return apply_at(positions, x + scale * direction.astype(x.dtype), x)
 
 
 def _replace(value: jax.Array, positions: Positions, x: jax.Array) -> jax.Array:
-    return _apply(positions, jnp.broadcast_to(value.astype(x.dtype), x.shape), x)
+    return apply_at(positions, jnp.broadcast_to(value.astype(x.dtype), x.shape), x)
 
 
 def add(
@@ -56,3 +59,12 @@ def zero_ablate(d_model: int, positions: Positions = None) -> Partial:
 def mean_ablate(mean: jax.Array, positions: Positions = None) -> Partial:
     """The activation set to its mean over some reference text (``[d_model]``)."""
     return replace(mean, positions)
+
+
+def _only_at(positions: jax.Array, edit: Edit, x: jax.Array) -> jax.Array:
+    return apply_at(positions, edit(x), x)
+
+
+def only_at(positions: jax.Array, edit: Edit) -> Partial:
+    """``edit`` restricted to ``positions`` (e.g. every position but BOS)."""
+    return Partial(_only_at, jnp.asarray(positions, bool), edit)

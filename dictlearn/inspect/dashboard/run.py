@@ -408,14 +408,9 @@ def _run_on_ray(
     sae_ref = ray.put(sae)
     tag = os.urandom(4).hex()
     actors = [
-        actor_cls.options(
-            name=f"dictlearn-dashboard-{tag}-{i}",
-            num_cpus=rc.cpus_per_worker,
-            num_gpus=rc.resources_per_worker.get("GPU", 0),
-            resources={k: v for k, v in rc.resources_per_worker.items() if k != "GPU"},
-            max_restarts=rc.max_restarts,
-            max_task_retries=rc.max_task_retries,
-        ).remote(spec, sae_ref, features, cspec)
+        actor_cls.options(**rc.actor_options(f"dictlearn-dashboard-{tag}-{i}")).remote(
+            spec, sae_ref, features, cspec
+        )
         for i in range(n_workers)
     ]
     try:
