@@ -666,6 +666,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     ``sys.modules`` keeps a failing ``dictlearn jobs`` call from importing jax just to print.
     """
     errors: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError)
+    storage = sys.modules.get("dictlearn.data.storage")
+    if storage is not None:  # gs:// kept failing after every retry: the message names the object
+        errors += (storage.StorageError,)
     trainer = sys.modules.get("dictlearn.train.trainer")
     if trainer is not None:
         errors += (trainer.TrainingDiverged,)

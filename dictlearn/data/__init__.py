@@ -30,6 +30,7 @@ from dictlearn.data.planted import (
     write_planted_dataset,
 )
 from dictlearn.data.reader import BatchStream
+from dictlearn.data.storage import StorageError
 
 __all__ = [
     "ActivationDataset",
@@ -42,6 +43,7 @@ __all__ = [
     "PlantedConfig",
     "PlantedTruth",
     "ShardInfo",
+    "StorageError",
     "check_compatible",
     "commit_manifest",
     "load_planted_truth",

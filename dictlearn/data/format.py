@@ -447,7 +447,7 @@ def _load_manifest(url: str, fs: fsspec.AbstractFileSystem, root: str) -> Datase
     where = _display(url, MANIFEST_NAME)
     raw = storage.read_bytes_or_none(fs, storage.join(root, MANIFEST_NAME))
     if raw is None:
-        if not fs.exists(root):
+        if not storage.exists(fs, root):
             raise DatasetError(
                 f"no activation dataset at {url}: the path does not exist; check data.path, "
                 "or write one with `dictlearn generate` (or `dictlearn planted`)"
@@ -652,7 +652,7 @@ class ActivationDataset:
         paths = [storage.join(self._root, self.manifest.shards[i].path) for i in shards]
         starts = [lo * self._row_bytes for lo, _ in spans]
         ends = [hi * self._row_bytes for _, hi in spans]
-        blobs = self._fs.cat_ranges(paths, starts, ends, on_error="raise")
+        blobs = storage.read_ranges(self._fs, paths, starts, ends)
         for shard_index, (lo, hi), blob in zip(shards, spans, blobs, strict=True):
             if len(blob) != (hi - lo) * self._row_bytes:
                 raise DatasetError(
