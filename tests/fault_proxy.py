@@ -29,6 +29,7 @@ import json
 import random
 import socket
 import struct
+import sys
 import threading
 import urllib.parse
 from collections import Counter
@@ -50,6 +51,16 @@ _HOP_BY_HOP = {
     "upgrade",
     "expect",
 }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that gave up on a request (a cancelled read, its own timeout) closes the
+        # connection under the proxy's answer: normal for a proxy, not worth a traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class FaultProxy:
@@ -74,8 +85,7 @@ class FaultProxy:
         """Faults injected, by kind, since the last :meth:`arm`."""
         self.faulted: list[str] = []
         """``"METHOD path"`` of each faulted request, since the last :meth:`arm`."""
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property

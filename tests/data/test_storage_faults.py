@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,10 +23,14 @@ from dictlearn.data import (
     storage,
     write_planted_dataset,
 )
+from dictlearn.train import trainer
+from dictlearn.train.config import TrainConfig
+from dictlearn.train.trainer import main
 from launch.cli import main as cli_main
 from sharding.distributed import free_port
 from tests.fault_proxy import FAULT_KINDS, FaultProxy
 from tests.gcs_emulator import BUCKET, emulator, endpoint
+from tests.train.helpers import assert_trees_equal, make_planted, restore_final, tiny_config
 
 PLANTED = PlantedConfig(
     d_model=16, n_features=32, n_tokens=6000, mean_active=3, seed=0, shard_tokens=2048
@@ -101,3 +106,77 @@ def test_outage_ends_in_one_line_naming_the_object(
     assert err.count("\n") == 1, err
     assert err.startswith(f"dictlearn validate: error: {url}/manifest.json: storage still failing")
     assert "after 2 tries" in err and "re-run: finished work is kept" in err
+
+
+# -- train -> checkpoint -> resume on gs://, through faults -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_data(faulty_gcs: FaultyGcs) -> str:
+    url = f"{faulty_gcs.bucket}/train-data"
+    make_planted(url)
+    return url
+
+
+def _config(output_dir: str, data: str) -> TrainConfig:
+    return tiny_config(
+        output_dir,
+        data,
+        train={"steps": 8, "log_every": 1},
+        checkpoint={"every_steps": 4, "keep": 3},
+        run={"output_dir": output_dir, "name": "run"},
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_state(faulty_gcs: FaultyGcs, train_data: str) -> Any:
+    config = _config(f"{faulty_gcs.bucket}/reference-runs", train_data)
+    assert main(config).steps == 8
+    return restore_final(config)[1]
+
+
+def _train_preempted_at_4_then_resumed(
+    config: TrainConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run to a preemption after step 4 (checkpoint, exit), then re-run to the end."""
+    calls = itertools.count(1)
+    # The trainer asks once per step whether any process got SIGTERM: say yes after step 4, as
+    # a preemption notice would, so the stop is at the same step every time.
+    monkeypatch.setattr(trainer, "_on_any_process", lambda flag: next(calls) == 4 or flag)
+    first = main(config)
+    assert first.preempted and first.steps == 4
+    monkeypatch.undo()
+    second = main(config)
+    assert not second.preempted and second.steps == 8
+
+
+FAULTS = {
+    # name: (kinds, rate, max_faults)
+    **{kind: ([kind], 0.2, 8) for kind in FAULT_KINDS},
+    "all-kinds-heavy": (list(FAULT_KINDS), 0.5, 40),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_train_checkpoint_resume_through_faults_is_bit_identical(
+    faulty_gcs: FaultyGcs,
+    train_data: str,
+    reference_state: Any,
+    fault: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kinds, rate, max_faults = FAULTS[fault]
+    config = _config(f"{faulty_gcs.bucket}/runs-{fault}", train_data)
+    faulty_gcs.proxy.arm(rate=rate, kinds=kinds, max_faults=max_faults)
+    try:
+        _train_preempted_at_4_then_resumed(config, monkeypatch)
+        injected = dict(faulty_gcs.proxy.injected)
+    finally:
+        faulty_gcs.proxy.disarm()
+    print(f"{fault}: {injected} faults injected, rate {rate}")  # for the report's table
+    assert sum(injected.values()) == max_faults, injected
+    restored = restore_final(config)[1]
+    assert restored.step == reference_state.step == 8
+    assert restored.data_position == reference_state.data_position
+    assert_trees_equal(restored.state, reference_state.state)
