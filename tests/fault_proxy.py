@@ -12,8 +12,8 @@ which get one of
 
 Faults are bounded (``max_faults``), so a client that retries long enough always gets through;
 ``max_faults=None`` with ``rate=1.0`` is an outage, to test what happens when retries run out.
-The choice is drawn from a seeded generator, so a run sees the same fault sequence for the
-same sequence of requests (concurrent clients interleave, so only roughly).
+The draws come from a generator seeded at :meth:`FaultProxy.arm`, so a run sees the same
+sequence of fault kinds every time.
 
     with FaultProxy(upstream="http://127.0.0.1:4443") as proxy:
         proxy.arm(rate=0.2, kinds=("503", "reset"), max_faults=30)
@@ -68,13 +68,12 @@ class FaultProxy:
 
     Args:
         upstream: ``http://host:port`` of the real server.
-        seed: Seed of the fault draws.
     """
 
-    def __init__(self, upstream: str, *, seed: int = 0) -> None:
+    def __init__(self, upstream: str) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         self._upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
-        self._rng = random.Random(seed)
+        self._rng = random.Random(0)
         self._lock = threading.Lock()
         self._rate = 0.0
         self._kinds: tuple[str, ...] = ()
@@ -93,18 +92,24 @@ class FaultProxy:
         """The proxy's ``http://127.0.0.1:PORT``."""
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def arm(self, *, rate: float, kinds: Sequence[str], max_faults: int | None) -> None:
+    def arm(
+        self, *, rate: float, kinds: Sequence[str], max_faults: int | None, seed: int = 0
+    ) -> None:
         """Fault each following request with probability ``rate``, until ``max_faults`` are done.
 
         Args:
             rate: Probability in [0, 1] that a request is faulted.
             kinds: Fault kinds to draw from uniformly (see the module docstring).
             max_faults: Stop injecting after this many faults; None: never stop.
+            seed: Seed of the draws from here on. Every request makes the same draws, so the
+                sequence of fault kinds is the same from run to run; which request gets which
+                depends on the order concurrent requests arrive in.
         """
         unknown = set(kinds) - set(FAULT_KINDS)
         if unknown or not kinds or not 0.0 <= rate <= 1.0:
             raise ValueError(f"bad fault settings: rate {rate}, kinds {kinds}")
         with self._lock:
+            self._rng = random.Random(seed)
             self._rate, self._kinds, self._faults_left = rate, tuple(kinds), max_faults
             self.injected = Counter()
             self.faulted = []

@@ -59,7 +59,7 @@ def faulty_gcs() -> Iterator[FaultyGcs]:
     """A fake GCS of its own whose only way in is the fault proxy (upload URLs included)."""
     port = free_port()
     with (
-        FaultProxy(f"http://127.0.0.1:{port}", seed=1) as proxy,
+        FaultProxy(f"http://127.0.0.1:{port}") as proxy,
         emulator(port, external_url=proxy.url),
         endpoint(proxy.url),
     ):
@@ -80,7 +80,7 @@ def test_dataset_written_and_read_through_faults_is_exact(faulty_gcs: FaultyGcs)
     assert faulty_gcs.proxy.injected == {}
 
     faulted = f"{faulty_gcs.bucket}/faulted"
-    faulty_gcs.proxy.arm(rate=0.25, kinds=FAULT_KINDS, max_faults=12)
+    faulty_gcs.proxy.arm(rate=0.25, kinds=FAULT_KINDS, max_faults=12, seed=1)
     write_planted_dataset(faulted, PLANTED)
     got = _read_everything(faulted)
     injected = dict(faulty_gcs.proxy.injected)
