@@ -4,6 +4,7 @@
     dictlearn train CONFIG.yaml [key.sub=value ...]     # one SAE, or a `group:` of several
     dictlearn sweep SWEEP.yaml [key.sub=value ...]       # a grid of training runs on Ray Tune
     dictlearn planted OUT_URL [key=value ...]      # write a planted-dictionary dataset
+    dictlearn validate DATASET_URL [--deep]        # check an activation dataset's files
     dictlearn export RUN_DIR --format saelens|gemmascope|native --out URL
     dictlearn eval SAE_URL [--tokens N] [--corpus URL ...]   # spliced loss recovered
     dictlearn steer SAE_URL --feature N (--scale S | --clamp V | --ablate) --prompt TEXT
@@ -102,6 +103,45 @@ def _planted(args: argparse.Namespace) -> Any:
         f"{config.n_features} true features) to {args.out}"
     )
     return None
+
+
+def _validate(args: argparse.Namespace) -> Any:
+    import time
+    import warnings
+
+    from dictlearn.data import ActivationDataset, DatasetWarning
+
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DatasetWarning)
+        dataset = ActivationDataset.open(args.dataset)
+        if args.deep:
+            dataset.validate(deep=True)
+    for w in caught:
+        print(f"dictlearn validate: warning: {w.message}", file=sys.stderr)
+    m = dataset.manifest
+    nbytes = sum(shard.nbytes for shard in m.shards)
+    checked = (
+        f"deep: every {'block checksum' if dataset.checks_blocks else 'shard CRC32 and value'} "
+        f"read back, {nbytes:,} bytes in {time.perf_counter() - start:.1f} s"
+        if args.deep
+        else "quick: manifest, shard sizes, sidecars; --deep reads every byte"
+    )
+    print(
+        f"dataset OK ({checked}): {dataset.url}\n"
+        f"  format version {m.version}, {m.n_tokens:,} rows x d_model {m.d_model} {m.dtype} in "
+        f"{len(m.shards)} shards ({nbytes:,} bytes), {m.source_model} {m.hook}"
+    )
+    return None
+
+
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", metavar="DATASET_URL", help="Activation dataset directory or URL.")
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="Also read every shard and check every block checksum (reads the whole dataset).",
+    )
 
 
 def _index(args: argparse.Namespace) -> Any:
@@ -558,6 +598,11 @@ COMMANDS: dict[
         _planted_arguments,
         _planted,
     ),
+    "validate": (
+        "Check an activation dataset: manifest, shard sizes, sidecars (--deep: every checksum).",
+        _validate_arguments,
+        _validate,
+    ),
     "export": (
         "Export a trained SAE for other tools (SAELens, Gemma Scope, native).",
         _export_arguments,
@@ -621,6 +666,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     ``sys.modules`` keeps a failing ``dictlearn jobs`` call from importing jax just to print.
     """
     errors: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError)
+    storage = sys.modules.get("dictlearn.data.storage")
+    if storage is not None:  # gs:// kept failing after every retry: the message names the object
+        errors += (storage.StorageError,)
     trainer = sys.modules.get("dictlearn.train.trainer")
     if trainer is not None:
         errors += (trainer.TrainingDiverged,)

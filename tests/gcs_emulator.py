@@ -23,6 +23,7 @@ What it sets, and why (see /work/shared/NOTES.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -84,12 +85,15 @@ def _create_bucket(url: str, name: str) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
-def gcs_bucket() -> Iterator[str]:
-    """Start an in-memory fake GCS for the session and yield ``gs://dictlearn-test``."""
-    import gcsfs.core
+@contextlib.contextmanager
+def emulator(port: int, external_url: str | None = None) -> Iterator[str]:
+    """Run an in-memory fake-gcs-server on ``port`` with the test bucket; yield its URL.
 
-    port, dead_port = free_port(), free_port()
+    Args:
+        port: Loopback port to listen on.
+        external_url: The URL clients reach it by (it writes it into upload locations); default
+            its own. A proxy in front of it passes its own URL here.
+    """
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="fake-gcs-") as tmp:
         # A log file, not a pipe: nobody reads a pipe while tests run, and a full pipe would
@@ -100,39 +104,16 @@ def gcs_bucket() -> Iterator[str]:
                 [
                     str(_binary()),
                     *("-host", "127.0.0.1", "-port", str(port)),
-                    *("-scheme", "http", "-backend", "memory", "-external-url", url),
-                    *("-log-level", "warn"),
+                    *("-scheme", "http", "-backend", "memory"),
+                    *("-external-url", external_url or url, "-log-level", "warn"),
                 ],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
-        saved_env = {key: os.environ.get(key) for key in _ENV_KEYS}
-        saved_conf = dict(fsspec.config.conf.get("gcs", {}))
-        saved_class = fsspec.get_filesystem_class("gs")
         try:
             _wait_ready(proc, url, log, timeout=20)
             _create_bucket(url, BUCKET)
-            dead = f"127.0.0.1:{dead_port}"
-            os.environ.update(
-                {
-                    "STORAGE_EMULATOR_HOST": url,
-                    "FSSPEC_GCS_TOKEN": "anon",
-                    "TENSORSTORE_GCS_HTTP_URL": url,
-                    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
-                    "GCE_METADATA_HOST": dead,
-                    "GCE_METADATA_IP": dead,
-                    "GCE_METADATA_ROOT": dead,
-                }
-            )
-            fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
-            if saved_class is not gcsfs.core.GCSFileSystem:
-                # gcsfs was imported before this plugin could switch its experimental
-                # filesystem off; use the plain one explicitly.
-                fsspec.register_implementation("gs", gcsfs.core.GCSFileSystem, clobber=True)
-                fsspec.register_implementation("gcs", gcsfs.core.GCSFileSystem, clobber=True)
-            # Instances made before this point may carry other credentials or endpoints.
-            gcsfs.core.GCSFileSystem.clear_instance_cache()
-            yield f"gs://{BUCKET}"
+            yield url
         finally:
             proc.terminate()
             try:
@@ -140,15 +121,55 @@ def gcs_bucket() -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            fsspec.config.conf["gcs"] = saved_conf
-            fsspec.register_implementation("gs", saved_class, clobber=True)
-            fsspec.register_implementation("gcs", saved_class, clobber=True)
-            gcsfs.core.GCSFileSystem.clear_instance_cache()
+
+
+@contextlib.contextmanager
+def endpoint(url: str) -> Iterator[None]:
+    """Point gcsfs, fsspec and tensorstore (here and in child processes) at ``url``; undo after."""
+    import gcsfs.core
+
+    saved_env = {key: os.environ.get(key) for key in _ENV_KEYS}
+    saved_conf = dict(fsspec.config.conf.get("gcs", {}))
+    saved_class = fsspec.get_filesystem_class("gs")
+    dead = f"127.0.0.1:{free_port()}"
+    try:
+        os.environ.update(
+            {
+                "STORAGE_EMULATOR_HOST": url,
+                "FSSPEC_GCS_TOKEN": "anon",
+                "TENSORSTORE_GCS_HTTP_URL": url,
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
+                "GCE_METADATA_HOST": dead,
+                "GCE_METADATA_IP": dead,
+                "GCE_METADATA_ROOT": dead,
+            }
+        )
+        fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+        if saved_class is not gcsfs.core.GCSFileSystem:
+            # gcsfs was imported before this plugin could switch its experimental
+            # filesystem off; use the plain one explicitly.
+            fsspec.register_implementation("gs", gcsfs.core.GCSFileSystem, clobber=True)
+            fsspec.register_implementation("gcs", gcsfs.core.GCSFileSystem, clobber=True)
+        # Instances made before this point may carry other credentials or endpoints.
+        gcsfs.core.GCSFileSystem.clear_instance_cache()
+        yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        fsspec.config.conf["gcs"] = saved_conf
+        fsspec.register_implementation("gs", saved_class, clobber=True)
+        fsspec.register_implementation("gcs", saved_class, clobber=True)
+        gcsfs.core.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket() -> Iterator[str]:
+    """Start an in-memory fake GCS for the session and yield ``gs://dictlearn-test``."""
+    with emulator(free_port()) as url, endpoint(url):
+        yield f"gs://{BUCKET}"
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """Activation datasets: the on-disk shard format, deterministic batch streams, planted data.
 
-- :mod:`dictlearn.data.format`: write shards, commit manifests, open and validate datasets.
+- :mod:`dictlearn.data.format`: the files; write shards, commit manifests.
+- :mod:`dictlearn.data.dataset`: open, read (block checksums checked) and validate datasets.
+- :mod:`dictlearn.data.storage`: the fsspec operations they use, retrying storage faults.
 - :mod:`dictlearn.data.reader`: seeded, resumable global batches, sliced per process.
 - :mod:`dictlearn.data.planted`: synthetic datasets with a known dictionary, and how well an
   SAE recovered it.
@@ -8,14 +10,14 @@
 The format is specified in ``docs/activation_format.md``.
 """
 
+from dictlearn.data.dataset import ActivationDataset, check_compatible
 from dictlearn.data.format import (
-    ActivationDataset,
     DatasetError,
     DatasetManifest,
     DatasetStats,
+    DatasetWarning,
     ManifestShard,
     ShardInfo,
-    check_compatible,
     commit_manifest,
     read_shard_info,
     read_shard_infos,
@@ -29,6 +31,7 @@ from dictlearn.data.planted import (
     write_planted_dataset,
 )
 from dictlearn.data.reader import BatchStream
+from dictlearn.data.storage import StorageError
 
 __all__ = [
     "ActivationDataset",
@@ -36,10 +39,12 @@ __all__ = [
     "DatasetError",
     "DatasetManifest",
     "DatasetStats",
+    "DatasetWarning",
     "ManifestShard",
     "PlantedConfig",
     "PlantedTruth",
     "ShardInfo",
+    "StorageError",
     "check_compatible",
     "commit_manifest",
     "load_planted_truth",

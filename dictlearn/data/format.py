@@ -1,17 +1,22 @@
-"""The on-disk activation-shard format: writer, manifest, and random-access reader.
+"""The on-disk activation-shard format: the files, the shard writer and the manifest.
 
 A dataset is a directory URL (local path or ``gs://bucket/prefix``)::
 
     shards/shard-00000.bin    raw little-endian row-major [n_tokens, d_model] float32 | bfloat16
     shards/shard-00000.json   sidecar (ShardInfo), written after the .bin: its presence commits it
+                              (version 2: also a CRC32 per block of checksum_rows rows)
     ...
     manifest.json             DatasetManifest, written last: its presence commits the dataset
 
 Writing is idempotent and crash-safe: a worker calls :func:`write_shard` per shard (re-running
 overwrites), a coordinator collects the :class:`ShardInfo` sidecars and calls
-:func:`commit_manifest`. Readers open the dataset with :meth:`ActivationDataset.open`, which checks
-every shard's size against the manifest in one listing, and read rows by byte range. The full
-specification is ``docs/activation_format.md``.
+:func:`commit_manifest`. Readers open the dataset with :meth:`ActivationDataset.open`
+(:mod:`dictlearn.data.dataset`), which checks
+every shard's size against the manifest in one listing, and read rows by byte range; every read
+checks the CRC32 of each block of rows it touches, so a corrupted shard of the right size fails
+with an error naming the shard and block instead of training on garbage. Version-1 datasets (no
+block checksums) are still read, with a one-time warning. The full specification is
+``docs/activation_format.md``.
 
     write_shard("gs://b/acts", 0, rows, "bfloat16")
     commit_manifest("gs://b/acts", [read_shard_info("gs://b/acts", 0)], source_model="gemma3-270m",
@@ -22,13 +27,12 @@ specification is ``docs/activation_format.md``.
 
 from __future__ import annotations
 
-import json
 import math
+import warnings
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Literal
 
-import fsspec
 import ml_dtypes
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -36,7 +40,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dictlearn.data import storage
 
 FORMAT_NAME = "dictlearn.activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version written. 2 added per-block CRC32s to the sidecars; version 1 is still read."""
+READABLE_VERSIONS = (1, 2)
+DEFAULT_CHECKSUM_ROWS = 64
+"""Rows per checksummed block. Small enough that a reader whose blocks are not a multiple of it
+reads few extra rows; large enough (64 x 640 bfloat16 = 80 KiB) that one zlib.crc32 call per block
+costs nothing beside the read. The reader's default block_rows (256) is a multiple, so its reads
+are aligned and fetch no extra byte."""
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 
@@ -63,6 +74,10 @@ class DatasetError(ValueError):
     """
 
 
+class DatasetWarning(UserWarning):
+    """A dataset is usable but weaker than the current format (e.g. no block checksums)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -82,11 +97,30 @@ class ShardInfo(_Strict):
     crc32: int = Field(ge=0, description="zlib.crc32 of the .bin bytes.")
     sum: list[float] = Field(description="Float64 sum of the rows, d_model entries.")
     sum_sq_norm: float = Field(ge=0, description="Sum over rows of ||row||^2.")
+    checksum_rows: int | None = Field(
+        default=None,
+        gt=0,
+        description="Rows per checksummed block (format version 2); null in version-1 shards.",
+    )
+    block_crc32: list[int] | None = Field(
+        default=None,
+        description="zlib.crc32 of each block of checksum_rows rows, in order (the last block "
+        "may be shorter); null in version-1 shards.",
+    )
 
     @model_validator(mode="after")
     def _check_consistent(self) -> ShardInfo:
         if len(self.sum) != self.d_model:
             raise ValueError(f"sum has {len(self.sum)} entries, d_model is {self.d_model}")
+        if (self.checksum_rows is None) != (self.block_crc32 is None):
+            raise ValueError("checksum_rows and block_crc32 must be given together")
+        if self.checksum_rows is not None and self.block_crc32 is not None:
+            blocks = -(-self.n_tokens // self.checksum_rows)
+            if len(self.block_crc32) != blocks:
+                raise ValueError(
+                    f"block_crc32 has {len(self.block_crc32)} entries, expected {blocks} "
+                    f"(n_tokens {self.n_tokens} / checksum_rows {self.checksum_rows})"
+                )
         expected = self.n_tokens * self.d_model * _NUMPY_DTYPES[self.dtype].itemsize
         if self.nbytes != expected:
             raise ValueError(f"nbytes {self.nbytes} != n_tokens * d_model * itemsize = {expected}")
@@ -114,7 +148,9 @@ class DatasetManifest(_Strict):
     """``manifest.json``: written last; its existence means the dataset is complete."""
 
     format: Literal["dictlearn.activations"] = Field(description="Always dictlearn.activations.")
-    version: Literal[1] = Field(description="Format version.")
+    version: Literal[1, 2] = Field(
+        description="Format version: 2 has per-block checksums in the sidecars, 1 does not."
+    )
     d_model: int = Field(gt=0, description="Row width.")
     dtype: DType = Field(description="Storage dtype of every shard.")
     n_tokens: int = Field(gt=0, description="Total rows over all shards.")
@@ -173,7 +209,25 @@ def _row_stats(rows: np.ndarray) -> tuple[np.ndarray, float]:
     return total, sq
 
 
-def write_shard(dataset_url: str, index: int, array: np.ndarray, dtype: str) -> ShardInfo:
+def _block_checksums(data: bytes, block_bytes: int) -> tuple[list[int], int]:
+    """CRC32 of each ``block_bytes`` slice of ``data``, and of the whole, in one pass."""
+    view = memoryview(data)
+    blocks, whole = [], 0
+    for offset in range(0, len(data), block_bytes):
+        block = view[offset : offset + block_bytes]
+        blocks.append(zlib.crc32(block))
+        whole = zlib.crc32(block, whole)
+    return blocks, whole
+
+
+def write_shard(
+    dataset_url: str,
+    index: int,
+    array: np.ndarray,
+    dtype: str,
+    *,
+    checksum_rows: int = DEFAULT_CHECKSUM_ROWS,
+) -> ShardInfo:
     """Write one shard and its sidecar, atomically and idempotently.
 
     The sidecar is removed first and written last, so at every instant either the old shard,
@@ -184,6 +238,7 @@ def write_shard(dataset_url: str, index: int, array: np.ndarray, dtype: str) -> 
         index: Shard number (>= 0).
         array: ``[n_tokens, d_model]`` floating-point rows; cast to ``dtype`` for storage.
         dtype: ``"float32"`` or ``"bfloat16"``.
+        checksum_rows: Rows per checksummed block (a CRC32 each, checked on every read).
 
     Returns:
         The committed sidecar. Its statistics are computed on the stored (cast) values, so they
@@ -194,6 +249,8 @@ def write_shard(dataset_url: str, index: int, array: np.ndarray, dtype: str) -> 
     """
     if index < 0:
         raise DatasetError(f"shard index must be >= 0, got {index}")
+    if checksum_rows < 1:
+        raise DatasetError(f"checksum_rows must be >= 1, got {checksum_rows}")
     target = numpy_dtype(dtype)
     array = np.asarray(array)
     bin_url = _display(dataset_url, shard_bin_name(index))
@@ -209,15 +266,18 @@ def write_shard(dataset_url: str, index: int, array: np.ndarray, dtype: str) -> 
         )
     data = stored.tobytes()
     row_sum, sq = _row_stats(stored)
+    block_crc32, crc32 = _block_checksums(data, checksum_rows * stored.shape[1] * target.itemsize)
     info = ShardInfo(
         index=index,
         n_tokens=stored.shape[0],
         d_model=stored.shape[1],
         dtype=dtype,  # type: ignore[arg-type]  # checked by numpy_dtype above
         nbytes=len(data),
-        crc32=zlib.crc32(data),
+        crc32=crc32,
         sum=row_sum.tolist(),
         sum_sq_norm=sq,
+        checksum_rows=checksum_rows,
+        block_crc32=block_crc32,
     )
     fs, root = storage.filesystem(dataset_url)
     sidecar = storage.join(root, shard_info_name(index))
@@ -322,6 +382,17 @@ def commit_manifest(
     for info in infos:
         _check_bin_size(dataset_url, info.index, info.nbytes, sizes)
 
+    # Shards written before version 2 (a generation resumed across an upgrade) have no block
+    # checksums: the dataset is still valid, as version 1, which readers accept with a warning.
+    unchecked = [info.index for info in infos if info.block_crc32 is None]
+    if unchecked:
+        warnings.warn(
+            f"{dataset_url}: shards {unchecked[:10]} have no block checksums (written by an older "
+            "dictlearn); committing format version 1, whose reads cannot detect corruption. "
+            "Regenerate those shards to get version 2.",
+            DatasetWarning,
+            stacklevel=2,
+        )
     n_tokens = sum(info.n_tokens for info in infos)
     total = np.sum([np.asarray(info.sum, np.float64) for info in infos], axis=0)
     sum_sq = math.fsum(info.sum_sq_norm for info in infos)
@@ -329,7 +400,7 @@ def commit_manifest(
         raise DatasetError(f"{dataset_url}: every row is zero; the activations are not usable")
     manifest = DatasetManifest(
         format=FORMAT_NAME,
-        version=FORMAT_VERSION,
+        version=1 if unchecked else FORMAT_VERSION,
         d_model=first.d_model,
         dtype=first.dtype,
         n_tokens=n_tokens,
@@ -369,251 +440,3 @@ def _check_bin_size(dataset_url: str, index: int, expected: int, sizes: dict[str
             f"(truncated or corrupt); delete it and its .json and re-run generation for shard "
             f"{index}"
         )
-
-
-def _load_manifest(url: str, fs: fsspec.AbstractFileSystem, root: str) -> DatasetManifest:
-    where = _display(url, MANIFEST_NAME)
-    raw = storage.read_bytes_or_none(fs, storage.join(root, MANIFEST_NAME))
-    if raw is None:
-        if not fs.exists(root):
-            raise DatasetError(
-                f"no activation dataset at {url}: the path does not exist; check data.path, "
-                "or write one with `dictlearn generate` (or `dictlearn planted`)"
-            )
-        raise DatasetError(
-            f"no manifest.json at {url}: dataset not committed (was generation interrupted? "
-            "re-run generate)"
-        )
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{where}: not valid JSON ({err}); re-run generate") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise DatasetError(
-            f"{where}: format {found!r} is not {FORMAT_NAME!r}; this URL is not a dictlearn "
-            "activation dataset"
-        )
-    if data.get("version") != FORMAT_VERSION:
-        raise DatasetError(
-            f"{where}: format version {data.get('version')!r}, this dictlearn reads version "
-            f"{FORMAT_VERSION}; use a matching dictlearn or regenerate the dataset"
-        )
-    try:
-        return DatasetManifest.model_validate(data)
-    except ValidationError as err:
-        raise DatasetError(f"{where}: malformed manifest ({err}); re-run generate") from err
-
-
-class ActivationDataset:
-    """A committed activation dataset, opened for random-access reads of float32 rows.
-
-    Use :meth:`open`; the constructor does no I/O or checking.
-    """
-
-    def __init__(
-        self, url: str, manifest: DatasetManifest, fs: fsspec.AbstractFileSystem, root: str
-    ) -> None:
-        self.url = url
-        self.manifest = manifest
-        self._fs = fs
-        self._root = root
-        self._dtype = numpy_dtype(manifest.dtype)
-        self._row_bytes = manifest.d_model * self._dtype.itemsize
-
-    @classmethod
-    def open(cls, url: str) -> ActivationDataset:
-        """Open the dataset at ``url`` and cheaply validate it.
-
-        Checks the manifest, every shard's size (one listing) and every sidecar's d_model/dtype
-        (concurrent small reads). Use :meth:`validate` with ``deep=True`` to also check CRCs.
-
-        Raises:
-            DatasetError: not committed, unknown format or version, or a shard inconsistent.
-        """
-        fs, root = storage.filesystem(url)
-        dataset = cls(url, _load_manifest(url, fs, root), fs, root)
-        dataset.validate(deep=False)
-        return dataset
-
-    @property
-    def d_model(self) -> int:
-        """Row width."""
-        return self.manifest.d_model
-
-    @property
-    def n_tokens(self) -> int:
-        """Total rows."""
-        return self.manifest.n_tokens
-
-    @property
-    def num_shards(self) -> int:
-        """Number of shards."""
-        return len(self.manifest.shards)
-
-    @property
-    def mean(self) -> np.ndarray:
-        """Mean row, ``[d_model]`` float32 (e.g. to initialise ``b_dec``)."""
-        return np.asarray(self.manifest.stats.mean, np.float32)
-
-    @property
-    def norm_scale(self) -> float:
-        """Scale that gives raw rows mean squared norm ``d_model``: ``sqrt(d_model / E||x||^2)``."""
-        return math.sqrt(self.d_model / self.manifest.stats.mean_sq_norm)
-
-    def shard_n_tokens(self, shard_index: int) -> int:
-        """Rows in shard ``shard_index``."""
-        return self.manifest.shards[shard_index].n_tokens
-
-    def shard_url(self, shard_index: int) -> str:
-        """Full URL of shard ``shard_index``'s data file (for messages and logs)."""
-        return _display(self.url, self.manifest.shards[shard_index].path)
-
-    def read_rows(self, shard_index: int, start: int, stop: int) -> np.ndarray:
-        """Read rows ``[start, stop)`` of one shard with a single byte-range read.
-
-        Returns:
-            ``[stop - start, d_model]`` float32 array.
-
-        Raises:
-            DatasetError: the range is out of bounds, or the rows hold NaN/Inf.
-        """
-        return self.read_row_ranges([(shard_index, start, stop)])[0]
-
-    def read_row_ranges(self, ranges: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
-        """Read several ``(shard_index, start, stop)`` row ranges in one concurrent request batch.
-
-        On GCS the ranges are fetched in parallel (``fs.cat_ranges``), which is what keeps a
-        shuffled reader, which reads many scattered blocks, from paying one round trip each.
-
-        Returns:
-            One float32 ``[stop - start, d_model]`` array per range, in order.
-
-        Raises:
-            DatasetError: a range is out of bounds, or rows hold NaN/Inf.
-        """
-        paths, starts, ends = [], [], []
-        for shard_index, start, stop in ranges:
-            if not 0 <= shard_index < self.num_shards:
-                raise DatasetError(
-                    f"{self.url}: shard {shard_index} out of range (dataset has "
-                    f"{self.num_shards} shards)"
-                )
-            n = self.shard_n_tokens(shard_index)
-            if not 0 <= start < stop <= n:
-                raise DatasetError(
-                    f"{self.shard_url(shard_index)}: rows [{start}, {stop}) out of range "
-                    f"(shard has {n} rows)"
-                )
-            paths.append(storage.join(self._root, self.manifest.shards[shard_index].path))
-            starts.append(start * self._row_bytes)
-            ends.append(stop * self._row_bytes)
-        blobs = self._fs.cat_ranges(paths, starts, ends, on_error="raise") if paths else []
-        return [
-            self._decode(shard_index, start, stop, blob)
-            for (shard_index, start, stop), blob in zip(ranges, blobs, strict=True)
-        ]
-
-    def _decode(self, shard_index: int, start: int, stop: int, blob: bytes) -> np.ndarray:
-        expected = (stop - start) * self._row_bytes
-        if len(blob) != expected:
-            raise DatasetError(
-                f"{self.shard_url(shard_index)}: read {len(blob)} bytes for rows [{start}, {stop}),"
-                f" expected {expected} (file truncated since open?); re-run generation for it"
-            )
-        rows = np.frombuffer(blob, self._dtype).reshape(stop - start, self.d_model)
-        if not np.isfinite(rows).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
-            raise DatasetError(
-                f"{self.shard_url(shard_index)}: NaN/Inf in rows [{start}, {stop}) (first at row "
-                f"{bad}); the shard is corrupt, regenerate it"
-            )
-        # astype always copies here, giving the caller a writable float32 array.
-        return rows.astype(np.float32)
-
-    def validate(self, deep: bool = False) -> None:
-        """Check the dataset's files against the manifest.
-
-        Args:
-            deep: Also read every shard in full to check its CRC32 and that every value is
-                finite (reads the whole dataset; meant for a one-off check after generation).
-
-        Raises:
-            DatasetError: naming the first inconsistent shard and what to do about it.
-        """
-        shards_dir = storage.join(self._root, SHARDS_DIR)
-        sizes = storage.list_sizes(self._fs, shards_dir)
-        for shard in self.manifest.shards:
-            _check_bin_size(self.url, shard.index, shard.n_tokens * self._row_bytes, sizes)
-            if shard.nbytes != shard.n_tokens * self._row_bytes:
-                raise DatasetError(
-                    f"{_display(self.url, MANIFEST_NAME)}: shard {shard.index} lists nbytes "
-                    f"{shard.nbytes}, expected {shard.n_tokens * self._row_bytes}; re-run generate"
-                )
-        sidecar_paths = [
-            storage.join(self._root, shard_info_name(s.index)) for s in self.manifest.shards
-        ]
-        sidecars = storage.read_many(self._fs, sidecar_paths)
-        for shard, raw in zip(self.manifest.shards, sidecars, strict=True):
-            where = _display(self.url, shard_info_name(shard.index))
-            if raw is None:
-                raise DatasetError(f"{where}: sidecar missing; re-run generation for this shard")
-            self._check_sidecar(shard, _parse_shard_info(raw, where), where)
-        if deep:
-            for shard in self.manifest.shards:
-                self._check_contents(shard)
-
-    def _check_sidecar(self, shard: ManifestShard, info: ShardInfo, where: str) -> None:
-        for field, in_sidecar, in_manifest in (
-            ("d_model", info.d_model, self.manifest.d_model),
-            ("dtype", info.dtype, self.manifest.dtype),
-            ("n_tokens", info.n_tokens, shard.n_tokens),
-            ("crc32", info.crc32, shard.crc32),
-        ):
-            if in_sidecar != in_manifest:
-                raise DatasetError(
-                    f"{where}: {field} {in_sidecar!r} in the shard sidecar but {in_manifest!r} in "
-                    f"the manifest; the shard was written by a different run, regenerate it and "
-                    "re-commit the manifest"
-                )
-
-    def _check_contents(self, shard: ManifestShard) -> None:
-        rows_per_chunk = max(1, _VALIDATE_CHUNK_BYTES // self._row_bytes)
-        crc = 0
-        for start in range(0, shard.n_tokens, rows_per_chunk):
-            stop = min(shard.n_tokens, start + rows_per_chunk)
-            path = storage.join(self._root, shard.path)
-            blob = self._fs.cat_file(
-                path, start=start * self._row_bytes, end=stop * self._row_bytes
-            )
-            crc = zlib.crc32(blob, crc)
-            self._decode(shard.index, start, stop, blob)
-        if crc != shard.crc32:
-            raise DatasetError(
-                f"{self.shard_url(shard.index)}: CRC32 {crc} != {shard.crc32} recorded at write "
-                "time (corrupt); regenerate this shard and re-commit the manifest"
-            )
-
-
-def check_compatible(datasets: Sequence[ActivationDataset]) -> None:
-    """Check that several datasets can be trained on together.
-
-    Raises:
-        DatasetError: their d_model, source_model or hook differ, e.g. ``mixing d_model 640
-            (gs://a) with 2304 (gs://b)``.
-    """
-    if not datasets:
-        return
-    first = datasets[0]
-    for other in datasets[1:]:
-        a, b = first.manifest, other.manifest
-        for field, mine, theirs in (
-            ("d_model", a.d_model, b.d_model),
-            ("source_model", a.source_model, b.source_model),
-            ("hook", a.hook, b.hook),
-        ):
-            if mine != theirs:
-                raise DatasetError(
-                    f"mixing {field} {mine!r} ({first.url}) with {theirs!r} ({other.url}); "
-                    "train on datasets from one model and hook point"
-                )

@@ -23,9 +23,9 @@ import scipy.sparse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dictlearn.data import storage
+from dictlearn.data.dataset import ActivationDataset
 from dictlearn.data.format import (
     MANIFEST_NAME,
-    ActivationDataset,
     DatasetError,
     DType,
     commit_manifest,

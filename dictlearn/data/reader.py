@@ -41,7 +41,8 @@ from typing import Literal
 
 import numpy as np
 
-from dictlearn.data.format import ActivationDataset, DatasetError
+from dictlearn.data.dataset import ActivationDataset
+from dictlearn.data.format import DatasetError
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

@@ -6,16 +6,86 @@ write *atomic*: a local file appears under its final name as soon as it is opene
 temporary sibling and rename it; an object-store upload (GCS, S3, memory) only becomes visible
 when it is finalised, so a direct write is already all-or-nothing, and a rename there is a
 copy + delete that only doubles the traffic.
+
+Transient storage faults (HTTP 408/429/5xx, dropped connections) are retried twice: gcsfs retries
+each request 6 times over ~30 s, and every operation here runs up to 3 times, 5 s and 20 s apart,
+so an outage of about two minutes (the default deadline of Google's own storage client) is
+ridden out. After that, :class:`StorageError` names the object. Errors that a retry cannot fix
+(missing object, permission denied, a full local disk) are raised at once, as they are.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import posixpath
+import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+T = TypeVar("T")
+
+RETRY_PAUSES: tuple[float, ...] = (5.0, 20.0)
+"""Seconds to wait before each of our retries of an operation that failed transiently."""
+
+# gcsfs logs every request that runs out of retries with a full traceback (logger.exception);
+# with no handler configured Python prints it to stderr, burying the one-line StorageError the
+# user should see. A NullHandler silences only that fallback: an app that configures logging
+# still gets gcsfs's records through the root logger.
+logging.getLogger("gcsfs").addHandler(logging.NullHandler())
+
+
+class StorageError(OSError):
+    """Storage kept failing for an object after every retry; the message names the object."""
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a retry may succeed: throttling, server errors, dropped connections."""
+    if isinstance(error, (FileNotFoundError, FileExistsError, PermissionError)):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    try:
+        from gcsfs.retry import is_retriable
+    except ImportError:  # pragma: no cover - gcsfs is a dependency; other backends are not
+        return False
+    return bool(is_retriable(error))
+
+
+def retrying(fs: fsspec.AbstractFileSystem, paths: str | list[str], op: Callable[[], T]) -> T:
+    """Run ``op`` (an operation on ``paths``), retrying transient storage faults.
+
+    Args:
+        fs: The filesystem ``op`` uses (names the objects in the error).
+        paths: The backend path(s) ``op`` touches, for the message.
+        op: The operation; it must be safe to repeat (every operation here is).
+
+    Raises:
+        StorageError: still failing after ``len(RETRY_PAUSES) + 1`` attempts.
+    """
+    start = time.monotonic()
+    for attempt, pause in enumerate((*RETRY_PAUSES, None), start=1):
+        try:
+            return op()
+        except Exception as error:
+            if not _transient(error):
+                raise
+            if pause is None:
+                names = [paths] if isinstance(paths, str) else paths
+                what = fs.unstrip_protocol(names[0])
+                more = f" (and {len(names) - 1} more objects)" if len(names) > 1 else ""
+                raise StorageError(
+                    f"{what}{more}: storage still failing after {attempt} tries over "
+                    f"{time.monotonic() - start:.0f} s ({type(error).__name__}: {error}); check "
+                    "the bucket and the network, then re-run: finished work is kept"
+                ) from error
+            time.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -54,13 +124,14 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
             if fs.exists(tmp):
                 fs.rm_file(tmp)
     else:
-        fs.pipe_file(path, data)
+        retrying(fs, path, lambda: fs.pipe_file(path, data))
 
 
 def remove_if_exists(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Delete ``path`` if it exists (no error if it does not)."""
     with contextlib.suppress(FileNotFoundError):
-        fs.rm_file(path)
+        # A retry after a delete whose answer was lost finds nothing: FileNotFoundError, fine.
+        retrying(fs, path, lambda: fs.rm_file(path))
 
 
 def read_bytes_or_none(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
@@ -70,7 +141,7 @@ def read_bytes_or_none(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None
     would be two and, on GCS, ``exists`` may answer from a stale listing cache.
     """
     try:
-        return fs.cat_file(path)
+        return retrying(fs, path, lambda: fs.cat_file(path))
     except FileNotFoundError:
         return None
 
@@ -82,16 +153,38 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes | N
     """
     if not paths:
         return []
-    results = fs.cat_ranges(paths, None, None, on_error="return")
-    out: list[bytes | None] = []
-    for result in results:
-        if isinstance(result, FileNotFoundError):
-            out.append(None)
-        elif isinstance(result, BaseException):
-            raise result
-        else:
-            out.append(result)
-    return out
+
+    def read() -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for result in fs.cat_ranges(paths, None, None, on_error="return"):
+            if isinstance(result, FileNotFoundError):
+                out.append(None)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                out.append(result)
+        return out
+
+    return retrying(fs, paths, read)
+
+
+def read_ranges(
+    fs: fsspec.AbstractFileSystem, paths: list[str], starts: list[int], ends: list[int]
+) -> list[bytes]:
+    """Read byte ranges ``[starts[i], ends[i])`` of ``paths[i]`` concurrently (on async backends).
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        StorageError: storage kept failing after the retries.
+    """
+    if not paths:
+        return []
+    return retrying(fs, paths, lambda: fs.cat_ranges(paths, starts, ends, on_error="raise"))
+
+
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether ``path`` exists (retrying transient faults)."""
+    return retrying(fs, path, lambda: fs.exists(path))
 
 
 def list_sizes(fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, int]:
@@ -103,7 +196,7 @@ def list_sizes(fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, int]:
     """
     fs.invalidate_cache(directory)
     try:
-        entries = fs.ls(directory, detail=True)
+        entries = retrying(fs, directory, lambda: fs.ls(directory, detail=True))
     except FileNotFoundError:
         return {}
     return {

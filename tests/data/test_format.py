@@ -11,7 +11,9 @@ import pytest
 
 from dictlearn.data import (
     ActivationDataset,
+    BatchStream,
     DatasetError,
+    DatasetWarning,
     check_compatible,
     commit_manifest,
     read_shard_info,
@@ -41,6 +43,24 @@ def _make(
     return url, arrays
 
 
+def _downgrade_to_version_1(root: Path) -> None:
+    """Rewrite a dataset as version 1 wrote it: no block checksums, manifest version 1."""
+    for sidecar in (root / "shards").glob("*.json"):
+        info = json.loads(sidecar.read_text())
+        del info["checksum_rows"], info["block_crc32"]
+        sidecar.write_text(json.dumps(info))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["version"] = 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _flip_bit(path: Path, byte: int) -> None:
+    """Flip the lowest bit of one byte: the file keeps its size and every value stays finite."""
+    data = bytearray(path.read_bytes())
+    data[byte] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_round_trip(tmp_path: Path, dtype: str) -> None:
     url, arrays = _make(tmp_path, dtype=dtype)
@@ -60,7 +80,7 @@ def test_round_trip(tmp_path: Path, dtype: str) -> None:
     ds.validate(deep=True)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["format"] == "dictlearn.activations"
-    assert manifest["version"] == 1
+    assert manifest["version"] == 2
     assert manifest["shards"][1]["path"] == "shards/shard-00001.bin"
     assert manifest["metadata"] == {"note": "test"}
     # Only committed files remain: no temporaries left behind by the atomic writes.
@@ -111,7 +131,7 @@ def test_missing_manifest(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("format", "other", "not 'dictlearn.activations'"), ("version", 2, "version 2")],
+    [("format", "other", "not 'dictlearn.activations'"), ("version", 3, "version 3")],
 )
 def test_unknown_format_or_version(tmp_path: Path, field: str, value: object, message: str) -> None:
     url, _ = _make(tmp_path)
@@ -180,11 +200,13 @@ def test_nan_rejected_on_write_and_detected_on_read(tmp_path: Path) -> None:
         write_shard(str(tmp_path), 0, np.full((2, 4), 1e39, np.float64), "bfloat16")
 
     url, _ = _make(tmp_path / "ds")
+    _downgrade_to_version_1(tmp_path / "ds")  # version 2 reads catch this by checksum
     path = tmp_path / "ds" / "shards" / "shard-00000.bin"
     data = bytearray(path.read_bytes())
     data[(150 * 8 + 3) * 4 : (150 * 8 + 4) * 4] = np.float32(np.nan).tobytes()
     path.write_bytes(bytes(data))
-    ds = ActivationDataset.open(url)  # sizes are intact: the cheap check passes
+    with pytest.warns(DatasetWarning):
+        ds = ActivationDataset.open(url)  # sizes are intact: the cheap check passes
     np.testing.assert_array_equal(ds.read_rows(0, 0, 150).shape, (150, 8))
     with pytest.raises(
         DatasetError, match=r"shard-00000\.bin: NaN/Inf in rows \[128, 192\) .* row 150"
@@ -194,16 +216,101 @@ def test_nan_rejected_on_write_and_detected_on_read(tmp_path: Path) -> None:
         ds.validate(deep=True)
 
 
-def test_crc_mismatch_in_deep_validation(tmp_path: Path) -> None:
+def test_crc_mismatch_in_deep_validation_of_version_1(tmp_path: Path) -> None:
     url, _ = _make(tmp_path)
-    path = tmp_path / "shards" / "shard-00001.bin"
-    data = bytearray(path.read_bytes())
-    data[10] ^= 0x01  # a low mantissa bit: still finite, but the bytes differ
-    path.write_bytes(bytes(data))
-    ds = ActivationDataset.open(url)
+    _downgrade_to_version_1(tmp_path)
+    _flip_bit(tmp_path / "shards" / "shard-00001.bin", 10)
+    with pytest.warns(DatasetWarning, match="version 1 has no block checksums"):
+        ds = ActivationDataset.open(url)
     ds.validate(deep=False)
     with pytest.raises(DatasetError, match=r"shard-00001\.bin: CRC32 \d+ != \d+"):
         ds.validate(deep=True)
+
+
+def test_corrupt_block_fails_the_read_that_touches_it(tmp_path: Path) -> None:
+    url, arrays = _make(tmp_path, sizes=(300, 200))
+    row_bytes = 8 * 4
+    _flip_bit(tmp_path / "shards" / "shard-00001.bin", 130 * row_bytes + 5)  # block 2 of 64 rows
+    ds = ActivationDataset.open(url)  # sizes and sidecars are intact: the quick check passes
+    assert ds.checks_blocks
+    np.testing.assert_array_equal(ds.read_rows(1, 0, 128), arrays[1][:128])
+    np.testing.assert_array_equal(ds.read_rows(1, 192, 200), arrays[1][192:])
+    message = (
+        r"shard-00001\.bin: block 2 \(rows \[128, 192\)\) fails its CRC32 check.*"
+        r"dictlearn validate .* --deep.*delete .*shards/shard-00001\.json and .*manifest\.json"
+    )
+    for start, stop in ((129, 131), (100, 140), (0, 200)):  # unaligned reads widen to the block
+        with pytest.raises(DatasetError, match=message):
+            ds.read_rows(1, start, stop)
+    # Through the batch stream's prefetch thread, as training meets it.
+    with (
+        BatchStream(ds, global_batch=64, seed=0, block_rows=64, shuffle_blocks=2) as stream,
+        pytest.raises(DatasetError, match=message),
+    ):
+        for _ in range(2 * stream.batches_per_epoch):
+            next(stream)
+
+
+def test_deep_validation_lists_every_corrupt_block(tmp_path: Path) -> None:
+    url, _ = _make(tmp_path, sizes=(300, 200))
+    row_bytes = 8 * 4
+    _flip_bit(tmp_path / "shards" / "shard-00000.bin", 299 * row_bytes)  # last, short block
+    _flip_bit(tmp_path / "shards" / "shard-00001.bin", 3)
+    _flip_bit(tmp_path / "shards" / "shard-00001.bin", 199 * row_bytes)
+    ds = ActivationDataset.open(url)
+    ds.validate(deep=False)
+    with pytest.raises(
+        DatasetError,
+        match=r"3 corrupt blocks in 2 shards \(shards/shard-00000\.bin blocks \[4\]; "
+        r"shards/shard-00001\.bin blocks \[0, 3\]\); to repair, delete shards/shard-00000\.json "
+        r"shards/shard-00001\.json and manifest\.json",
+    ):
+        ds.validate(deep=True)
+
+
+def test_checksum_rows_need_not_divide_the_reads(tmp_path: Path) -> None:
+    url, rows = str(tmp_path), _rows(0, 100, 8)
+    commit_manifest(
+        url,
+        [write_shard(url, 0, rows, "float32", checksum_rows=7)],
+        source_model="m",
+        hook="h",
+        layer=None,
+    )
+    ds = ActivationDataset.open(url)
+    info = read_shard_info(url, 0)
+    assert info is not None and info.checksum_rows == 7 and len(info.block_crc32 or []) == 15
+    for start, stop in ((0, 100), (6, 8), (13, 14), (95, 100), (98, 99)):
+        np.testing.assert_array_equal(ds.read_rows(0, start, stop), rows[start:stop])
+    ds.validate(deep=True)
+
+
+def test_version_1_is_read_with_one_warning(tmp_path: Path) -> None:
+    url, arrays = _make(tmp_path)
+    _downgrade_to_version_1(tmp_path)
+    with pytest.warns(DatasetWarning) as caught:
+        ds = ActivationDataset.open(url)
+        ActivationDataset.open(url)
+    assert len(caught) == 1 and str(tmp_path) in str(caught[0].message)
+    assert not ds.checks_blocks
+    np.testing.assert_array_equal(ds.read_rows(1, 17, 150), arrays[1][17:150])
+    ds.validate(deep=True)
+
+
+def test_commit_with_old_sidecars_writes_version_1(tmp_path: Path) -> None:
+    """A generation resumed across the upgrade: old shards have no block checksums."""
+    url = str(tmp_path)
+    old = write_shard(url, 0, _rows(0, 50, 4), "float32")
+    old = old.model_copy(update={"checksum_rows": None, "block_crc32": None})
+    (tmp_path / "shards" / "shard-00000.json").write_text(old.model_dump_json())
+    new = write_shard(url, 1, _rows(1, 50, 4), "float32")
+    with pytest.warns(DatasetWarning, match=r"shards \[0\] have no block checksums"):
+        manifest = commit_manifest(
+            url, read_shard_infos(url).values(), source_model="m", hook="h", layer=None
+        )
+    assert manifest.version == 1
+    again = write_shard(url, 0, _rows(0, 50, 4), "float32")
+    assert commit_manifest(url, [again, new], source_model="m", hook="h", layer=None).version == 2
 
 
 def test_read_out_of_range(tmp_path: Path) -> None:
