@@ -435,7 +435,8 @@ def main(config: PipelineConfig) -> PipelineResult:
             )
             failed.add(key)
             continue
-        marker = read_stage_marker(plan.directory)
+        # A hook trained on a worker in this run has its marker by now: it ran, not skipped.
+        marker = None if key in (from_workers or {}) else read_stage_marker(plan.directory)
         if marker is not None:
             outcomes.append(
                 StageOutcome(
