@@ -7,14 +7,24 @@ cluster, training real groups on planted datasets laid out where the generate st
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from dictlearn.config import ConfigError
 from dictlearn.ray_cluster import local_ray_cluster
+from dictlearn.tracking import read_metrics
 from launch.pipeline import PipelineConfig, load_pipeline_config, main, plan_stages
-from tests.train.helpers import make_planted
+from tests.train.helpers import (
+    assert_no_traceback,
+    cli_env,
+    committed_steps,
+    make_planted,
+    run_cli,
+    start_cli,
+)
 
 HOOKS = ["resid_post.1", "resid_post.2"]
 TWO_HOOKS = [f"generate.hooks=[{', '.join(HOOKS)}]", "train.widths=[32, 64]"]
@@ -87,8 +97,8 @@ def test_bad_worker_settings_name_the_field(override: str, message: str) -> None
         _config(*TWO_HOOKS, override)
 
 
-def _tiny(out: Path) -> PipelineConfig:
-    return _config(
+def _tiny_overrides(out: Path) -> list[str]:
+    return [
         f"output_dir={out}",
         "name=hooks",
         *TWO_HOOKS,
@@ -103,7 +113,11 @@ def _tiny(out: Path) -> PipelineConfig:
         "train.checkpoint.every_steps=2",
         "train.tracker.wandb_mode=disabled",
         "train.optimizer.warmup_steps=1",
-    )
+    ]
+
+
+def _tiny(out: Path) -> PipelineConfig:
+    return _config(*_tiny_overrides(out))
 
 
 def _finish_generate_stage(config: PipelineConfig, hooks: list[str]) -> None:
@@ -158,3 +172,60 @@ def test_each_hooks_group_on_its_own_worker_and_failures_stay_per_hook(
     retried = {s.key: s for s in again.stages}[f"train:{HOOKS[0]}"]
     assert retried.directory == plans[f"train:{HOOKS[0]}"].directory
     assert retried.result["members"]["topk-64"]["steps"] == 4
+
+
+@pytest.mark.slow  # a Ray cluster and two JAX workers, twice, through the CLI: ~3 min shared
+def test_sigterm_reaches_every_hooks_worker_and_a_rerun_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # Long enough that SIGTERM lands mid-training; every step is milliseconds.
+    args = ["pipeline", *_tiny_overrides(out), "train.train.steps=3000", "train.train.log_every=5"]
+    args.append("train.checkpoint.every_steps=1000")
+    config = load_pipeline_config(None, args[1:])
+    _finish_generate_stage(config, HOOKS)
+    trains = [plan for key, plan in plan_stages(config).items() if key.startswith("train:")]
+    members = [Path(plan.directory) / f"topk-{w}" for plan in trains for w in (32, 64)]
+    env = cli_env(RAY_USAGE_STATS_ENABLED="0", WANDB_MODE="disabled")
+    log = tmp_path / "first.log"
+    proc = start_cli(*args, env=env, log=log)
+    try:
+        deadline = time.monotonic() + 600
+        while not all(_logged_step(m) >= 10 for m in members):  # both groups are training
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert_no_traceback(text)
+    assert "pipeline preempted" in text, text[-3000:]
+    record = json.loads((out / "hooks" / "pipeline.json").read_text())
+    assert record["preempted"] and len(record["stages"]) == 2
+    for plan in trains:
+        assert not (Path(plan.directory) / "stage.json").exists()  # not finished
+    stopped_at = {}
+    for member in members:
+        (step,) = committed_steps(member / "checkpoints")[-1:]  # saved on SIGTERM
+        assert 10 <= step < 3000
+        stopped_at[member] = step
+
+    again = run_cli(*args, env=env, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    record = json.loads((out / "hooks" / "pipeline.json").read_text())
+    assert [s["status"] for s in record["stages"]] == ["ran", "ran"]
+    for member in members:
+        steps = [row["step"] for row in read_metrics(str(member)) if "loss" in row]
+        # The re-run went on from the checkpoint taken on SIGTERM, not from step 0.
+        resumed = steps[steps.index(max(s for s in steps if s <= stopped_at[member])) + 1]
+        assert stopped_at[member] < resumed <= stopped_at[member] + 5
+        assert steps[-1] == 3000
+
+
+def _logged_step(run_dir: Path) -> int:
+    try:
+        rows = read_metrics(str(run_dir))
+    except FileNotFoundError:
+        return 0
+    return max((row["step"] for row in rows), default=0)
