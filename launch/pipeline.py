@@ -21,9 +21,11 @@ holds the same as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -44,7 +46,13 @@ from dictlearn.data import storage
 from dictlearn.inspect.evaluate import EvalConfig
 from dictlearn.train.config import DataConfig, GroupTrainConfig, TrainConfig
 from dictlearn.train.trainer import RESUMABLE_CHANGES
-from launch.hook_workers import HookWorkersConfig, WorkerJob, WorkerOutcome, run_on_workers
+from launch.hook_workers import (
+    HookWorkersConfig,
+    WorkerJob,
+    WorkerOutcome,
+    run_on_workers,
+    shared_local_cluster,
+)
 from sharding import MeshConfig
 
 StageName = Literal["generate", "train", "eval"]
@@ -421,59 +429,81 @@ def main(config: PipelineConfig) -> PipelineResult:
     # at once; the others read their outcome here (None: not started, the run was stopped).
     from_workers: dict[str, StageOutcome | None] | None = None
     failed: set[str] = set()
-    for key, plan in runs:
-        name = plan.stage
-        if preempted and (from_workers is None or key not in from_workers):
-            break
-        _check_inputs_finished(config, plans, plan)
-        blocked = [upstream for upstream in plan.needs if upstream in failed]
-        if blocked:
-            error = f"not run: its input stage {blocked[0]} failed"
-            print(f"[{key}] {error}", flush=True)
-            outcomes.append(
-                StageOutcome(name, plan.version, plan.directory, "failed", 0.0, {}, key, error)
-            )
-            failed.add(key)
-            continue
-        # A hook trained on a worker in this run has its marker by now: it ran, not skipped.
-        marker = None if key in (from_workers or {}) else read_stage_marker(plan.directory)
-        if marker is not None:
-            outcomes.append(
-                StageOutcome(
-                    name, plan.version, plan.directory, "skipped", 0.0, marker["result"], key
+    # Closed when the eval stage starts (it runs here, without Ray), or on the way out.
+    with contextlib.ExitStack() as shared_ray:
+        shared_ray.enter_context(_shared_local_ray(config, runs))
+        for key, plan in runs:
+            name = plan.stage
+            if preempted and (from_workers is None or key not in from_workers):
+                break
+            if name == "eval":
+                shared_ray.close()
+            _check_inputs_finished(config, plans, plan)
+            blocked = [upstream for upstream in plan.needs if upstream in failed]
+            if blocked:
+                error = f"not run: its input stage {blocked[0]} failed"
+                print(f"[{key}] {error}", flush=True)
+                outcomes.append(
+                    StageOutcome(name, plan.version, plan.directory, "failed", 0.0, {}, key, error)
                 )
-            )
-            print(f"[{key}] finished earlier: {plan.directory} (skipped)", flush=True)
-            continue
-        outcome: StageOutcome | None
-        if name == "train" and config.hooks_on_workers:
-            if from_workers is None:
-                todo = {
-                    k: p
-                    for k, p in runs
-                    if p.stage == "train" and read_stage_marker(p.directory) is None
-                }
-                from_workers = _train_on_workers(config, todo)
-            outcome = from_workers[key]
-            if outcome is None:
-                preempted = True
+                failed.add(key)
                 continue
-        else:
-            print(f"[{key}] version {plan.version} -> {plan.directory}", flush=True)
-            started = time.perf_counter()
-            result = _RUNNERS[name](plan)
-            seconds = time.perf_counter() - started
-            outcome = StageOutcome(name, plan.version, plan.directory, "ran", seconds, result, key)
-            if not result.get("preempted"):
-                _commit_stage(config, plan, result, seconds)
-        outcomes.append(outcome)
-        if outcome.status == "failed":
-            failed.add(key)
-        # Training stopped early on SIGTERM: not finished, no marker; nothing more starts.
-        preempted = preempted or bool(outcome.result.get("preempted"))
+            # A hook trained on a worker in this run has its marker by now: it ran, not skipped.
+            marker = None if key in (from_workers or {}) else read_stage_marker(plan.directory)
+            if marker is not None:
+                outcomes.append(
+                    StageOutcome(
+                        name, plan.version, plan.directory, "skipped", 0.0, marker["result"], key
+                    )
+                )
+                print(f"[{key}] finished earlier: {plan.directory} (skipped)", flush=True)
+                continue
+            outcome: StageOutcome | None
+            if name == "train" and config.hooks_on_workers:
+                if from_workers is None:
+                    todo = {
+                        k: p
+                        for k, p in runs
+                        if p.stage == "train" and read_stage_marker(p.directory) is None
+                    }
+                    from_workers = _train_on_workers(config, todo)
+                outcome = from_workers[key]
+                if outcome is None:
+                    preempted = True
+                    continue
+            else:
+                print(f"[{key}] version {plan.version} -> {plan.directory}", flush=True)
+                started = time.perf_counter()
+                result = _RUNNERS[name](plan)
+                seconds = time.perf_counter() - started
+                outcome = StageOutcome(
+                    name, plan.version, plan.directory, "ran", seconds, result, key
+                )
+                if not result.get("preempted"):
+                    _commit_stage(config, plan, result, seconds)
+            outcomes.append(outcome)
+            if outcome.status == "failed":
+                failed.add(key)
+            # Training stopped early on SIGTERM: not finished, no marker; nothing more starts.
+            preempted = preempted or bool(outcome.result.get("preempted"))
     pipeline_result = PipelineResult(config.root, outcomes, preempted)
     _write_json(f"{config.root}/pipeline.json", asdict(pipeline_result))
     return pipeline_result
+
+
+@contextlib.contextmanager
+def _shared_local_ray(config: PipelineConfig, runs: list[tuple[str, StagePlan]]) -> Iterator[None]:
+    """One local Ray cluster for the generate stage's workers and the hooks' train workers when
+    this run needs both (starting a cluster takes 6-13 s, far longer on a loaded machine), unless
+    a cluster is named or connected; otherwise each stage starts its own as it needs one."""
+    todo = {plan.stage for _, plan in runs if read_stage_marker(plan.directory) is None}
+    if not ({"generate", "train"} <= todo and config.hooks_on_workers):
+        yield
+        return
+    with shared_local_cluster(
+        config.generate.ray, config.train.hook_workers, len(config.train_hooks)
+    ):
+        yield
 
 
 def _check_inputs_finished(

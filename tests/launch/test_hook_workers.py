@@ -16,6 +16,7 @@ import pytest
 from dictlearn.config import ConfigError
 from dictlearn.ray_cluster import local_ray_cluster
 from dictlearn.tracking import read_metrics
+from launch.hook_workers import shared_cluster_resources
 from launch.pipeline import PipelineConfig, load_pipeline_config, main, plan_stages
 from tests.train.helpers import (
     assert_no_traceback,
@@ -80,6 +81,18 @@ def test_worker_resources_and_cluster_size() -> None:
     assert capped.ray_config(hooks=3).num_workers == 2  # a local cluster has room for two
     cpu_only = PipelineConfig().train.hook_workers.ray_config(hooks=2).actor_options("w")
     assert (cpu_only["num_cpus"], cpu_only["num_gpus"], cpu_only["resources"]) == (1, 0, {})
+
+
+def test_generate_and_hook_workers_share_one_local_cluster_big_enough_for_either() -> None:
+    config = _config(
+        *TWO_HOOKS,
+        "generate.ray.num_workers=3",
+        "generate.ray.resources_per_worker={accel: 1}",
+        "train.hook_workers.cpus=2",
+        "train.hook_workers.gpus=1",
+    )
+    totals = shared_cluster_resources(config.generate.ray, config.train.hook_workers, hooks=2)
+    assert totals == {"CPU": 4, "GPU": 2, "accel": 3}
 
 
 @pytest.mark.parametrize(
@@ -177,9 +190,9 @@ def test_each_hooks_group_on_its_own_worker_and_failures_stay_per_hook(
 @pytest.mark.slow  # a Ray cluster and two JAX workers, twice, through the CLI: ~3 min shared
 def test_sigterm_reaches_every_hooks_worker_and_a_rerun_resumes(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    # Long enough that SIGTERM lands mid-training; every step is milliseconds.
-    args = ["pipeline", *_tiny_overrides(out), "train.train.steps=3000", "train.train.log_every=5"]
-    args.append("train.checkpoint.every_steps=1000")
+    # Long enough that SIGTERM lands mid-training (a step takes milliseconds to ~0.3 s).
+    args = ["pipeline", *_tiny_overrides(out), "train.train.steps=600", "train.train.log_every=5"]
+    args.append("train.checkpoint.every_steps=200")
     config = load_pipeline_config(None, args[1:])
     _finish_generate_stage(config, HOOKS)
     trains = [plan for key, plan in plan_stages(config).items() if key.startswith("train:")]
@@ -192,7 +205,7 @@ def test_sigterm_reaches_every_hooks_worker_and_a_rerun_resumes(tmp_path: Path) 
         while not all(_logged_step(m) >= 10 for m in members):  # both groups are training
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
+            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
@@ -208,7 +221,7 @@ def test_sigterm_reaches_every_hooks_worker_and_a_rerun_resumes(tmp_path: Path) 
     stopped_at = {}
     for member in members:
         (step,) = committed_steps(member / "checkpoints")[-1:]  # saved on SIGTERM
-        assert 10 <= step < 3000
+        assert 10 <= step < 600
         stopped_at[member] = step
 
     again = run_cli(*args, env=env, timeout=900)
@@ -220,7 +233,7 @@ def test_sigterm_reaches_every_hooks_worker_and_a_rerun_resumes(tmp_path: Path) 
         # The re-run went on from the checkpoint taken on SIGTERM, not from step 0.
         resumed = steps[steps.index(max(s for s in steps if s <= stopped_at[member])) + 1]
         assert stopped_at[member] < resumed <= stopped_at[member] + 5
-        assert steps[-1] == 3000
+        assert steps[-1] == 600
 
 
 def _logged_step(run_dir: Path) -> int:
