@@ -14,6 +14,10 @@ the Ray cluster, the mesh or the checkpoint cadence) and the versions of the sta
 * changing a stage's config (or an upstream stage's) gives it a new directory: nothing finished
   is ever overwritten, and two versions can be compared side by side.
 
+With ``train.widths`` on several generated hooks, each hook's group trains on a Ray worker of
+its own, concurrently (:mod:`launch.hook_workers`); a hook whose group fails is reported and the
+others are kept.
+
 The run ends with a summary a person can read (tokens, FVU, L0, dead fraction, the spliced
 evaluation's loss recovered, where everything was written); ``<output_dir>/<name>/pipeline.json``
 holds the same as JSON.
