@@ -41,10 +41,12 @@ from pydantic import Field, field_validator
 from dictlearn.activations.config import RayConfig
 from dictlearn.config import StrictModel
 
-# How often the driver looks at its workers (and at a pending SIGTERM), and how often it reads
-# the groups' metrics.jsonl files to move the progress bar.
+# How often the driver looks at its workers (and at a pending SIGTERM), how often it reads the
+# groups' metrics.jsonl files to move the progress bar, and how often it repeats a SIGTERM to a
+# worker whose group has not returned yet.
 POLL_S = 0.2
 PROGRESS_EVERY_S = 5.0
+RESIGNAL_EVERY_S = 5.0
 
 
 class HookWorkersConfig(StrictModel):
@@ -213,6 +215,10 @@ class HookWorker:
         # The driver shows one progress bar over every hook; per-worker bars would interleave
         # in its output (Ray forwards the workers' stderr line by line).
         os.environ["TQDM_DISABLE"] = "1"
+        # SIGTERM means "checkpoint and return" only once the group's training loop listens
+        # for it; until then (imports, compiling) it must not kill the worker, which Ray would
+        # restart and run the group again. The driver repeats it until the group returns.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def info(self) -> Any:
         """Where this worker runs (for the log and for forwarding SIGTERM)."""
@@ -289,6 +295,8 @@ def run_on_workers(
                     _pass_on_sigterm(running, pending, signal_hosts)
                 timed_out = [ref for ref, r in running.items() if r.timed_out]
                 for ref in dict.fromkeys(ready + timed_out):
+                    if ref not in running:
+                        continue  # dropped by _pass_on_sigterm: its job waits for a re-run
                     r = running.pop(ref)
                     outcome = _outcome(r, ref, resources)
                     ray.kill(r.actor, no_restart=True)
@@ -308,14 +316,16 @@ def run_on_workers(
 def _pass_on_sigterm(
     running: dict[Any, _Running], pending: collections.deque[WorkerJob], signal_hosts: Any
 ) -> None:
-    """SIGTERM each placed worker once (its group checkpoints and returns); a worker not placed
-    yet has trained nothing: it is dropped and its job left for the re-run, as are pending ones."""
+    """SIGTERM each placed worker (its group checkpoints and returns), again every few seconds
+    in case its training loop was not listening yet; a worker not placed yet has trained
+    nothing: it is dropped and its job left for the re-run, as are pending ones."""
     import ray
 
-    placed = [r for r in running.values() if r.info is not None and not r.signalled]
-    signal_hosts([r.info for r in placed], signal.SIGTERM)
-    for r in placed:
-        r.signalled = True
+    now = time.perf_counter()
+    due = [r for r in running.values() if r.info is not None and now >= r.signal_again_at]
+    signal_hosts([r.info for r in due], signal.SIGTERM)
+    for r in due:
+        r.signal_again_at = now + RESIGNAL_EVERY_S
     for ref, r in list(running.items()):
         if r.info is None:
             ray.kill(r.actor, no_restart=True)
@@ -330,7 +340,7 @@ class _Running:
     started: float
     info: Any = None
     timed_out: bool = False
-    signalled: bool = False
+    signal_again_at: float = 0.0
 
 
 def _check_placed(r: _Running, rc: RayConfig, bar: Any) -> None:
