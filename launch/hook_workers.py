@@ -218,7 +218,8 @@ class HookWorker:
         # SIGTERM means "checkpoint and return" only once the group's training loop listens
         # for it; until then (imports, compiling) it must not kill the worker, which Ray would
         # restart and run the group again. The driver repeats it until the group returns.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(ValueError):  # not the main thread: Ray's default stands
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def info(self) -> Any:
         """Where this worker runs (for the log and for forwarding SIGTERM)."""
