@@ -81,7 +81,7 @@ def _pipeline(args: argparse.Namespace) -> Any:
         jax.config.update("jax_platforms", "cpu")
     result = main(config)
     print(summary_text(result))
-    return result
+    return 1 if result.failed else result  # a hook's group failed, the others went on
 
 
 def _sweep(args: argparse.Namespace) -> Any:

@@ -14,6 +14,10 @@ the Ray cluster, the mesh or the checkpoint cadence) and the versions of the sta
 * changing a stage's config (or an upstream stage's) gives it a new directory: nothing finished
   is ever overwritten, and two versions can be compared side by side.
 
+With ``train.widths`` on several generated hooks, each hook's group trains on a Ray worker of
+its own, concurrently (:mod:`launch.hook_workers`); a hook whose group fails is reported and the
+others are kept.
+
 The run ends with a summary a person can read (tokens, FVU, L0, dead fraction, the spliced
 evaluation's loss recovered, where everything was written); ``<output_dir>/<name>/pipeline.json``
 holds the same as JSON.
@@ -21,9 +25,11 @@ holds the same as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -44,6 +50,13 @@ from dictlearn.data import storage
 from dictlearn.inspect.evaluate import EvalConfig
 from dictlearn.train.config import DataConfig, GroupTrainConfig, TrainConfig
 from dictlearn.train.trainer import RESUMABLE_CHANGES
+from launch.hook_workers import (
+    HookWorkersConfig,
+    WorkerJob,
+    WorkerOutcome,
+    run_on_workers,
+    shared_local_cluster,
+)
 from sharding import MeshConfig
 
 StageName = Literal["generate", "train", "eval"]
@@ -140,6 +153,14 @@ class PipelineTrainConfig(TrainConfig):
         ),
     )
 
+    hook_workers: HookWorkersConfig = Field(
+        default_factory=HookWorkersConfig,
+        description=(
+            "With widths on several hooks: each hook's group on a Ray worker of its own "
+            "(resources per worker, cluster); execution only, not part of any version."
+        ),
+    )
+
     @model_validator(mode="after")
     def _check_widths(self) -> PipelineTrainConfig:
         if len(set(self.widths)) != len(self.widths) or any(w <= 0 for w in self.widths):
@@ -216,6 +237,13 @@ class PipelineConfig(StrictModel):
             return list(self.generate.hooks)
         return [self.hook]
 
+    @property
+    def hooks_on_workers(self) -> bool:
+        """Whether the train stage trains its hooks' groups on Ray workers, one per hook (several
+        hooks with ``train.widths``, unless ``train.hook_workers.parallel`` is false)."""
+        several = bool(self.train.widths) and len(self.train_hooks) > 1
+        return several and self.train.hook_workers.parallel
+
 
 def merge_onto_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """``given`` deep-merged onto ``defaults``; a section naming another ``architecture`` than
@@ -280,7 +308,7 @@ def plan_stages(config: PipelineConfig) -> dict[str, StagePlan]:
 
 
 def _plan_train(config: PipelineConfig, hook: str, gen_version: str, gen_dir: str) -> StagePlan:
-    train_dict = config.train.model_dump(mode="json", exclude={"hook"})
+    train_dict = config.train.model_dump(mode="json", exclude={"hook", "hook_workers"})
     inputs = {"generate": gen_version, "hook": hook}
     hashed = without_fields(train_dict, TRAIN_EXECUTION_FIELDS)
     if hashed.get("init") is None:
@@ -367,14 +395,16 @@ _RUNNERS = {"generate": _run_generate, "train": _run_train, "eval": _run_eval}
 
 @dataclass
 class StageOutcome:
-    """What one stage did in this invocation."""
+    """What one stage did in this invocation (``failed``: it raised, or an input stage failed)."""
 
     stage: StageName
     version: str
     directory: str
-    status: Literal["ran", "skipped"]
+    status: Literal["ran", "skipped", "failed"]
     seconds: float
     result: dict[str, Any]
+    key: str = ""
+    error: str | None = None
 
 
 @dataclass
@@ -385,6 +415,11 @@ class PipelineResult:
     stages: list[StageOutcome]
     preempted: bool = False
 
+    @property
+    def failed(self) -> list[StageOutcome]:
+        """The stages that failed (only hooks' groups on Ray workers fail without raising)."""
+        return [s for s in self.stages if s.status == "failed"]
+
 
 def main(config: PipelineConfig) -> PipelineResult:
     """Run (or resume) the selected stages of ``config``; see the module docstring."""
@@ -394,50 +429,159 @@ def main(config: PipelineConfig) -> PipelineResult:
     runs = [
         (key, plan) for name in config.stages for key, plan in plans.items() if plan.stage == name
     ]
-    for key, plan in runs:
-        name = plan.stage
-        for upstream in plan.needs:
-            needed = plans[upstream]
-            upstream_stage = needed.stage
-            if upstream_stage not in config.stages and read_stage_marker(needed.directory) is None:
-                raise ConfigError(
-                    f"stage {name} reads the {upstream} stage's output {needed.directory} "
-                    f"(version {needed.version}), which has not finished; add {upstream_stage} "
-                    "to stages"
+    # With several hooks' groups on Ray workers, the first train stage reached trains them all
+    # at once; the others read their outcome here (None: not started, the run was stopped).
+    from_workers: dict[str, StageOutcome | None] | None = None
+    failed: set[str] = set()
+    # Closed when the eval stage starts (it runs here, without Ray), or on the way out.
+    with contextlib.ExitStack() as shared_ray:
+        shared_ray.enter_context(_shared_local_ray(config, runs))
+        for key, plan in runs:
+            name = plan.stage
+            if preempted and (from_workers is None or key not in from_workers):
+                break
+            if name == "eval":
+                shared_ray.close()
+            _check_inputs_finished(config, plans, plan)
+            blocked = [upstream for upstream in plan.needs if upstream in failed]
+            if blocked:
+                error = f"not run: its input stage {blocked[0]} failed"
+                print(f"[{key}] {error}", flush=True)
+                outcomes.append(
+                    StageOutcome(name, plan.version, plan.directory, "failed", 0.0, {}, key, error)
                 )
-        marker = read_stage_marker(plan.directory)
-        if marker is not None:
-            outcomes.append(
-                StageOutcome(name, plan.version, plan.directory, "skipped", 0.0, marker["result"])
-            )
-            print(f"[{key}] finished earlier: {plan.directory} (skipped)", flush=True)
-            continue
-        print(f"[{key}] version {plan.version} -> {plan.directory}", flush=True)
-        started = time.perf_counter()
-        result = _RUNNERS[name](plan)
-        seconds = time.perf_counter() - started
-        outcomes.append(StageOutcome(name, plan.version, plan.directory, "ran", seconds, result))
-        if result.get("preempted"):
-            preempted = True  # training stopped early on SIGTERM: not finished, no marker
-            break
-        _write_json(
-            f"{plan.directory}/{STAGE_MARKER}",
-            {
-                "stage": name,
-                "version": plan.version,
-                "inputs": plan.inputs,
-                "config": plan.config.model_dump(mode="json"),
-                "result": result,
-                "seconds": seconds,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
-        )
-        if name == "train":
-            with fsspec.open(f"{plan.directory}/pipeline_config.yaml", "w") as f:
-                f.write(to_yaml(config))
+                failed.add(key)
+                continue
+            # A hook trained on a worker in this run has its marker by now: it ran, not skipped.
+            marker = None if key in (from_workers or {}) else read_stage_marker(plan.directory)
+            if marker is not None:
+                outcomes.append(
+                    StageOutcome(
+                        name, plan.version, plan.directory, "skipped", 0.0, marker["result"], key
+                    )
+                )
+                print(f"[{key}] finished earlier: {plan.directory} (skipped)", flush=True)
+                continue
+            outcome: StageOutcome | None
+            if name == "train" and config.hooks_on_workers:
+                if from_workers is None:
+                    todo = {
+                        k: p
+                        for k, p in runs
+                        if p.stage == "train" and read_stage_marker(p.directory) is None
+                    }
+                    from_workers = _train_on_workers(config, todo)
+                outcome = from_workers[key]
+                if outcome is None:
+                    preempted = True
+                    continue
+            else:
+                print(f"[{key}] version {plan.version} -> {plan.directory}", flush=True)
+                started = time.perf_counter()
+                result = _RUNNERS[name](plan)
+                seconds = time.perf_counter() - started
+                outcome = StageOutcome(
+                    name, plan.version, plan.directory, "ran", seconds, result, key
+                )
+                if not result.get("preempted"):
+                    _commit_stage(config, plan, result, seconds)
+            outcomes.append(outcome)
+            if outcome.status == "failed":
+                failed.add(key)
+            # Training stopped early on SIGTERM: not finished, no marker; nothing more starts.
+            preempted = preempted or bool(outcome.result.get("preempted"))
     pipeline_result = PipelineResult(config.root, outcomes, preempted)
     _write_json(f"{config.root}/pipeline.json", asdict(pipeline_result))
     return pipeline_result
+
+
+@contextlib.contextmanager
+def _shared_local_ray(config: PipelineConfig, runs: list[tuple[str, StagePlan]]) -> Iterator[None]:
+    """One local Ray cluster for the generate stage's workers and the hooks' train workers when
+    this run needs both (starting a cluster takes 6-13 s, far longer on a loaded machine), unless
+    a cluster is named or connected; otherwise each stage starts its own as it needs one."""
+    todo = {plan.stage for _, plan in runs if read_stage_marker(plan.directory) is None}
+    if not ({"generate", "train"} <= todo and config.hooks_on_workers):
+        yield
+        return
+    with shared_local_cluster(
+        config.generate.ray, config.train.hook_workers, len(config.train_hooks)
+    ):
+        yield
+
+
+def _check_inputs_finished(
+    config: PipelineConfig, plans: dict[str, StagePlan], plan: StagePlan
+) -> None:
+    for upstream in plan.needs:
+        needed = plans[upstream]
+        upstream_stage = needed.stage
+        if upstream_stage not in config.stages and read_stage_marker(needed.directory) is None:
+            raise ConfigError(
+                f"stage {plan.stage} reads the {upstream} stage's output {needed.directory} "
+                f"(version {needed.version}), which has not finished; add {upstream_stage} "
+                "to stages"
+            )
+
+
+def _commit_stage(
+    config: PipelineConfig, plan: StagePlan, result: dict[str, Any], seconds: float
+) -> None:
+    """Mark ``plan``'s stage finished: its ``stage.json`` (written last) is what re-runs skip on."""
+    if plan.stage == "train":
+        with fsspec.open(f"{plan.directory}/pipeline_config.yaml", "w") as f:
+            f.write(to_yaml(config))
+    _write_json(
+        f"{plan.directory}/{STAGE_MARKER}",
+        {
+            "stage": plan.stage,
+            "version": plan.version,
+            "inputs": plan.inputs,
+            "config": plan.config.model_dump(mode="json"),
+            "result": result,
+            "seconds": seconds,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+
+
+def _train_on_workers(
+    config: PipelineConfig, todo: dict[str, StagePlan]
+) -> dict[str, StageOutcome | None]:
+    """Train every hook's group in ``todo`` on a Ray worker of its own (launch.hook_workers);
+    each finished group's stage is committed as soon as it returns."""
+    jobs = []
+    for key, plan in todo.items():
+        print(f"[{key}] version {plan.version} -> {plan.directory}", flush=True)
+        group = plan.config
+        assert isinstance(group, GroupTrainConfig)
+        first_member = f"{plan.directory}/{group.group[0].name}"
+        jobs.append(WorkerJob(key, plan, group.train.steps, first_member))
+
+    def on_finished(outcome: WorkerOutcome) -> None:
+        result = outcome.result
+        if result is not None and not result.get("preempted"):
+            _commit_stage(config, todo[outcome.key], result, outcome.seconds)
+
+    finished = run_on_workers(jobs, _run_train, config.train.hook_workers, on_finished)
+    outcomes: dict[str, StageOutcome | None] = {}
+    for outcome in finished:
+        plan = todo[outcome.key]
+        if not outcome.started:
+            outcomes[outcome.key] = None
+            continue
+        status: Literal["ran", "failed"] = "failed" if outcome.error is not None else "ran"
+        outcomes[outcome.key] = StageOutcome(
+            "train",
+            plan.version,
+            plan.directory,
+            status,
+            outcome.seconds,
+            outcome.result or {},
+            outcome.key,
+            outcome.error,
+        )
+    return outcomes
 
 
 def _number(value: Any, fmt: str) -> str:
@@ -446,15 +590,26 @@ def _number(value: Any, fmt: str) -> str:
 
 def summary_text(result: PipelineResult) -> str:
     """A summary a person can read: tokens, FVU, L0, dead fraction, where everything went."""
-    lines = [f"pipeline {'preempted (re-run to resume)' if result.preempted else 'done'}"]
+    if result.preempted:
+        headline = "pipeline preempted (re-run to resume)"
+    elif result.failed:
+        headline = (
+            f"pipeline done, {len(result.failed)} stage(s) FAILED (re-run to retry them; "
+            "finished stages are skipped)"
+        )
+    else:
+        headline = "pipeline done"
+    lines = [headline]
     for outcome in result.stages:
         r = outcome.result
-        how = (
-            f"ran in {outcome.seconds:.0f} s"
-            if outcome.status == "ran"
-            else "finished earlier, skipped"
-        )
-        lines.append(f"  {outcome.stage:<9} {how}")
+        how = {
+            "ran": f"ran in {outcome.seconds:.0f} s",
+            "skipped": "finished earlier, skipped",
+            "failed": f"FAILED: {outcome.error}",
+        }[outcome.status]
+        lines.append(f"  {outcome.key or outcome.stage:<9} {how}")
+        if outcome.status == "failed":
+            continue
         if outcome.stage == "generate":
             lines.append(f"    tokens     {_number(r.get('tokens'), ',')}")
             for hook, url in r.get("datasets", {}).items():
