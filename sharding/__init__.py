@@ -22,7 +22,7 @@ from sharding.axes import (
     named_sharding,
     replicated,
 )
-from sharding.mesh import MeshConfig, device_count, make_mesh, mesh_shape
+from sharding.mesh import MeshConfig, MeshError, device_count, make_mesh, mesh_shape
 
 __all__ = [
     "BATCH",
@@ -39,6 +39,7 @@ __all__ = [
     "TOPK",
     "VOCAB",
     "MeshConfig",
+    "MeshError",
     "abstract_array",
     "device_count",
     "logical_to_spec",

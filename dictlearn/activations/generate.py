@@ -43,15 +43,17 @@ from dictlearn.config import ConfigError
 from dictlearn.corpus import CorpusShard, plan_corpus_shards
 from dictlearn.data import DatasetError, ShardInfo, commit_manifest, read_shard_infos, storage
 from dictlearn.data.format import MANIFEST_NAME, SHARDS_DIR, DatasetManifest
+from dictlearn.errors import UserError
 from dictlearn.lm import HookPoint
 from dictlearn.ray_cluster import ray_session
+from sharding import MeshError
 
 LEDGER_NAME = "generation.json"
 LEDGER_FORMAT = "dictlearn.generation"
 LEDGER_VERSION = 1
 
 # Exceptions a worker raises for bad input; re-raised bare so the CLI prints one line.
-_USER_ERRORS = (ValueError, FileNotFoundError)
+_USER_ERRORS = (UserError, MeshError)
 
 
 @dataclass
@@ -401,7 +403,7 @@ def _wait_ready(actors: list[Any], timeout: float, rc: Any) -> list[int]:
     refs = [actor.ready.remote() for actor in actors]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     if len(ready) < len(refs):
-        raise RuntimeError(
+        raise UserError(
             f"only {len(ready)} of {len(refs)} generate workers started within "
             f"{timeout:.0f} s; each asks for {rc.cpus_per_worker} CPUs and "
             f"{dict(rc.resources_per_worker)} (is the cluster big enough? raise "

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from dictlearn.config import StrictModel
+from dictlearn.errors import UserError
 from sharding import D_MODEL, DATA, FEATURES, MODEL
 from sharding.varying import vary_over
 
@@ -36,6 +37,8 @@ class BaseSAEConfig(StrictModel):
     """Fields every architecture has. Subclasses add their own and a literal ``architecture``."""
 
     architecture: str = Field(description="Registered architecture name.")
+    sparsity_penalty: ClassVar[bool] = False
+    """Whether the loss has a sparsity penalty (what optimizer.sparsity_warmup_steps ramps)."""
     n_features: int = Field(16384, gt=0, description="Number of latents (d_sae).")
     d_model: int | None = Field(
         None, gt=0, description="Input width; None takes it from the activation dataset."
@@ -174,7 +177,7 @@ def get_architecture(config: BaseSAEConfig, d_model: int) -> Architecture:
     try:
         cls = _REGISTRY[config.architecture]
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"sae.architecture={config.architecture!r} is not registered; "
             f"choose one of {sorted(_REGISTRY)}"
         ) from None

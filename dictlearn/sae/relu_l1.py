@@ -7,7 +7,7 @@ unconstrained (no unit-norm projection) and rows start small (``decoder_init_nor
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ class ReLUL1Config(BaseSAEConfig):
     """ReLU + decoder-norm-weighted L1."""
 
     architecture: Literal["relu_l1"] = "relu_l1"
+    sparsity_penalty: ClassVar[bool] = True
     l1_coef: float = Field(5.0, ge=0, description="Weight of the L1 penalty.")
     decoder_init_norm: float = Field(
         0.1, gt=0, description="L2 norm of each decoder row at initialisation."

@@ -1,7 +1,7 @@
 """Exact top-k over a feature axis that is split across devices, without gathering it.
 
 ``lax.top_k`` on a feature-sharded ``[batch, n_features]`` array makes XLA all-gather the whole
-matrix onto every device (NOTES.md): fatal at millions of features. Instead, inside ``shard_map``:
+matrix onto every device (seen in its compiled HLO): fatal at millions of features. Instead, inside ``shard_map``:
 
 1. each shard takes its local top-k (values and local indices),
 2. only those ``k`` candidates per token are all-gathered over the ``model`` axis,
@@ -29,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dictlearn.errors import UserError
 from dictlearn.sae import cpu_kernels
 from sharding import DATA, MODEL
 
@@ -145,7 +146,7 @@ def sharded_top_k(
 def check_k_fits_shard(k: int, n_local: int) -> None:
     """Raise a clear error when one shard holds fewer than ``k`` features."""
     if k > n_local:
-        raise ValueError(
+        raise UserError(
             f"k={k} exceeds the {n_local} features held by one shard; use a smaller mesh.model "
             f"or more features"
         )
