@@ -19,6 +19,7 @@ from sharding.axes import (
     VOCAB,
     abstract_array,
     logical_to_spec,
+    mesh_axis,
     named_sharding,
     replicated,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "device_count",
     "logical_to_spec",
     "make_mesh",
+    "mesh_axis",
     "mesh_shape",
     "named_sharding",
     "replicated",

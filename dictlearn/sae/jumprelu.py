@@ -31,7 +31,7 @@ from dictlearn.sae.base import (
     reconstruction_metrics,
     register,
 )
-from sharding import FEATURES, MODEL
+from sharding import FEATURES, mesh_axis
 
 
 class JumpReLUConfig(BaseSAEConfig):
@@ -119,7 +119,7 @@ class JumpReLU(Architecture):
         active = pre > threshold
         recon, metrics = reconstruction_metrics(x, x_hat, jnp.sum(active, axis=1), ctx.global_batch)
         l0_local = jnp.sum(step(pre, threshold, cfg.bandwidth))
-        l0 = jax.lax.psum(global_sum(l0_local), MODEL) / ctx.global_batch
+        l0 = jax.lax.psum(global_sum(l0_local), mesh_axis(FEATURES)) / ctx.global_batch
         sparsity = cfg.l0_coef * ctx.sparsity_scale * l0
         loss = recon + sparsity
         metrics |= {"sparsity_loss": sparsity, "loss": loss}

@@ -27,7 +27,7 @@ from dictlearn.sae.base import (
     reconstruction_metrics,
     register,
 )
-from sharding import MODEL
+from sharding import FEATURES, mesh_axis
 
 
 class ReLUL1Config(BaseSAEConfig):
@@ -58,7 +58,10 @@ class ReLUL1(Architecture):
         active = latents > 0
         recon, metrics = reconstruction_metrics(x, x_hat, jnp.sum(active, axis=1), ctx.global_batch)
         dec_norms = jnp.linalg.norm(params["W_dec"], axis=1)
-        l1 = jax.lax.psum(global_sum(jnp.sum(latents @ dec_norms)), MODEL) / ctx.global_batch
+        l1 = (
+            jax.lax.psum(global_sum(jnp.sum(latents @ dec_norms)), mesh_axis(FEATURES))
+            / ctx.global_batch
+        )
         sparsity = cfg.l1_coef * ctx.sparsity_scale * l1
         loss = recon + sparsity
         metrics |= {"sparsity_loss": sparsity, "l1": l1, "loss": loss}
