@@ -95,6 +95,8 @@ def test_sigterm_checkpoints_then_resumes(tmp_path: Path, planted_url: str) -> N
     config = tiny_config(
         tmp_path,
         planted_url,
+        # Constant lr, so the resume below may end the run early (train.steps=reached + 2).
+        optimizer={"decay_fraction": 0.0},
         train={"steps": 100_000, "log_every": 1},
         checkpoint={"every_steps": 1000, "async_save": True},
     )
