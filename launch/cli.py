@@ -652,7 +652,10 @@ _CONFIG_TOPICS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dictlearn", description="Distributed dictionary learning (sparse autoencoders)."
+        prog="dictlearn",
+        description="Distributed dictionary learning (sparse autoencoders).",
+        epilog="Every config field (dotted name, type, default, description): "
+        "dictlearn config train|generate|pipeline|sweep",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():

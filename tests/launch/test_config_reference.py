@@ -74,10 +74,10 @@ def test_config_shows_embedded_pipeline_defaults_and_per_architecture_ones(capsy
     assert "| `optimizer.lr` | float > 0 | `0.0004` | recovery |" in table
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "pipeline", "sweep", "submit"])
-def test_help_points_to_the_config_printer(command: str, capsys) -> None:
+@pytest.mark.parametrize("command", ["train", "generate", "pipeline", "sweep", "submit", None])
+def test_help_points_to_the_config_printer(command: str | None, capsys) -> None:
     with pytest.raises(SystemExit):
-        build_parser().parse_args([command, "--help"])
+        build_parser().parse_args([command, "--help"] if command else ["--help"])
     assert "dictlearn config" in capsys.readouterr().out
 
 
