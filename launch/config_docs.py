@@ -10,6 +10,7 @@ tests, so they cannot go stale.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -104,8 +105,9 @@ def readme_tables() -> str:
     """The README's generated block: a legend, then one collapsed table per config."""
     parts = [README_BEGIN, "", KINDS, ""]
     for name, topic in TOPICS.items():
+        summary = re.sub(r"`([^`]*)`", r"<code>\1</code>", topic.summary)  # HTML: no Markdown
         parts += [
-            f"<details><summary><code>dictlearn config {name}</code>: {topic.summary}</summary>",
+            f"<details><summary><code>dictlearn config {name}</code>: {summary}</summary>",
             "",
             describe(name, markdown=True),
             "",

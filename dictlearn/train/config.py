@@ -212,7 +212,7 @@ class ClusterConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Everything ``dictlearn train`` needs."""
 
-    data: DataConfig
+    data: DataConfig = Field(description="The activation dataset and how it is read.")
     sae: SAEConfig = Field(default_factory=TopKConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     mesh: MeshConfig = Field(default_factory=MeshConfig, json_schema_extra=EXECUTION)
