@@ -28,7 +28,7 @@ Columns:
 * ``largest AG``: the largest array any ``all-gather`` in the compiled HLO produces.
 * ``full AG``: ``yes`` if some all-gather produces a matrix with a full ``n_features`` dimension
   (the ``[batch, n_features]`` gather a plain ``lax.top_k`` over the sharded feature axis causes,
-  see NOTES.md "JAX on CPU"). It must read ``no``. A control row compiles exactly that plain
+  as its compiled HLO shows). It must read ``no``. A control row compiles exactly that plain
   ``lax.top_k`` and must read ``yes``, which shows the scan would catch it.
 
 ``aux`` rows compile the ``any_dead=True`` variant (AuxK loss over dead latents: a second, masked
@@ -161,7 +161,7 @@ def measure(n_features: int, data: int, model: int, batch_per_replica: int, aux:
 
 
 def control_plain_top_k(n_features: int, model: int, batch: int) -> Gathers:
-    """The scan on what NOTES.md warns about: ``lax.top_k`` over a model-sharded feature axis."""
+    """The scan on the known trap: ``lax.top_k`` over a model-sharded feature axis."""
     mesh = make_mesh(MeshConfig(data=1, model=model), jax.devices()[:model])
     sharding = named_sharding(mesh, (BATCH, FEATURES))
     pre = jax.ShapeDtypeStruct((batch, n_features), jnp.float32, sharding=sharding)

@@ -15,19 +15,26 @@
     dictlearn select FITS.json n_features=N [tokens=T | flops=C] [--out CONFIG.yaml] [key=value ...]
     dictlearn index build SAE_URL --out OUT_URL [--against SAE_B_URL] [key=value ...]
     dictlearn neighbors INDEX_OR_SAE FEATURE [-k 10] | --vector v.npy | --text TEXT
+    dictlearn config train|generate|pipeline|sweep [--markdown]   # every field of a config
 
-Every stage's errors for bad input (config, data) are printed as one clear message with exit
-status 2, not as a traceback. ``dictlearn sweep`` exits 1 when a trial failed (after its retry).
+A mistake the user can fix (a ``dictlearn.errors.UserError``: bad config, bad path, bad dataset,
+a checkpoint of another run, ...) is printed as one clear message with exit status 2, not as a
+traceback. Any other exception is a bug in dictlearn: its traceback is printed with a request to
+report it, exit status 1. ``dictlearn sweep`` exits 1 when a trial failed (after its retry).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dictlearn.config import ConfigError
+from pydantic import ValidationError
+
+from dictlearn.config import ConfigError, format_validation_error
+from dictlearn.errors import UserError
 from launch.jobs import jobs_arguments, run_jobs
 from launch.submit import run_submit, submit_arguments
 from sharding.host_memory import reuse_freed_host_memory
@@ -202,9 +209,9 @@ def _neighbors(args: argparse.Namespace) -> Any:
         try:
             vector = np.load(args.vector, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read --vector {args.vector}: {e}") from None
+            raise UserError(f"cannot read --vector {args.vector}: {e}") from None
     if (args.feature is None) == (vector is None):
-        raise ValueError("give a FEATURE id or --vector FILE.npy (one of them)")
+        raise UserError("give a FEATURE id or --vector FILE.npy (one of them)")
     result = query_neighbors(args.target, args.feature, vector, args.k, args.metric)
     query = f"feature {args.feature}" if vector is None else f"vector {args.vector}"
     kind = "exact" if result.exact else "approximate"
@@ -222,7 +229,7 @@ def _text_neighbors(args: argparse.Namespace) -> Any:
     from dictlearn.inspect.text import text_neighbors
 
     if args.feature is not None or args.vector is not None:
-        raise ValueError("give one of FEATURE, --vector FILE.npy or --text TEXT")
+        raise UserError("give one of FEATURE, --vector FILE.npy or --text TEXT")
     result = text_neighbors(args.target, args.text, top=args.top, k=args.k)
     lines = [f"features of {args.target} on each token (activation; nearest features, cosine)"]
     for entry in result:
@@ -473,6 +480,32 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
     _override_arguments(p)
 
 
+def _describe_config(args: argparse.Namespace) -> Any:
+    from launch.config_docs import describe, update_readme
+
+    if args.readme is not None:
+        changed = update_readme(args.readme)
+        print(f"{args.readme}: config tables {'rewritten' if changed else 'already up to date'}")
+        return None
+    if args.topic is None:
+        raise UserError("name a config: dictlearn config train|generate|pipeline|sweep")
+    print(describe(args.topic, markdown=args.markdown))
+    return None
+
+
+def _describe_config_arguments(p: argparse.ArgumentParser) -> None:
+    from launch.config_docs import TOPICS
+
+    p.add_argument("topic", nargs="?", choices=TOPICS, help="Which command's config.")
+    p.add_argument("--markdown", action="store_true", help="Print a Markdown table.")
+    p.add_argument(
+        "--readme",
+        metavar="README.md",
+        default=None,
+        help="Rewrite the generated config tables in this README (between its markers).",
+    )
+
+
 def _override_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "overrides",
@@ -645,37 +678,65 @@ COMMANDS: dict[
         _neighbors_arguments,
         _neighbors,
     ),
+    "config": (
+        "Print every field of a config (dotted name, type, default, kind, description).",
+        _describe_config_arguments,
+        _describe_config,
+    ),
+}
+
+# Commands whose config `dictlearn config TOPIC` describes; their --help points there.
+_CONFIG_TOPICS = {
+    "train": "train",
+    "generate": "generate",
+    "pipeline": "pipeline",
+    "sweep": "sweep",
+    "submit": "train|generate|pipeline|sweep",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dictlearn", description="Distributed dictionary learning (sparse autoencoders)."
+        prog="dictlearn",
+        description="Distributed dictionary learning (sparse autoencoders).",
+        epilog="Every config field (dotted name, type, default, description): "
+        "dictlearn config train|generate|pipeline|sweep",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        topic = _CONFIG_TOPICS.get(name)
+        epilog = (
+            f"Every config field (dotted name, type, default, description): "
+            f"dictlearn config {topic}"
+            if topic
+            else None
+        )
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text, epilog=epilog))
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors printed as one line (exit 2) instead of a traceback.
+    """Errors printed as one line (exit 2) instead of a traceback: the user's to fix.
 
-    ConfigError, DatasetError, CorpusError and the cluster errors are ValueErrors. A training
-    divergence can only have come from the trainer module if it was imported: looking it up in
+    Every ``UserError`` (ConfigError, DatasetError, a divergence, a dead host, ...), and a mesh
+    that does not fit the devices, from ``sharding``, which sits below dictlearn and has its
+    own error type. It can only have been raised if ``sharding`` was imported: looking it up in
     ``sys.modules`` keeps a failing ``dictlearn jobs`` call from importing jax just to print.
     """
-    errors: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError)
+    errors: tuple[type[BaseException], ...] = (UserError,)
+    mesh = sys.modules.get("sharding.mesh")
+    if mesh is not None:
+        errors += (mesh.MeshError,)
     storage = sys.modules.get("dictlearn.data.storage")
     if storage is not None:  # gs:// kept failing after every retry: the message names the object
         errors += (storage.StorageError,)
-    trainer = sys.modules.get("dictlearn.train.trainer")
-    if trainer is not None:
-        errors += (trainer.TrainingDiverged,)
-    multihost = sys.modules.get("launch.multihost")
-    if multihost is not None:  # a trainer host died: the message names the checkpoint
-        errors += (multihost.HostFailure,)
     return errors
+
+
+BUG_REPORT = (
+    "this is a bug in dictlearn, not a mistake in your input: please report it with the "
+    "traceback above and the command you ran"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -694,6 +755,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"dictlearn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ValidationError as e:  # a config built outside dictlearn.config.validate
+        print(f"dictlearn {args.command}: error: {format_validation_error(e)}", file=sys.stderr)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        print(f"dictlearn {args.command}: internal error: {BUG_REPORT}", file=sys.stderr)
+        return 1
     # A handler may return an exit status (sweep: 1 when a trial failed); others return results.
     return outcome if isinstance(outcome, int) else 0
 

@@ -35,8 +35,10 @@ from ray.util.scheduling_strategies import (
 )
 
 from dictlearn.config import ConfigError
+from dictlearn.errors import UserError
 from dictlearn.ray_cluster import ray_session
 from dictlearn.train.config import ClusterConfig, TrainConfig
+from sharding import MeshError
 from sharding.distributed import Coordinator, free_port, initialize
 from sharding.host_memory import reuse_freed_host_memory
 
@@ -50,8 +52,11 @@ KILL_WAIT_S = 10.0
 log = logging.getLogger(__name__)
 
 
-class HostFailure(RuntimeError):
-    """A trainer host died or failed; the message names the last committed checkpoint."""
+class HostFailure(UserError, RuntimeError):
+    """A trainer host died or failed; the message names the last committed checkpoint.
+
+    Not a bug to report: re-running resumes from that checkpoint (a ``UserError``, one line).
+    """
 
 
 @dataclass(frozen=True)
@@ -277,12 +282,10 @@ def _failure(
     config: TrainConfig, err: Exception, rank: int, info: HostInfo | None, hosts: int
 ) -> BaseException:
     """The exception to raise for host ``rank``'s failure ``err`` (the others are stopped)."""
-    from dictlearn.train.trainer import TrainingDiverged
-
     cause = getattr(err, "cause", None)
     # The trainer's own clear errors (bad config or data, a checkpoint of another run,
     # divergence) are raised by every host alike and already say what to do: pass them on.
-    if isinstance(cause, ValueError | FileNotFoundError | TrainingDiverged):
+    if isinstance(cause, UserError | MeshError):
         return cause
     who = info.describe(hosts) if info is not None else f"trainer host {rank}/{hosts}"
     if isinstance(err, ray.exceptions.RayTaskError):

@@ -38,9 +38,12 @@ from pydantic import Field, model_validator
 
 from dictlearn.activations import GenerateConfig, OutputConfig
 from dictlearn.config import (
+    EXECUTION,
     ConfigError,
+    Effect,
     StrictModel,
     apply_overrides,
+    fields_with,
     read_yaml,
     to_yaml,
     validate,
@@ -49,7 +52,6 @@ from dictlearn.config import (
 from dictlearn.data import storage
 from dictlearn.inspect.evaluate import EvalConfig
 from dictlearn.train.config import DataConfig, GroupTrainConfig, TrainConfig
-from dictlearn.train.trainer import RESUMABLE_CHANGES
 from launch.hook_workers import (
     HookWorkersConfig,
     WorkerJob,
@@ -62,18 +64,6 @@ from sharding import MeshConfig
 StageName = Literal["generate", "train", "eval"]
 STAGE_ORDER: tuple[StageName, ...] = ("generate", "train", "eval")
 
-# Fields of the train config that change how it runs, not what it produces: left out of the
-# stage's version hash so that, e.g., another mesh reuses finished work. These are the trainer's
-# RESUMABLE_CHANGES except the step count and the lr schedule: those may change when resuming
-# (to extend a run, or to recover from a divergence), but in a pipeline a new value is a new run.
-# (The generate stage's hash covers GenerateConfig.fingerprint_fields(), which leaves out Ray
-# settings and the batch size.)
-SCHEDULE_FIELDS = ("train.steps", "optimizer.lr", "optimizer.warmup_steps")
-TRAIN_EXECUTION_FIELDS = (
-    *(name for name in RESUMABLE_CHANGES if name not in SCHEDULE_FIELDS),
-    "data.path",
-    "hook",
-)
 
 STAGE_MARKER = "stage.json"
 
@@ -82,7 +72,9 @@ class PipelineOutputConfig(OutputConfig):
     """``generate.output`` inside a pipeline: the path is the stage's versioned directory."""
 
     path: str | None = Field(  # type: ignore[assignment]
-        None, description="Leave unset: the pipeline writes under <output_dir>/<name>/."
+        None,
+        json_schema_extra=EXECUTION,
+        description="Leave unset: the pipeline writes under <output_dir>/<name>/.",
     )
 
 
@@ -126,7 +118,10 @@ class PipelineDataConfig(DataConfig):
     """``train.data`` inside a pipeline: the dataset path comes from the generate stage."""
 
     path: str | None = Field(  # type: ignore[assignment]
-        None, description="Leave unset: the pipeline points training at the generated dataset."
+        None,
+        # Filled in by the pipeline; the dataset is hashed as the generate stage's version.
+        json_schema_extra=EXECUTION,
+        description="Leave unset: the pipeline points training at the generated dataset.",
     )
 
 
@@ -155,6 +150,7 @@ class PipelineTrainConfig(TrainConfig):
 
     hook_workers: HookWorkersConfig = Field(
         default_factory=HookWorkersConfig,
+        json_schema_extra=EXECUTION,
         description=(
             "With widths on several hooks: each hook's group on a Ray worker of its own "
             "(resources per worker, cluster); execution only, not part of any version."
@@ -166,6 +162,15 @@ class PipelineTrainConfig(TrainConfig):
         if len(set(self.widths)) != len(self.widths) or any(w <= 0 for w in self.widths):
             raise ValueError(f"train.widths must be distinct positive integers, got {self.widths}")
         return self
+
+
+# Fields of the train config left out of the stage's version hash (from the fields' marking,
+# dictlearn.config.Effect): how it runs (so, e.g., another mesh reuses finished work) and what
+# the training-time evaluation reports (the eval stage reports the result). The dataset enters
+# the hash as the generate stage's version and the hook (inputs), not as data.path. The schedule
+# is hashed: a resumed run may change it, but in a pipeline a new value is a new run. (The
+# generate stage's hash covers GenerateConfig.fingerprint_fields(), derived the same way.)
+TRAIN_EXECUTION_FIELDS = fields_with(PipelineTrainConfig, {Effect.EXECUTION, Effect.EVALUATION})
 
 
 class PipelineEvalConfig(EvalConfig):
@@ -182,14 +187,24 @@ class PipelineEvalConfig(EvalConfig):
 class PipelineConfig(StrictModel):
     """Everything ``dictlearn pipeline`` needs; every field has a default (the README's run)."""
 
-    name: str = Field("default", description="Pipeline name: the directory under output_dir.")
-    output_dir: str = Field("runs", description="Parent directory (or gs:// URL) of pipelines.")
+    name: str = Field(
+        "default",
+        json_schema_extra=EXECUTION,
+        description="Pipeline name: the directory under output_dir.",
+    )
+    output_dir: str = Field(
+        "runs",
+        json_schema_extra=EXECUTION,
+        description="Parent directory (or gs:// URL) of pipelines.",
+    )
     stages: list[StageName] = Field(
         default_factory=lambda: list(STAGE_ORDER),
+        json_schema_extra=EXECUTION,
         description="Stages to run, in pipeline order (a later stage needs its inputs finished).",
     )
     mesh: MeshConfig = Field(
         default_factory=MeshConfig,
+        json_schema_extra=EXECUTION,
         description="Device mesh of the training stage (set it here, not under train.mesh).",
     )
     generate: PipelineGenerateConfig = Field(

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dictlearn.config import ConfigError, apply_overrides, read_yaml, without_fields
+from dictlearn.errors import MissingInputError, UserError
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -105,7 +106,7 @@ DEFAULT_STOP_GRACE_S = 120
 ACTIVE = ("PENDING", "RUNNING")  # job states that still write to the run's outputs
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError):
     """The cluster is unreachable, refused us, or has no such job; the message names the fix.
 
     A ``ValueError``, so the CLI prints it as one line with exit status 2.
@@ -359,7 +360,7 @@ def prepare(config: str, overrides: list[str], stage: str | None = None) -> Prep
     overrides = list(overrides)
     path = Path(config)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {config} does not exist")
+        raise MissingInputError(f"config file {config} does not exist")
     stage = stage or infer_stage(apply_overrides(read_yaml(path), overrides), config)
     resolved = load_stage_config(stage, config, overrides)
     if stage in _RAY_ADDRESS_FIELD:

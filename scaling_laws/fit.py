@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares, minimize_scalar
 
+from dictlearn.errors import UserError
 from scaling_laws.laws import (
     ComputeFrontier,
     ExcludedRecord,
@@ -56,7 +57,7 @@ DEFAULT_HUBER_DELTA = 1e-2
 LR_HUBER_DELTA = 0.1  # on log-lr residuals: lr* is read off a grid, so it scatters more
 
 
-class FitError(ValueError):
+class FitError(UserError):
     """The sweep cannot support a fit; the message says what is missing."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import fsspec
 import yaml
 
+from dictlearn.errors import MissingInputError, UserError
 from dictlearn.tracking import METRICS_FILE, read_metrics
 
 TRIALS_DIR = "trials"
@@ -145,11 +146,11 @@ def flops_per_token(architecture: str, d_model: int, n_features: int, k: int | N
     d, n = float(d_model), float(n_features)
     if architecture in ("topk", "batchtopk"):
         if k is None:
-            raise ValueError(f"{architecture} needs k to count FLOPs")
+            raise UserError(f"{architecture} needs k to count FLOPs")
         return 2.0 * d * n + 8.0 * float(k) * d
     if architecture in ("jumprelu", "relu_l1"):
         return 10.0 * d * n
-    raise ValueError(f"no FLOP count for architecture {architecture!r}")
+    raise UserError(f"no FLOP count for architecture {architecture!r}")
 
 
 def _join(*parts: str) -> str:
@@ -270,7 +271,7 @@ def read_sweep(
     fs, root = fsspec.core.url_to_fs(sweep_dir)
     trials_root = _join(root, TRIALS_DIR)
     if not fs.isdir(trials_root):
-        raise FileNotFoundError(f"{sweep_dir} is not a sweep directory: no {TRIALS_DIR}/ in it")
+        raise MissingInputError(f"{sweep_dir} is not a sweep directory: no {TRIALS_DIR}/ in it")
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(trials_root, detail=False))
     names = [n for n in names if fs.isdir(_join(trials_root, n))]
     finished: list[Trial] = []

@@ -29,6 +29,7 @@ from typing import Any
 
 import fsspec
 
+from dictlearn.errors import MissingInputError
 from scaling_laws.fit import FitError
 from scaling_laws.laws import FitResult
 from scaling_laws.results import flops_per_token
@@ -84,7 +85,7 @@ def load_fits(path: str) -> FitResult:
         with fsspec.open(path, "r") as f:
             return FitResult.model_validate_json(f.read())
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"fits file {path} does not exist") from e
+        raise MissingInputError(f"fits file {path} does not exist") from e
 
 
 def _power_of_two_near(x: float) -> int:

@@ -27,23 +27,10 @@ from typing import Any
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from dictlearn.config import StrictModel, validate
+from dictlearn.config import EXECUTION, Effect, StrictModel, fields_with, validate
 from dictlearn.inspect.evaluate import EvalSettings
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.optimizer import decay_start_step
-
-# Sweep fields that change how a sweep runs, not what its trials produce: a re-run may change
-# them; any other difference against the sweep.yaml already in the sweep directory is refused.
-SWEEP_EXECUTION_FIELDS = (
-    "ray",
-    "retries",
-    "base.tracker",
-    "base.checkpoint",
-    "base.mesh",
-    "base.ray",
-    "base.data.prefetch",
-    "base.train.log_every",
-)
 
 TRIALS_DIR = "trials"
 TRUNKS_DIR = "trunks"
@@ -158,8 +145,12 @@ class SweepConfig(StrictModel):
         "of dictlearn eval (loss recovered, KL) on its dataset's source model: needs a dataset "
         "generated from a language model, not planted data.",
     )
-    retries: int = Field(1, ge=0, description="Times a failed trial is retried.")
-    ray: SweepRayConfig = Field(default_factory=SweepRayConfig, description="Ray resources.")
+    retries: int = Field(
+        1, ge=0, json_schema_extra=EXECUTION, description="Times a failed trial is retried."
+    )
+    ray: SweepRayConfig = Field(
+        default_factory=SweepRayConfig, json_schema_extra=EXECUTION, description="Ray resources."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
@@ -188,6 +179,12 @@ class SweepConfig(StrictModel):
     def root(self) -> str:
         """The sweep directory, ``<output_dir>/<name>``."""
         return f"{self.output_dir.rstrip('/')}/{self.name}"
+
+
+SWEEP_EXECUTION_FIELDS = fields_with(SweepConfig, {Effect.EXECUTION})
+"""Sweep fields a re-run may change: how the sweep runs, not what its trials produce (derived
+from the fields' marking). Any other difference against the sweep directory's sweep.yaml is
+refused, held-out evaluation settings included: the trials are compared on those numbers."""
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ from sharding.axes import (
     VOCAB,
     abstract_array,
     logical_to_spec,
+    mesh_axis,
     named_sharding,
     replicated,
 )
-from sharding.mesh import MeshConfig, device_count, make_mesh, mesh_shape
+from sharding.mesh import MeshConfig, MeshError, device_count, make_mesh, mesh_shape
 
 __all__ = [
     "BATCH",
@@ -39,10 +40,12 @@ __all__ = [
     "TOPK",
     "VOCAB",
     "MeshConfig",
+    "MeshError",
     "abstract_array",
     "device_count",
     "logical_to_spec",
     "make_mesh",
+    "mesh_axis",
     "mesh_shape",
     "named_sharding",
     "replicated",

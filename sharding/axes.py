@@ -70,6 +70,19 @@ def logical_to_spec(axes: LogicalAxes, rules: Rules | None = None) -> PartitionS
     return PartitionSpec(*mesh_axes)
 
 
+def mesh_axis(logical: str, rules: Rules | None = None) -> str | tuple[str, ...]:
+    """The mesh axis (or axes) a logical axis is split over: what a collective in ``shard_map``
+    names, e.g. ``psum(partial, mesh_axis(FEATURES))`` finishes a sum over the features.
+
+    Raises:
+        KeyError: the axis has no rule, or its rule replicates it (no collective spans it).
+    """
+    axis = logical_to_spec((logical,), rules)[0]
+    if axis is None:
+        raise KeyError(f"logical axis {logical!r} is not split over the mesh: nothing to reduce")
+    return axis
+
+
 def named_sharding(mesh: Mesh, axes: LogicalAxes, rules: Rules | None = None) -> NamedSharding:
     """A ``NamedSharding`` on ``mesh`` for an array whose dimensions carry ``axes``."""
     return NamedSharding(mesh, logical_to_spec(axes, rules))

@@ -29,22 +29,30 @@ class MeshConfig(BaseModel):
     )
 
 
+class MeshError(ValueError):
+    """A mesh shape that does not fit the devices: the user's config (``mesh.data``/``model``).
+
+    sharding imports nothing of dictlearn, so this is not a ``dictlearn.errors.UserError``; the
+    CLI reports it as one (one line, exit status 2).
+    """
+
+
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Build a ``(data, model)`` mesh over ``devices`` (default: all global devices).
 
     Raises:
-        ValueError: the requested shape does not tile the available devices.
+        MeshError: the requested shape does not tile the available devices.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if n % config.model:
-        raise ValueError(
+        raise MeshError(
             f"mesh.model={config.model} does not divide the {n} available devices; "
             f"choose a divisor of {n}"
         )
     data = n // config.model if config.data == -1 else config.data
     if data < 1 or data * config.model != n:
-        raise ValueError(
+        raise MeshError(
             f"mesh.data={config.data} x mesh.model={config.model} = {data * config.model} "
             f"devices, but {n} are available; set mesh.data=-1 to use them all"
         )

@@ -10,7 +10,7 @@ fresh, unique ``gs://bucket/<id>`` prefix per test). Plain ``fsspec.open("gs://.
 tensorstore and Orbax all reach the emulator while the fixture is active, and so do child
 processes started from the tests (the settings are environment variables).
 
-What it sets, and why (see /work/shared/NOTES.md):
+What it sets, and why:
 - ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` at import: gcsfs reads it when it is first imported,
   and with it on every bucket costs a 60 s gRPC/TLS timeout against an emulator.
 - ``STORAGE_EMULATOR_HOST``: gcsfs's endpoint. ``FSSPEC_GCS_TOKEN=anon`` (and the same in

@@ -15,7 +15,7 @@ from dictlearn.activations.config import GenerateConfig, ModelConfig, OutputConf
 from dictlearn.activations.model import ResolvedModel, resolve_model
 
 if TYPE_CHECKING:
-    from dictlearn.activations.generate import LEDGER_NAME, GenerateResult, main
+    from dictlearn.activations.generate import LEDGER_NAME, GenerateResult, GenerationLedger, main
     from dictlearn.activations.worker import ShardOutcome, ShardWorker, WorkerSpec
 
 # The Ray side (coordinator, worker actors) is imported on first use: code that only needs the
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "LEDGER_NAME": "dictlearn.activations.generate",
     "GenerateResult": "dictlearn.activations.generate",
+    "GenerationLedger": "dictlearn.activations.generate",
     "main": "dictlearn.activations.generate",
     "ShardOutcome": "dictlearn.activations.worker",
     "ShardWorker": "dictlearn.activations.worker",
@@ -42,6 +43,7 @@ __all__ = [
     "LEDGER_NAME",
     "GenerateConfig",
     "GenerateResult",
+    "GenerationLedger",
     "ModelConfig",
     "OutputConfig",
     "RayConfig",

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dictlearn.config import StrictModel
+from dictlearn.config import EXECUTION, Effect, StrictModel, fields_with, without_fields
 from dictlearn.corpus import CorpusConfig
 from dictlearn.lm import HookPoint
 from sharding import MeshConfig
@@ -55,10 +55,11 @@ class OutputConfig(StrictModel):
     """Where the activation datasets go: one dataset per hook, at ``<path>/<hook>/``."""
 
     path: str = Field(
+        json_schema_extra=EXECUTION,
         description=(
             "Root URL (local directory or gs://bucket/prefix). Each hook's dataset is written "
             "to <path>/<hook>/ and the generation ledger to <path>/generation.json."
-        )
+        ),
     )
     dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Storage dtype of the activation rows."
@@ -156,7 +157,9 @@ class GenerateConfig(StrictModel):
         description="The text: files or built-in corpora, and n_shards (units of work)."
     )
     context_length: int = Field(1024, ge=2, description="Tokens per packed context, BOS included.")
-    batch_size: int = Field(8, gt=0, description="Contexts per forward pass on a worker.")
+    batch_size: int = Field(
+        8, gt=0, json_schema_extra=EXECUTION, description="Contexts per forward pass on a worker."
+    )
     max_tokens: int | None = Field(
         None,
         gt=0,
@@ -179,13 +182,16 @@ class GenerateConfig(StrictModel):
     output: OutputConfig = Field(description="Where the datasets go.")
     mesh: MeshConfig | None = Field(
         None,
+        json_schema_extra=EXECUTION,
         description=(
             "Each worker's device mesh over its host's local devices: 'data' splits a batch "
             "(batch_size must be a multiple of it), 'model' splits the LM's heads, FFN and "
             "vocabulary (the rules in sharding/). null: one device per worker."
         ),
     )
-    ray: RayConfig = Field(default_factory=RayConfig, description="Workers and cluster.")
+    ray: RayConfig = Field(
+        default_factory=RayConfig, json_schema_extra=EXECUTION, description="Workers and cluster."
+    )
 
     @field_validator("hooks")
     @classmethod
@@ -210,16 +216,15 @@ class GenerateConfig(StrictModel):
     def fingerprint_fields(self) -> dict[str, Any]:
         """What decides the datasets' contents: a re-run must agree on these to reuse shards.
 
-        Leaves out what only changes speed or placement (batch size, Ray settings).
+        Every field but those marked EXECUTION (batch size, mesh, Ray settings, output.path),
+        laid out as first recorded (ledgers and pipeline versions hash this dict): the output
+        section flattened (``output_dtype``), the excluded positions as a sorted set.
         """
-        data = self.model_dump(mode="json")
-        return {
-            "model": data["model"],
-            "hooks": data["hooks"],
-            "corpus": data["corpus"],
-            "context_length": self.context_length,
-            "max_tokens": self.max_tokens,
+        data = without_fields(
+            self.model_dump(mode="json"), fields_with(type(self), {Effect.EXECUTION})
+        )
+        output = data.pop("output")
+        return data | {
             "exclude_positions": sorted(self.exclude_positions),
-            "exclude_token_ids": data["exclude_token_ids"],
-            "output_dtype": self.output.dtype,
+            **{f"output_{key}": value for key, value in output.items()},
         }

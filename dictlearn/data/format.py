@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dictlearn.data import storage
+from dictlearn.errors import UserError
 
 FORMAT_NAME = "dictlearn.activations"
 FORMAT_VERSION = 2
@@ -67,7 +68,7 @@ _STAT_CHUNK_ROWS = 65536
 _VALIDATE_CHUNK_BYTES = 64 << 20
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """An activation dataset or shard is missing, malformed or inconsistent.
 
     The message names the offending file and says how to fix it.

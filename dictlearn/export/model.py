@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dictlearn.errors import UserError
 from dictlearn.sae.topk_select import top_k
 
 ActivationRule = Literal["topk", "jumprelu", "relu"]
@@ -32,7 +33,7 @@ ACTIVATION_RULES: tuple[str, ...] = ("topk", "jumprelu", "relu")
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An SAE file, directory or export request is unusable; the message names it and the fix."""
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import Field
 
 from dictlearn.config import StrictModel
+from dictlearn.errors import UserError
 from dictlearn.index.exact import normalize_rows
 
 
@@ -55,7 +56,7 @@ class AnnIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(ids [n, k] int64, cosines [n, k] float32)`` of ``queries`` (normalised here)."""
         if queries.shape[1] != self.d:
-            raise ValueError(f"query vectors have d={queries.shape[1]}, the index d={self.d}")
+            raise UserError(f"query vectors have d={queries.shape[1]}, the index d={self.d}")
         cos, ids = self._index.search(normalize_rows(queries), k)
         return ids.astype(np.int64), cos.astype(np.float32)
 

@@ -21,6 +21,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from dictlearn.config import StrictModel
+from dictlearn.errors import UserError
 from dictlearn.index.ann import AnnConfig, AnnIndex
 from dictlearn.index.exact import ShardedKnn, block_ranges
 from dictlearn.index.source import Directions, Metric, load_directions
@@ -119,13 +120,13 @@ def build_from_directions(
     start_time = time.perf_counter()
     searched = keys or queries
     if searched.d_in != queries.d_in:
-        raise ValueError(
+        raise UserError(
             f"--against {searched.source} has d_in={searched.d_in}, but {queries.source} has "
             f"d_in={queries.d_in}: a cross-SAE index needs SAEs of the same width"
         )
     available = searched.n_features - (0 if keys is not None else 1)
     if config.k > available:
-        raise ValueError(f"k={config.k} exceeds the {available} other features there are")
+        raise UserError(f"k={config.k} exceeds the {available} other features there are")
     plan = IndexPlan(
         source=queries.source,
         digest=queries.digest,

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from dictlearn.errors import UserError
 from dictlearn.sae.topk_select import merge_shard_candidates, top_k
 from sharding import BATCH, D_MODEL, DATA, FEATURES, MODEL, named_sharding, replicated
 from sharding.axes import logical_to_spec
@@ -110,12 +111,12 @@ class ShardedKnn:
         n_keys, d = keys.shape
         available = n_keys - (1 if exclude_self else 0)
         if not 1 <= k <= available:
-            raise ValueError(f"k={k} must be in [1, {available}] for {n_keys} key features")
+            raise UserError(f"k={k} must be in [1, {available}] for {n_keys} key features")
         self.k, self.d, self.mesh = k, d, mesh
         self.layout = KnnLayout.plan(mesh, n_keys, block, key_chunk)
         needed = k + (1 if exclude_self else 0)
         if self.layout.key_chunk < needed:
-            raise ValueError(
+            raise UserError(
                 f"k={k} needs {needed} key features per chunk on one device, there are "
                 f"{self.layout.key_chunk}; use a smaller mesh.model"
             )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.compute as pc
 
+from dictlearn.errors import MissingInputError, UserError
 from dictlearn.index.ann import AnnIndex
 from dictlearn.index.exact import normalize_rows
 from dictlearn.index.source import Directions, Metric, load_directions
@@ -72,9 +73,9 @@ def query_neighbors(
             the culprit.
     """
     if (feature is None) == (vector is None):
-        raise ValueError("give a feature id or a vector, not both or neither")
+        raise UserError("give a feature id or a vector, not both or neither")
     if k < 1:
-        raise ValueError(f"k={k} must be at least 1")
+        raise UserError(f"k={k} must be at least 1")
     index = _committed_index(target)
     if index is not None:
         store, manifest = index
@@ -89,7 +90,7 @@ def query_neighbors(
         keys = load_directions(keys_source, manifest.metric)
         expected = manifest.keys_digest or manifest.digest
         if keys.digest != expected:
-            raise ValueError(
+            raise UserError(
                 f"the SAE at {keys_source} has changed since {target} was built "
                 f"(digest {keys.digest[:12]}, index built from {expected[:12]})"
             )
@@ -107,7 +108,7 @@ def _feature_from_index(
 ) -> Neighbors:
     _check_feature(feature, manifest.n_features, store.url)
     if k > manifest.k:
-        raise ValueError(f"k={k} exceeds the k={manifest.k} neighbours stored in {store.url}")
+        raise UserError(f"k={k} exceeds the k={manifest.k} neighbours stored in {store.url}")
     table = store.read_part(manifest.parts[feature // manifest.block_size])
     rows = table.filter(pc.equal(table["feature"], feature)).sort_by("rank")
     return Neighbors(
@@ -131,13 +132,13 @@ def _scan(keys: Directions, vector: np.ndarray, k: int, exclude: int | None = No
 
 def _fits(k: int, available: int, where: str) -> int:
     if k > available:
-        raise ValueError(f"k={k} exceeds the {available} features of {where}")
+        raise UserError(f"k={k} exceeds the {available} features of {where}")
     return k
 
 
 def _check_feature(feature: int, n_features: int, where: str) -> None:
     if not 0 <= feature < n_features:
-        raise ValueError(
+        raise UserError(
             f"feature {feature} is out of range: {where} has {n_features} features "
             f"(0-{n_features - 1})"
         )
@@ -145,7 +146,7 @@ def _check_feature(feature: int, n_features: int, where: str) -> None:
 
 def _check_vector(vector: np.ndarray, d_in: int, where: str) -> None:
     if vector.ndim != 1 or vector.shape[0] != d_in:
-        raise ValueError(
+        raise UserError(
             f"the query vector has shape {tuple(vector.shape)}, but {where} has d_in={d_in} "
             f"(expected shape ({d_in},))"
         )
@@ -154,5 +155,5 @@ def _check_vector(vector: np.ndarray, d_in: int, where: str) -> None:
 def _required_blob(store: IndexStore, name: str) -> bytes:
     data = store.read_blob(name)
     if data is None:
-        raise FileNotFoundError(f"{store.url}/{name} is missing: the index is incomplete")
+        raise MissingInputError(f"{store.url}/{name} is missing: the index is incomplete")
     return data

@@ -34,6 +34,7 @@ from dictlearn.data.storage import (
     read_bytes_or_none,
     write_bytes_atomic,
 )
+from dictlearn.errors import MissingInputError, UserError
 
 PLAN = "build.json"
 MANIFEST = "index.json"
@@ -85,7 +86,7 @@ class IndexManifest(IndexPlan):
         return self.keys_source is not None
 
 
-class IndexMismatch(ValueError):
+class IndexMismatch(UserError):
     """The output directory holds (part of) another index."""
 
 
@@ -107,7 +108,7 @@ class IndexStore:
         try:
             return json.loads(data)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{join(self.url, name)} is not valid JSON: {e}") from None
+            raise UserError(f"{join(self.url, name)} is not valid JSON: {e}") from None
 
     def manifest(self) -> IndexManifest | None:
         """The committed manifest, or None if the index is not (yet) complete."""
@@ -162,7 +163,7 @@ class IndexStore:
     def read_part(self, name: str) -> pa.Table:
         data = read_bytes_or_none(self.fs, join(self.path, name))
         if data is None:
-            raise FileNotFoundError(f"{join(self.url, name)} is missing: the index is incomplete")
+            raise MissingInputError(f"{join(self.url, name)} is missing: the index is incomplete")
         return pq.read_table(io.BytesIO(data))
 
     def write_blob(self, name: str, data: bytes) -> None:

@@ -49,6 +49,7 @@ from jax.sharding import Mesh
 from pydantic import BaseModel, ConfigDict, Field
 
 import sharding
+from dictlearn.errors import UserError
 from sharding.axes import D_MODEL, FFN, HEAD_DIM, HEADS, KV_HEADS, VOCAB, Rules
 
 Params = dict[str, Any]
@@ -105,7 +106,7 @@ class Gemma3Config(BaseModel):
     def check_layer(self, layer: int) -> None:
         """Raise ``ValueError`` unless ``layer`` is a valid 0-based block index."""
         if not 0 <= layer < self.n_layers:
-            raise ValueError(
+            raise UserError(
                 f"layer {layer} is out of range: {self.name} has {self.n_layers} layers "
                 f"(valid indices 0..{self.n_layers - 1})"
             )
@@ -121,7 +122,7 @@ class Gemma3Config(BaseModel):
             hf = hf["text_config"]
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if hf.get(key) is not None:
-                raise ValueError(f"config.json sets {key}={hf[key]}, which Gemma 3 does not use")
+                raise UserError(f"config.json sets {key}={hf[key]}, which Gemma 3 does not use")
         local_base = hf.get("rope_local_base_freq", 10_000.0)
         global_base = hf.get("rope_theta", 1_000_000.0)
         scaling = hf.get("rope_scaling") or {}
@@ -134,7 +135,7 @@ class Gemma3Config(BaseModel):
             local_base = rope_params["sliding_attention"].get("rope_theta", local_base)
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in ("default", "linear"):
-            raise ValueError(f"unsupported rope scaling type {rope_type!r} in config.json")
+            raise UserError(f"unsupported rope scaling type {rope_type!r} in config.json")
         pattern = hf.get("sliding_window_pattern", 6)
         config = cls(
             name=name,
@@ -164,7 +165,7 @@ class Gemma3Config(BaseModel):
                 for i in range(config.n_layers)
             ]
             if list(layer_types) != expected:
-                raise ValueError(
+                raise UserError(
                     "config.json layer_types does not follow a local:global pattern of "
                     f"{pattern - 1}:1, which this implementation assumes"
                 )
@@ -232,7 +233,7 @@ def get_config(name: str = "gemma3-270m") -> Gemma3Config:
     """
     key = name if name.startswith("gemma3-") else f"gemma3-{name}"
     if key not in PRESETS:
-        raise ValueError(f"unknown Gemma 3 preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise UserError(f"unknown Gemma 3 preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[key]
 
 
@@ -282,7 +283,7 @@ class HookPoint:
             return spec
         match = _HOOK_RE.match(spec)
         if match is None:
-            raise ValueError(
+            raise UserError(
                 f"bad hook point {spec!r}: expected 'SITE.LAYER' with SITE one of "
                 "resid_post, attn_out, mlp_out (e.g. 'resid_post.6')"
             )

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dictlearn.errors import UserError
 from dictlearn.lm.gemma3 import Edit, Gemma3Config, Params, next_token_logits
 from dictlearn.lm.interventions import only_at
 from dictlearn.lm.tokenizer import Tokenizer
@@ -90,9 +91,9 @@ def generate(
         The continuation text only (without the prompt), one string per prompt.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise UserError(f"temperature must be >= 0, got {temperature}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     encoded = tokenizer.encode_batch(prompts, add_bos=True)
     width = max(len(ids) for ids in encoded)

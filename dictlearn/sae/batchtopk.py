@@ -29,7 +29,7 @@ from dictlearn.sae.base import (
     register,
 )
 from dictlearn.sae.topk_select import batch_threshold
-from sharding import DATA, MODEL
+from sharding import BATCH, FEATURES, mesh_axis
 
 
 class BatchTopKConfig(BaseSAEConfig):
@@ -73,14 +73,18 @@ class BatchTopK(Architecture):
         pre = preactivations(params, x)
         candidates = cfg.candidates_per_token or 4 * cfg.k
         relu_pre = jax.nn.relu(jax.lax.stop_gradient(pre))
-        cutoff = batch_threshold(relu_pre, cfg.k * ctx.global_batch, candidates, (DATA, MODEL))
+        cutoff = batch_threshold(
+            relu_pre, cfg.k * ctx.global_batch, candidates, (mesh_axis(BATCH), mesh_axis(FEATURES))
+        )
         active = (relu_pre >= cutoff) & (relu_pre > 0)
         latents = jnp.where(active, pre, 0.0)
         x_hat = finish_reconstruction(latents @ params["W_dec"], params["b_dec"])
         recon, metrics = reconstruction_metrics(x, x_hat, jnp.sum(active, axis=1), ctx.global_batch)
         # Smallest selected activation this step, the sample for the inference threshold.
         min_selected = jnp.min(jnp.where(active, relu_pre, jnp.inf))
-        min_selected = jax.lax.pmin(jax.lax.pmin(min_selected, MODEL), DATA)
+        min_selected = jax.lax.pmin(
+            jax.lax.pmin(min_selected, mesh_axis(FEATURES)), mesh_axis(BATCH)
+        )
         metrics |= {"loss": recon, "batch_threshold": min_selected}
         return recon, LocalOutputs(
             metrics=metrics,

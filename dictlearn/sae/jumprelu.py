@@ -10,7 +10,7 @@ gives pseudo-derivatives for both the JumpReLU itself and the L0 penalty
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +31,14 @@ from dictlearn.sae.base import (
     reconstruction_metrics,
     register,
 )
-from sharding import FEATURES, MODEL
+from sharding import FEATURES, mesh_axis
 
 
 class JumpReLUConfig(BaseSAEConfig):
     """JumpReLU SAE."""
 
     architecture: Literal["jumprelu"] = "jumprelu"
+    sparsity_penalty: ClassVar[bool] = True
     l0_coef: float = Field(1.0, ge=0, description="Weight of the L0 sparsity penalty.")
     bandwidth: float = Field(
         0.001, gt=0, description="Width of the rectangle kernel of the straight-through estimator."
@@ -118,7 +119,7 @@ class JumpReLU(Architecture):
         active = pre > threshold
         recon, metrics = reconstruction_metrics(x, x_hat, jnp.sum(active, axis=1), ctx.global_batch)
         l0_local = jnp.sum(step(pre, threshold, cfg.bandwidth))
-        l0 = jax.lax.psum(global_sum(l0_local), MODEL) / ctx.global_batch
+        l0 = jax.lax.psum(global_sum(l0_local), mesh_axis(FEATURES)) / ctx.global_batch
         sparsity = cfg.l0_coef * ctx.sparsity_scale * l0
         loss = recon + sparsity
         metrics |= {"sparsity_loss": sparsity, "loss": loss}

@@ -7,7 +7,7 @@ unconstrained (no unit-norm projection) and rows start small (``decoder_init_nor
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +27,14 @@ from dictlearn.sae.base import (
     reconstruction_metrics,
     register,
 )
-from sharding import MODEL
+from sharding import FEATURES, mesh_axis
 
 
 class ReLUL1Config(BaseSAEConfig):
     """ReLU + decoder-norm-weighted L1."""
 
     architecture: Literal["relu_l1"] = "relu_l1"
+    sparsity_penalty: ClassVar[bool] = True
     l1_coef: float = Field(5.0, ge=0, description="Weight of the L1 penalty.")
     decoder_init_norm: float = Field(
         0.1, gt=0, description="L2 norm of each decoder row at initialisation."
@@ -57,7 +58,10 @@ class ReLUL1(Architecture):
         active = latents > 0
         recon, metrics = reconstruction_metrics(x, x_hat, jnp.sum(active, axis=1), ctx.global_batch)
         dec_norms = jnp.linalg.norm(params["W_dec"], axis=1)
-        l1 = jax.lax.psum(global_sum(jnp.sum(latents @ dec_norms)), MODEL) / ctx.global_batch
+        l1 = (
+            jax.lax.psum(global_sum(jnp.sum(latents @ dec_norms)), mesh_axis(FEATURES))
+            / ctx.global_batch
+        )
         sparsity = cfg.l1_coef * ctx.sparsity_scale * l1
         loss = recon + sparsity
         metrics |= {"sparsity_loss": sparsity, "l1": l1, "loss": loss}

@@ -39,7 +39,7 @@ from dictlearn.sae.topk_select import (
     merge_shard_candidates,
     top_k,
 )
-from sharding import MODEL
+from sharding import FEATURES, mesh_axis
 
 
 class TopKConfig(BaseSAEConfig):
@@ -151,7 +151,7 @@ class TopK(Architecture):
         candidates = local_top_k_candidates(params, x, requests)
         selection = merge_shard_candidates(*candidates[0])
         values, partial = sparse_topk_forward(params, x, selection)
-        x_hat = jax.lax.psum(partial, MODEL) + params["b_dec"]
+        x_hat = jax.lax.psum(partial, mesh_axis(FEATURES)) + params["b_dec"]
         active = selection.mask & (values > 0)
         recon, metrics = reconstruction_metrics(x, x_hat, jnp.sum(active, axis=1), ctx.global_batch)
         fire = (
@@ -176,7 +176,7 @@ class TopK(Architecture):
         # Fewer than k_aux dead latents on a shard: the -inf picks are not dead, drop them.
         selection = selection._replace(mask=selection.mask & jnp.isfinite(selection.values))
         _, partial = sparse_topk_forward(params, x, selection)
-        aux_hat = jax.lax.psum(partial, MODEL)
+        aux_hat = jax.lax.psum(partial, mesh_axis(FEATURES))
         err = global_sum(jnp.sum((aux_hat - residual) ** 2))
         mean_res = global_sum(jnp.sum(residual, axis=0)) / ctx.global_batch
         var = global_sum(jnp.sum((residual - mean_res) ** 2))

@@ -1,7 +1,7 @@
 """Exact top-k over a feature axis that is split across devices, without gathering it.
 
 ``lax.top_k`` on a feature-sharded ``[batch, n_features]`` array makes XLA all-gather the whole
-matrix onto every device (NOTES.md): fatal at millions of features. Instead, inside ``shard_map``:
+matrix onto every device (seen in its compiled HLO): fatal at millions of features. Instead, inside ``shard_map``:
 
 1. each shard takes its local top-k (values and local indices),
 2. only those ``k`` candidates per token are all-gathered over the ``model`` axis,
@@ -29,8 +29,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dictlearn.errors import UserError
 from dictlearn.sae import cpu_kernels
-from sharding import DATA, MODEL
+from sharding import BATCH, FEATURES, mesh_axis
 
 
 class Selection(NamedTuple):
@@ -131,7 +132,7 @@ def blockwise_top_k(x: jax.Array, k: int, block: int = BLOCK) -> tuple[jax.Array
 
 
 def sharded_top_k(
-    local: jax.Array, k: int, axis_name: str = MODEL, bias: jax.Array | None = None
+    local: jax.Array, k: int, axis_name: str = mesh_axis(FEATURES), bias: jax.Array | None = None
 ) -> Selection:
     """Exact global top-k of a feature-sharded ``[batch, n_local]`` array (call in shard_map).
 
@@ -145,14 +146,14 @@ def sharded_top_k(
 def check_k_fits_shard(k: int, n_local: int) -> None:
     """Raise a clear error when one shard holds fewer than ``k`` features."""
     if k > n_local:
-        raise ValueError(
+        raise UserError(
             f"k={k} exceeds the {n_local} features held by one shard; use a smaller mesh.model "
             f"or more features"
         )
 
 
 def merge_shard_candidates(
-    local_values: jax.Array, local_indices: jax.Array, axis_name: str = MODEL
+    local_values: jax.Array, local_indices: jax.Array, axis_name: str = mesh_axis(FEATURES)
 ) -> Selection:
     """The global winners among every shard's local top-k candidates (``[batch, k]`` each).
 
@@ -177,7 +178,10 @@ def dense_top_k(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def batch_threshold(
-    local: jax.Array, n_select: int, candidates_per_row: int, axes: tuple[str, ...] = (DATA, MODEL)
+    local: jax.Array,
+    n_select: int,
+    candidates_per_row: int,
+    axes: tuple[str, ...] = (mesh_axis(BATCH), mesh_axis(FEATURES)),
 ) -> jax.Array:
     """The ``n_select``-th largest value of an array split over ``axes`` (BatchTopK's cut-off).
 

@@ -3,7 +3,7 @@
 A checkpoint holds, together and atomically: the train state (sharded arrays), the data position
 (how many global batches were consumed) and the resolved config. Restoring goes through an
 abstract target that carries shardings, so a checkpoint written on one mesh restores onto any
-other (NOTES.md: without it, topology errors and optax namedtuples coming back as dicts).
+other (without it: topology-mismatch errors, and optax namedtuples coming back as dicts).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from dictlearn.errors import MissingInputError
 
 STATE = "state"
 DATA = "data"
@@ -100,7 +102,7 @@ class Checkpointer:
         """
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise MissingInputError(f"no checkpoint in {self.directory}")
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -122,7 +124,7 @@ class Checkpointer:
         """Only the config saved with a checkpoint (no arrays are read)."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise MissingInputError(f"no checkpoint in {self.directory}")
         restored = self._manager.restore(
             step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
         )

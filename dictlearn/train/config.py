@@ -7,7 +7,16 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from dictlearn.config import StrictModel, apply_overrides, read_yaml, validate
+from dictlearn.config import (
+    EVALUATION,
+    EXECUTION,
+    LENGTH,
+    RECOVERY,
+    StrictModel,
+    apply_overrides,
+    read_yaml,
+    validate,
+)
 from dictlearn.sae import SAEConfig, TopKConfig
 from sharding import MeshConfig
 
@@ -23,19 +32,30 @@ class DataConfig(StrictModel):
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Fraction of blocks held out for evaluation."
     )
-    prefetch: int = Field(2, ge=1, description="Batches read ahead in a background thread.")
+    prefetch: int = Field(
+        2,
+        ge=1,
+        json_schema_extra=EXECUTION,
+        description="Batches read ahead in a background thread.",
+    )
 
 
 class OptimizerConfig(StrictModel):
     """Adam with linear warm-up, a constant phase and a linear decay to zero."""
 
-    lr: float = Field(4e-4, gt=0, description="Peak learning rate.")
+    lr: float = Field(4e-4, gt=0, json_schema_extra=RECOVERY, description="Peak learning rate.")
     b1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
     b2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
-    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
+    warmup_steps: int = Field(
+        100, ge=0, json_schema_extra=RECOVERY, description="Linear learning-rate warm-up steps."
+    )
     decay_fraction: float = Field(
-        0.2, ge=0, le=1, description="Final fraction of steps over which the lr decays to 0."
+        0.2,
+        ge=0,
+        le=1,
+        json_schema_extra=LENGTH,
+        description="Final fraction of steps over which the lr decays to 0.",
     )
     grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip (None: off).")
     sparsity_warmup_steps: int = Field(
@@ -47,7 +67,7 @@ class LoopConfig(StrictModel):
     """Length and cadence of the training loop."""
 
     batch_size: int = Field(4096, gt=0, description="Tokens per global batch.")
-    steps: int = Field(1000, gt=0, description="Optimizer steps.")
+    steps: int = Field(1000, gt=0, json_schema_extra=LENGTH, description="Optimizer steps.")
     seed: int = Field(0, description="Seeds parameter init and the data order.")
     init_seed: int | None = Field(
         None,
@@ -59,9 +79,18 @@ class LoopConfig(StrictModel):
             "members share the group's data order yet start from their own init."
         ),
     )
-    log_every: int = Field(10, gt=0, description="Steps between metric log lines.")
-    eval_every: int = Field(0, ge=0, description="Steps between evaluations (0: only at the end).")
-    eval_batches: int = Field(4, ge=0, description="Held-out batches per evaluation.")
+    log_every: int = Field(
+        10, gt=0, json_schema_extra=EXECUTION, description="Steps between metric log lines."
+    )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        json_schema_extra=EVALUATION,
+        description="Steps between evaluations (0: only at the end).",
+    )
+    eval_batches: int = Field(
+        4, ge=0, json_schema_extra=EVALUATION, description="Held-out batches per evaluation."
+    )
 
     @property
     def param_seed(self) -> int:
@@ -183,15 +212,17 @@ class ClusterConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Everything ``dictlearn train`` needs."""
 
-    data: DataConfig
+    data: DataConfig = Field(description="The activation dataset and how it is read.")
     sae: SAEConfig = Field(default_factory=TopKConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    mesh: MeshConfig = Field(default_factory=MeshConfig, json_schema_extra=EXECUTION)
     train: LoopConfig = Field(default_factory=LoopConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
-    ray: ClusterConfig = Field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, json_schema_extra=EXECUTION
+    )
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig, json_schema_extra=EXECUTION)
+    run: RunConfig = Field(default_factory=RunConfig, json_schema_extra=EXECUTION)
+    ray: ClusterConfig = Field(default_factory=ClusterConfig, json_schema_extra=EXECUTION)
     init: InitConfig | None = Field(
         None, description="Start from another run's checkpoint (null: a fresh init)."
     )
@@ -200,6 +231,12 @@ class TrainConfig(StrictModel):
     def _eval_needs_heldout(self) -> TrainConfig:
         if self.train.eval_every and self.data.eval_fraction == 0:
             raise ValueError("train.eval_every > 0 needs held-out data: set data.eval_fraction > 0")
+        if self.optimizer.sparsity_warmup_steps and not self.sae.sparsity_penalty:
+            raise ValueError(
+                f"optimizer.sparsity_warmup_steps={self.optimizer.sparsity_warmup_steps} has no "
+                f"effect on sae.architecture={self.sae.architecture}: its sparsity is a fixed k, "
+                "not a penalty to warm up; remove it (it applies to jumprelu and relu_l1)"
+            )
         if self.init is not None and self.init.step >= self.train.steps:
             raise ValueError(
                 f"init.step={self.init.step} must be below train.steps={self.train.steps}"

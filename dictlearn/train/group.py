@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from dictlearn.config import to_yaml
 from dictlearn.data import ActivationDataset
+from dictlearn.errors import UserError
 from dictlearn.tracking import Tracker
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import GroupTrainConfig, TrainConfig
@@ -46,6 +47,7 @@ from dictlearn.train.trainer import (
     _PreemptionFlag,
     _stream,
     build_program,
+    check_schedule_change,
     checkpoint_dir_of,
     open_dataset,
     run_dir_of,
@@ -199,7 +201,7 @@ def _resume_step(members: Sequence[_Member]) -> int | None:
         have = ", ".join(
             f"{m.name}: {sorted(s) or 'none'}" for m, s in zip(members, steps, strict=True)
         )
-        raise ValueError(
+        raise UserError(
             f"the group's members have no checkpoint step in common ({have}); a member added "
             "to a started group needs its own run (or checkpoint.resume=never to start over)"
         )
@@ -221,11 +223,12 @@ def _initial_states(
     for m, p in zip(members, group.programs, strict=True):
         diffs = _config_differences(m.checkpointer.restore_config(step), m.config_dict)
         if diffs:
-            raise ValueError(
+            raise UserError(
                 f"{m.checkpointer.directory} holds a checkpoint of a different run:\n  "
                 + "\n  ".join(diffs)
                 + "\nuse another member name, or checkpoint.resume=never to start over in place"
             )
+        check_schedule_change(m.checkpointer.restore_config(step), m.config, step)
         restored = m.checkpointer.restore(p.abstract_state(), step)
         # A member saved past the common step (the stop landed between saves): the resumed run
         # writes those steps again, so the leftovers go.
@@ -234,7 +237,7 @@ def _initial_states(
         states.append(restored.state)
         positions.add(restored.data_position)
     if len(positions) != 1:
-        raise ValueError(f"members' checkpoints at step {step} have different data positions")
+        raise UserError(f"members' checkpoints at step {step} have different data positions")
     return states, positions.pop()
 
 

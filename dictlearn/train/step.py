@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
+from dictlearn.errors import UserError
 from dictlearn.sae import Architecture, LocalOutputs, LossContext
 from dictlearn.sae.base import remove_parallel_component, renormalise_rows
 from dictlearn.train.config import OptimizerConfig
@@ -120,9 +121,9 @@ class TrainProgram:
         data, model = self.mesh.shape["data"], self.mesh.shape["model"]
         n = self.arch.config.n_features
         if n % model:
-            raise ValueError(f"sae.n_features={n} must be divisible by mesh.model={model}")
+            raise UserError(f"sae.n_features={n} must be divisible by mesh.model={model}")
         if self.global_batch % data:
-            raise ValueError(
+            raise UserError(
                 f"train.batch_size={self.global_batch} must be divisible by mesh.data={data}"
             )
 

@@ -24,9 +24,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from dictlearn.config import differences, to_yaml, without_fields
+from dictlearn.config import Effect, differences, fields_with, to_yaml, without_fields
 from dictlearn.data import ActivationDataset, BatchStream, DatasetError
 from dictlearn.data.planted import load_planted_truth, recovery_score
+from dictlearn.errors import UserError
 from dictlearn.sae import get_architecture
 from dictlearn.tracking import Tracker, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
@@ -35,35 +36,25 @@ from dictlearn.train.optimizer import decay_start_step
 from dictlearn.train.step import TrainProgram, TrainState
 from sharding import make_mesh
 
-# Config sections that may change between a run and its resumption without changing its result.
-RESUMABLE_CHANGES = (
-    "train.steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "checkpoint",
-    "tracker",
-    "mesh",
-    "data.prefetch",
-    "run",
-    "ray",
-    # Restarting from a checkpoint with a lower lr is the standard response to a divergence
-    # (the divergence message suggests it); the result is then no longer bit-identical.
-    "optimizer.lr",
-    "optimizer.warmup_steps",
+# Config fields that may change between a run and its resumption (from the fields' marking,
+# dictlearn.config.Effect): how it runs, what its evaluation reports, where its schedule ends
+# (checked against the steps already run), and the lr's peak and warm-up (the standard response
+# to a divergence, which the divergence message suggests; the result is then no longer
+# bit-identical).
+RESUMABLE_CHANGES = fields_with(
+    TrainConfig, {Effect.EXECUTION, Effect.EVALUATION, Effect.LENGTH, Effect.RECOVERY}
 )
 
 # Config fields in which a branch (``init.from_checkpoint``) may differ from the run it branches
 # from: how either ran, and where its schedule ends. Not the lr or the warm-up: the branch must
 # have followed the same schedule up to the branch point.
 BRANCH_CHANGES = (
-    *(name for name in RESUMABLE_CHANGES if name not in ("optimizer.lr", "optimizer.warmup_steps")),
-    "optimizer.decay_fraction",
+    *fields_with(TrainConfig, {Effect.EXECUTION, Effect.EVALUATION, Effect.LENGTH}),
     "init",
 )
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss or the train state became NaN/Inf; the message names the last good checkpoint."""
 
 
@@ -89,6 +80,12 @@ def checkpoint_dir_of(config: TrainConfig) -> str:
 
 
 def open_dataset(config: TrainConfig) -> ActivationDataset:
+    """The run's dataset, checked against the config before any step runs.
+
+    Raises:
+        DatasetError: another d_model than ``sae.d_model``, or a held-out split too small for
+            one batch (found here rather than at the final evaluation, after the last save).
+    """
     dataset = ActivationDataset.open(config.data.path)
     expected = config.sae.d_model
     if expected is not None and expected != dataset.d_model:
@@ -96,6 +93,14 @@ def open_dataset(config: TrainConfig) -> ActivationDataset:
             f"sae.d_model={expected} but the dataset {config.data.path} has d_model "
             f"{dataset.d_model}; remove sae.d_model or point data.path at matching activations"
         )
+    if config.data.eval_fraction > 0 and config.train.eval_batches > 0:
+        try:
+            _stream(config, dataset, "eval", position=0).close()
+        except DatasetError as e:
+            raise DatasetError(
+                f"{e}; or raise data.eval_fraction={config.data.eval_fraction} (the held-out "
+                "share), or set train.eval_batches=0 to train without evaluation"
+            ) from None
     return dataset
 
 
@@ -361,13 +366,54 @@ def _initial_state(config, config_dict, program, dataset, checkpointer) -> tuple
         return program.init(key, jax.numpy.asarray(dataset.mean)), 0
     diffs = _config_differences(checkpointer.restore_config(latest), config_dict)
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"{checkpointer.directory} holds a checkpoint of a different run:\n  "
             + "\n  ".join(diffs)
             + "\nuse another run.name, or checkpoint.resume=never to start over in place"
         )
+    check_schedule_change(checkpointer.restore_config(latest), config, latest)
     restored = checkpointer.restore(program.abstract_state(), latest)
     return restored.state, restored.data_position
+
+
+def check_schedule_change(saved: dict[str, Any], config: TrainConfig, step: int) -> None:
+    """Refuse a resume whose new schedule length would change the lr of the steps already run.
+
+    ``train.steps`` and ``optimizer.decay_fraction`` may change on resume (Effect.LENGTH) while
+    the checkpoint's ``step`` is still before the lr decay starts under both the saved and the
+    new length: the lr of every step run so far is then the same, and the resumed run is the
+    run trained from scratch to the new length (a sweep's constant-lr trunks rely on this).
+    Past it, the steps already run followed a decay the new length would not have.
+
+    Raises:
+        UserError: names the decay's start, the step reached and what to do instead.
+    """
+    saved_steps = int(saved["train"]["steps"])
+    saved_fraction = float(saved["optimizer"]["decay_fraction"])
+    if (saved_steps, saved_fraction) == (config.train.steps, config.optimizer.decay_fraction):
+        return
+    # With this run's lr and warm-up on both sides: a resume may change those on purpose.
+    before = decay_start_step(
+        config.optimizer.model_copy(update={"decay_fraction": saved_fraction}), saved_steps
+    )
+    after = decay_start_step(config.optimizer, config.train.steps)
+    if step <= min(before, after):
+        return
+    changed = ", ".join(
+        f"{name} {old} -> {new}"
+        for name, old, new in (
+            ("train.steps", saved_steps, config.train.steps),
+            ("optimizer.decay_fraction", saved_fraction, config.optimizer.decay_fraction),
+        )
+        if old != new
+    )
+    raise UserError(
+        f"{changed}: the checkpoint at step {step} is past the start of the lr decay (step "
+        f"{before} as trained, {after} with the new values), so the steps already run followed "
+        "another schedule; keep the old values, or train the new length as a new run "
+        "(another run.name, optionally branched with init.from_checkpoint at a step before the "
+        "decay that checkpoint.keep_steps kept)"
+    )
 
 
 def _branch_state(config: TrainConfig, config_dict, program) -> tuple[TrainState, int]:
@@ -379,7 +425,7 @@ def _branch_state(config: TrainConfig, config_dict, program) -> tuple[TrainState
     try:
         steps = trunk.all_steps()
         if step not in steps:
-            raise ValueError(
+            raise UserError(
                 f"init.step={step}: {source} has no checkpoint at that step (it has "
                 f"{sorted(steps) or 'none'}); checkpoint.keep_steps of the run branched from "
                 "must list it"
@@ -389,7 +435,7 @@ def _branch_state(config: TrainConfig, config_dict, program) -> tuple[TrainState
             without_fields(saved, BRANCH_CHANGES), without_fields(config_dict, BRANCH_CHANGES)
         )
         if diffs:
-            raise ValueError(
+            raise UserError(
                 f"init.from_checkpoint={source} is a run of another config:\n  "
                 + "\n  ".join(diffs)
             )
@@ -400,7 +446,7 @@ def _branch_state(config: TrainConfig, config_dict, program) -> tuple[TrainState
         ):
             start = decay_start_step(opt, total)
             if step > start:
-                raise ValueError(
+                raise UserError(
                     f"init.step={step} is past the start of {who}'s lr decay (step {start}): "
                     "a branch must start while both runs are in the constant-lr phase"
                 )

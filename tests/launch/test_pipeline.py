@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import REPO_ROOT, assert_no_traceback, cli_env, run_cli
+from tests.train.helpers import (
+    REPO_ROOT,
+    assert_no_traceback,
+    cli_env,
+    readme_dictlearn_calls,
+    run_cli,
+)
 
 # A pipeline small enough for the default test run (~1 minute, mostly model load + Ray start).
 TINY = [
@@ -139,11 +144,7 @@ def test_pipeline_bad_input_is_one_line(tmp_path: Path) -> None:
 def _readme_main_calls() -> list[list[str]]:
     readme = (REPO_ROOT / "README.md").read_text()
     first_block = readme.split("```bash", 1)[1].split("```", 1)[0]
-    return [
-        shlex.split(part.strip())[4:]  # drop "uv run --frozen dictlearn"
-        for part in first_block.split("&&")
-        if part.strip().startswith("uv run --frozen dictlearn")
-    ]
+    return readme_dictlearn_calls(first_block)
 
 
 def test_readme_main_command_is_the_default_pipeline() -> None:

@@ -8,6 +8,7 @@ result = main(cfg)
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,15 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
             f"{path}: {a.dtype}{a.shape} vs {e.dtype}{e.shape}"
         )
         assert np.array_equal(a, e, equal_nan=True), f"{path} differs"
+
+
+def readme_dictlearn_calls(block: str) -> list[list[str]]:
+    """The ``dictlearn`` calls of a README command block, as argument lists without the
+    launcher (``python3 -m uv run --frozen dictlearn``, as the README writes them)."""
+    calls = []
+    for part in block.split("&&"):
+        words = shlex.split(part.strip())
+        launcher = ["python3", "-m", "uv", "run", "--frozen", "dictlearn"]
+        if words[: len(launcher)] == launcher:
+            calls.append(words[len(launcher) :])
+    return calls

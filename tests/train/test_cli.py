@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shlex
 import signal
 import subprocess
 import time
@@ -25,6 +24,7 @@ from tests.train.helpers import (
     cli_env,
     committed_steps,
     make_planted,
+    readme_dictlearn_calls,
     restore_final,
     run_cli,
     start_cli,
@@ -95,6 +95,8 @@ def test_sigterm_checkpoints_then_resumes(tmp_path: Path, planted_url: str) -> N
     config = tiny_config(
         tmp_path,
         planted_url,
+        # Constant lr, so the resume below may end the run early (train.steps=reached + 2).
+        optimizer={"decay_fraction": 0.0},
         train={"steps": 100_000, "log_every": 1},
         checkpoint={"every_steps": 1000, "async_save": True},
     )
@@ -231,11 +233,7 @@ def test_readme_trainer_quick_start_runs_from_a_fresh_directory(tmp_path: Path) 
     paths. (The main command, the pipeline, is tested in tests/launch/test_pipeline.py.)"""
     readme = (REPO_ROOT / "README.md").read_text()
     quick_start = readme.split("```bash")[2].split("```", 1)[0]
-    calls = [
-        shlex.split(part.strip())[4:]  # drop "uv run --frozen dictlearn"
-        for part in quick_start.split("&&")
-        if part.strip().startswith("uv run --frozen dictlearn")
-    ]
+    calls = readme_dictlearn_calls(quick_start)
     assert [c[0] for c in calls] == ["planted", "train"]
     # The config path is relative to the checkout; everything it writes is relative to cwd.
     calls[1][1] = str(REPO_ROOT / calls[1][1])

@@ -126,6 +126,8 @@ def test_restore_onto_other_meshes_and_continue(tmp_path: Path, planted_url: str
         planted_url,
         sae={"architecture": "batchtopk"},  # has arch_state (the threshold EMA) as well as params
         mesh={"data": 2, "model": 4},
+        # Constant lr: the finished run may then be extended (train.steps=9 below).
+        optimizer={"decay_fraction": 0.0},
         train={"steps": 6, "log_every": 1},
         checkpoint={"every_steps": 3, "keep": 5},
     )

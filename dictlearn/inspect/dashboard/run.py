@@ -45,6 +45,7 @@ from dictlearn.corpus import (
     pack_documents,
     plan_corpus_shards,
 )
+from dictlearn.errors import UserError
 from dictlearn.export import InferenceSAE, load_sae
 from dictlearn.inspect.dashboard import collector
 from dictlearn.inspect.dashboard.config import DashboardConfig
@@ -56,6 +57,7 @@ from dictlearn.inspect.dashboard.weights import (
 )
 from dictlearn.inspect.text import resolve_source_model
 from dictlearn.ray_cluster import ray_session
+from sharding import MeshError
 
 
 @dataclass
@@ -417,7 +419,7 @@ def _run_on_ray(
         refs = [a.ready.remote() for a in actors]
         ready, _ = ray.wait(refs, num_returns=n_workers, timeout=rc.start_timeout_s)
         if len(ready) < n_workers:
-            raise RuntimeError(
+            raise UserError(
                 f"only {len(ready)} of {n_workers} dashboard workers started within "
                 f"{rc.start_timeout_s:.0f} s; each asks for {rc.cpus_per_worker} CPUs and "
                 f"{dict(rc.resources_per_worker)} (is the cluster big enough?)"
@@ -459,6 +461,6 @@ def _get(ref: Any) -> Any:
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, ValueError | FileNotFoundError):
+        if isinstance(err.cause, UserError | MeshError):
             raise err.cause from None
         raise

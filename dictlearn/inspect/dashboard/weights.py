@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dictlearn.config import ConfigError
+from dictlearn.errors import UserError
 
 
 @partial(jax.jit, static_argnames=("top",))
@@ -116,7 +117,7 @@ def read_index_neighbours(
     try:
         parts = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
         if not parts:
-            raise ValueError("no .parquet files")
+            raise UserError("no .parquet files")
         dataset = ds.dataset(parts, filesystem=fs, format="parquet")
         wanted = pc.field("feature").isin(features.astype(np.int64).tolist())
         table = dataset.to_table(columns=["feature", "rank", "neighbor", "cosine"], filter=wanted)
