@@ -75,9 +75,9 @@ class GenerateResult:
     worker_restarts: int
     """Workers whose process changed during the run (died and were restarted by Ray)."""
     worker_cpu_s: float
-    """CPU seconds (all threads) the workers spent on this call's shards, model loading
-    excluded (compiling included): ``lm_tokens / worker_cpu_s`` is a throughput that machine
-    sharing does not skew."""
+    """CPU seconds (all threads) the workers spent on this call's shards, model loading and
+    compiling (both part of a worker's start-up) excluded: ``lm_tokens / worker_cpu_s`` is a
+    throughput that machine sharing does not skew."""
     worker_start_s: float
     """Part of ``seconds`` from starting the worker actors until every one had loaded the model
     (0 when nothing was left to do)."""
