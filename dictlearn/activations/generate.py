@@ -80,7 +80,7 @@ class GenerateResult:
     throughput that machine sharing does not skew."""
     worker_start_s: float
     """Part of ``seconds`` from starting the worker actors until every one had loaded the model
-    (0 when nothing was left to do)."""
+    and compiled its forward (0 when nothing was left to do)."""
     ledger: str
     """URL of ``generation.json``."""
 
