@@ -17,7 +17,9 @@ and values over the keys each query may see), ``forward_flops`` below, divided b
 rate measured in this run on the model's largest matmul shape (``[batch*seq, d_model] x
 [d_model, ffn]``), by each library in its own process and timed alternately with its forward so
 that load on a shared machine hits both alike. ``x floor`` is time / floor (1.00 = nothing but
-the matmuls at the dense rate). Norms, RoPE, softmax and the embedding gather are not counted.
+the matmuls at the dense rate); ``x own floor`` uses the rate of the row's own library, timed
+alternately with it, which is the steadier ratio when load changes between the two processes.
+Norms, RoPE, softmax and the embedding gather are not counted.
 Times are the best of ``--reps``; tokens per CPU-second (the median) shows what machine sharing
 does not skew.
 
@@ -277,7 +279,7 @@ def main() -> None:
     )
     header = (
         f"{'implementation':<22} {'ms/batch':>9} {'tokens/s':>10} {'tokens/CPU-s':>13} "
-        f"{'GFLOP/s':>8} {'x floor':>8}"
+        f"{'GFLOP/s':>8} {'x floor':>8} {'x own floor':>12}"
     )
     print(header)
     print("-" * len(header))
@@ -285,7 +287,7 @@ def main() -> None:
         print(
             f"{name:<22} {r['wall_s'] * 1e3:>9.1f} {n / r['wall_s']:>10.0f} "
             f"{n / r['cpu_s']:>13.0f} {flops / r['wall_s'] / 1e9:>8.1f} "
-            f"{r['wall_s'] / floor_s:>7.2f}x"
+            f"{r['wall_s'] / floor_s:>7.2f}x {r['wall_s'] * rates[name] / flops:>11.2f}x"
         )
     print(f"{'floor':<22} {floor_s * 1e3:>9.1f} {n / floor_s:>10.0f}")
     if len(rows) == 2:
