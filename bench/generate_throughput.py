@@ -1,22 +1,36 @@
-"""Forward throughput to layer L: our JAX Gemma 3 270M next to transformers (torch CPU).
+"""Forward throughput to layer L against its FLOP floor: our JAX Gemma 3 270M and transformers.
 
-    .venv/bin/python bench/generate_throughput.py --torch-python /tmp/refenv/bin/python
+    uv run --frozen python bench/generate_throughput.py --torch-python /tmp/refenv/bin/python \
+        --generate-tokens 65536
 
 Both sides run the same batch (``--batch`` x ``--seq`` real-text tokens, BOS first) in float32 up
 to and including block ``--layer`` and stop there: ours by hooking ``resid_post.L`` (the forward
 computes no later block), transformers by a forward hook on block L that raises. transformers
-is not a project dependency, so its half runs in ``--torch-python`` (a Python with ``torch`` and
-``transformers``, e.g. the reference venv of tools/make_gemma_goldens.py) as a subprocess of this
-script; it needs neither jax nor dictlearn. Without ``--torch-python`` only the JAX row is
-printed. Machines are shared, so the table reports tokens per CPU-second next to wall-clock
-tokens/s; the ratio uses wall-clock.
+is not a project dependency, so its half runs in ``--torch-python`` (a Python with ``torch``,
+``transformers``, ``accelerate`` and ``gguf``, e.g. the reference venv of
+tools/make_gemma_goldens.py) as a subprocess of this script; it needs neither jax nor dictlearn.
+Without ``--torch-python`` only the JAX row is printed.
+
+The *floor* is the time the model's matmuls to layer L take at the machine's dense matmul rate:
+the projections (q, k, v, o), the three MLP matmuls and the causal attention products (scores
+and values over the keys each query may see), ``forward_flops`` below, divided by the best fp32
+rate measured in this run on the model's largest matmul shape (``[batch*seq, d_model] x
+[d_model, ffn]``), by each library in its own process and timed alternately with its forward so
+that load on a shared machine hits both alike. ``x floor`` is time / floor (1.00 = nothing but
+the matmuls at the dense rate); ``x own floor`` uses the rate of the row's own library, timed
+alternately with it, which is the steadier ratio when load changes between the two processes.
+Norms, RoPE, softmax and the embedding gather are not counted.
+Times are the best of ``--reps``; tokens per CPU-second (the median) shows what machine sharing
+does not skew.
 
 ``--generate-tokens N`` adds end-to-end ``dictlearn generate`` rows: the same config (N tokens
 of ``builtin:python-stdlib``, ``--seq``-token contexts, ``--batch`` per forward, to
 ``resid_post.L``, bfloat16 output) with 1 and with 2 Ray workers, each into a fresh output
 directory, on one local Ray cluster started beforehand (its start-up is printed, not counted).
 Their seconds include starting the workers and loading the model in each, corpus reading,
-tokenization, the forward passes, writing the shards and committing the manifest.
+tokenization, the forward passes, writing the shards and committing the manifest; ``start s``
+is the part until every worker had loaded the model, and ``vs forward`` divides the run's
+tokens/s (and tokens per worker CPU-second) by the bare JAX forward's above.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,20 +49,51 @@ from pathlib import Path
 import numpy as np
 
 
-def _time(fn, reps: int) -> tuple[float, float]:
-    """Median wall seconds and median process CPU seconds of ``fn()`` over ``reps`` runs."""
-    walls, cpus = [], []
+def _best_alternating(fns: dict[str, object], reps: int) -> dict[str, tuple[float, float]]:
+    """Best wall seconds and median process CPU seconds of each ``fn()``, run in turn ``reps`` times.
+
+    Alternating the functions (rather than timing one ``reps`` times, then the next) lets load on
+    a shared machine hit them alike, so their ratio holds even when absolute times do not.
+    """
+    walls: dict[str, list[float]] = {name: [] for name in fns}
+    cpus: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus)
+        for name, fn in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            walls[name].append(time.perf_counter() - w)
+            cpus[name].append(time.process_time() - c)
+    return {name: (min(walls[name]), statistics.median(cpus[name])) for name in fns}
 
 
-def bench_torch(gguf: Path, tokens: np.ndarray, layer: int, reps: int) -> dict[str, float]:
-    """transformers' Gemma3ForCausalLM from the same GGUF, fp32, stopped after block ``layer``."""
+def forward_flops(config, layer: int, batch: int, seq: int) -> float:
+    """Matmul FLOPs of a Gemma 3 forward through blocks ``0..layer`` (2 per multiply-add).
+
+    Per block and token: the q/k/v/o projections and the GeGLU MLP's gate, up and down matmuls;
+    per block: the attention scores and the value mix over the keys each query may see (causal;
+    a local layer's query sees at most ``sliding_window`` of them).
+    """
+    d, hd, ffn = config.d_model, config.head_dim, config.ffn_dim
+    q_heads, kv_heads = config.n_heads, config.n_kv_heads
+    per_token = 2 * d * (q_heads + 2 * kv_heads) * hd + 2 * q_heads * hd * d + 3 * 2 * d * ffn
+    total = 0.0
+    for i in range(layer + 1):
+        window = seq if config.is_global(i) else config.sliding_window
+        keys = sum(min(q + 1, window) for q in range(seq))
+        total += seq * per_token + 2 * 2 * q_heads * hd * keys
+    return batch * total
+
+
+def _threads() -> int:
+    """CPU cores this process may run on (what XLA sizes its CPU thread pool to)."""
+    return len(os.sched_getaffinity(0))
+
+
+def bench_torch(gguf: Path, tokens: np.ndarray, layer: int, reps: int) -> dict:
+    """transformers' Gemma3ForCausalLM from the same GGUF, fp32, stopped after block ``layer``,
+    alternating with torch's own matmul on the model's largest matmul shape."""
     import torch
+    import transformers
     from transformers import Gemma3ForCausalLM
 
     model = Gemma3ForCausalLM.from_pretrained(
@@ -62,18 +108,33 @@ def bench_torch(gguf: Path, tokens: np.ndarray, layer: int, reps: int) -> dict[s
 
     model.model.layers[layer].register_forward_hook(stop)
     batch = torch.from_numpy(tokens.astype(np.int64))
+    hf = model.config
+    a = torch.randn(tokens.size, hf.hidden_size)
+    b = torch.randn(hf.hidden_size, hf.intermediate_size)
 
     def run():
         with torch.inference_mode(), contextlib.suppress(Stop):
             model.model(input_ids=batch)
 
-    run()  # warm-up
-    wall, cpu = _time(run, reps)
-    return {"wall_s": wall, "cpu_s": cpu, "threads": torch.get_num_threads()}
+    def matmul():
+        with torch.inference_mode():
+            torch.matmul(a, b)
+
+    run(), matmul()  # warm-up
+    times = _best_alternating({"forward": run, "matmul": matmul}, reps)
+    return {
+        "wall_s": times["forward"][0],
+        "cpu_s": times["forward"][1],
+        "matmul_s": times["matmul"][0],
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
+        "threads": f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} "
+        "inter-op",
+    }
 
 
-def bench_jax(gguf: Path, tokens: np.ndarray, layer: int, reps: int) -> dict[str, float]:
-    """Our jitted forward to ``resid_post.layer``, fp32."""
+def bench_jax(gguf: Path, tokens: np.ndarray, layer: int, reps: int) -> dict:
+    """Our jitted forward to ``resid_post.layer``, fp32, alternating with a jitted matmul on
+    the model's largest matmul shape."""
     import jax
     import jax.numpy as jnp
 
@@ -83,13 +144,27 @@ def bench_jax(gguf: Path, tokens: np.ndarray, layer: int, reps: int) -> dict[str
     fwd = jax.jit(lm.forward, static_argnames=("config", "hooks"))
     batch = jnp.asarray(tokens)
     hooks = (f"resid_post.{layer}",)
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (tokens.size, config.d_model), jnp.float32)
+    b = jax.random.normal(key, (config.d_model, config.ffn_dim), jnp.float32)
+    mm = jax.jit(jnp.matmul)
 
     def run():
         jax.block_until_ready(fwd(params, config, batch, hooks=hooks))
 
-    run()  # compile
-    wall, cpu = _time(run, reps)
-    return {"wall_s": wall, "cpu_s": cpu, "devices": jax.device_count()}
+    def matmul():
+        mm(a, b).block_until_ready()
+
+    run(), matmul()  # compile
+    times = _best_alternating({"forward": run, "matmul": matmul}, reps)
+    return {
+        "wall_s": times["forward"][0],
+        "cpu_s": times["forward"][1],
+        "matmul_s": times["matmul"][0],
+        "versions": f"jax {jax.__version__}, {jax.devices()[0].platform} x{jax.device_count()}",
+        "threads": f"{_threads()} (XLA CPU pool = cores)",
+        "config": config,
+    }
 
 
 def make_tokens(batch: int, seq: int) -> np.ndarray:
@@ -135,6 +210,7 @@ def bench_generate(tokens: int, layer: int, batch: int, seq: int) -> dict[str, d
             result = generate(config)
             rows[f"generate, {workers} worker{'s' if workers > 1 else ''}"] = {
                 "wall_s": result.seconds,
+                "start_s": result.worker_start_s,
                 "tokens": result.lm_tokens,
                 "worker_cpu_s": result.worker_cpu_s,
             }
@@ -170,7 +246,8 @@ def main() -> None:
 
     gguf = args.gguf or lm.default_gguf_path()
     tokens = make_tokens(args.batch, args.seq)
-    rows = {"jax (dictlearn)": bench_jax(gguf, tokens, args.layer, args.reps)}
+    jax_row = bench_jax(gguf, tokens, args.layer, args.reps)
+    rows = {"jax (dictlearn)": jax_row}
     if args.torch_python:
         with tempfile.TemporaryDirectory() as tmp:
             np.save(Path(tmp) / "tokens.npy", tokens)
@@ -182,25 +259,60 @@ def main() -> None:
             rows["torch (transformers)"] = json.loads(out.read_text())
 
     n = tokens.size
-    print(f"forward to resid_post.{args.layer}, batch {args.batch} x {args.seq} tokens, fp32")
-    print(f"{'implementation':<22} {'ms/batch':>9} {'tokens/s':>10} {'tokens/CPU-s':>13}")
+    config = jax_row["config"]
+    flops = forward_flops(config, args.layer, args.batch, args.seq)
+    mm_flops = 2 * n * config.d_model * config.ffn_dim
+    rates = {name: mm_flops / r["matmul_s"] for name, r in rows.items()}
+    best = max(rates, key=rates.get)
+    floor_s = flops / rates[best]
+    print(
+        f"forward to resid_post.{args.layer}, batch {args.batch} x {args.seq} tokens, fp32, "
+        f"best of {args.reps}; {flops / n / 1e6:.1f} MFLOP/token of matmuls"
+    )
+    for name, r in rows.items():
+        print(f"  {name}: {r['versions']}; threads {r['threads']}")
+    print(
+        f"dense fp32 matmul [{n}x{config.d_model}]x[{config.d_model}x{config.ffn_dim}]: "
+        + ", ".join(f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in rates.items())
+        + f"; floor = {flops / 1e9:.1f} GFLOP at {rates[best] / 1e9:.0f} GFLOP/s "
+        f"({best}) = {floor_s * 1e3:.1f} ms"
+    )
+    header = (
+        f"{'implementation':<22} {'ms/batch':>9} {'tokens/s':>10} {'tokens/CPU-s':>13} "
+        f"{'GFLOP/s':>8} {'x floor':>8} {'x own floor':>12}"
+    )
+    print(header)
+    print("-" * len(header))
     for name, r in rows.items():
         print(
-            f"{name:<22} {r['wall_s'] * 1e3:>9.1f} {n / r['wall_s']:>10.0f} {n / r['cpu_s']:>13.0f}"
+            f"{name:<22} {r['wall_s'] * 1e3:>9.1f} {n / r['wall_s']:>10.0f} "
+            f"{n / r['cpu_s']:>13.0f} {flops / r['wall_s'] / 1e9:>8.1f} "
+            f"{r['wall_s'] / floor_s:>7.2f}x {r['wall_s'] * rates[name] / flops:>11.2f}x"
         )
+    print(f"{'floor':<22} {floor_s * 1e3:>9.1f} {n / floor_s:>10.0f}")
     if len(rows) == 2:
-        jax_row, torch_row = rows.values()
-        print(f"speed-up (wall): {torch_row['wall_s'] / jax_row['wall_s']:.2f}x")
+        jax_r, torch_r = rows.values()
+        print(f"transformers / ours (wall): {torch_r['wall_s'] / jax_r['wall_s']:.2f}x")
     if args.generate_tokens:
         gen = bench_generate(args.generate_tokens, args.layer, args.batch, args.seq)
+        fwd_tps, fwd_cpu_tps = n / jax_row["wall_s"], n / jax_row["cpu_s"]
         print(f"end-to-end generate, {args.generate_tokens} tokens, bf16 shards")
-        print(f"{'run':<22} {'seconds':>9} {'tokens/s':>10} {'tokens/CPU-s':>13}")
+        header = (
+            f"{'run':<22} {'seconds':>8} {'start s':>8} {'tokens/s':>9} {'vs forward':>10} "
+            f"{'tokens/CPU-s':>13} {'vs forward':>10}"
+        )
+        print(header)
+        print("-" * len(header))
         for name, r in gen.items():
+            tps, cpu_tps = r["tokens"] / r["wall_s"], r["tokens"] / r["worker_cpu_s"]
             print(
-                f"{name:<22} {r['wall_s']:>9.1f} {r['tokens'] / r['wall_s']:>10.0f} "
-                f"{r['tokens'] / r['worker_cpu_s']:>13.0f}"
+                f"{name:<22} {r['wall_s']:>8.1f} {r['start_s']:>8.1f} {tps:>9.0f} "
+                f"{tps / fwd_tps:>9.2f}x {cpu_tps:>13.0f} {cpu_tps / fwd_cpu_tps:>9.2f}x"
             )
-        print("(tokens/CPU-s: the workers' CPU time on shards, model loading excluded)")
+        print(
+            "(vs forward: / the bare JAX forward above; tokens/CPU-s: the workers' CPU time on "
+            "shards, model loading excluded)"
+        )
     sys.stdout.flush()
 
 

@@ -96,9 +96,12 @@ class GenerateResult:
     worker_restarts: int
     """Workers whose process changed during the run (died and were restarted by Ray)."""
     worker_cpu_s: float
-    """CPU seconds (all threads) the workers spent on this call's shards, model loading
-    excluded (compiling included): ``lm_tokens / worker_cpu_s`` is a throughput that machine
-    sharing does not skew."""
+    """CPU seconds (all threads) the workers spent on this call's shards, model loading and
+    compiling (both part of a worker's start-up) excluded: ``lm_tokens / worker_cpu_s`` is a
+    throughput that machine sharing does not skew."""
+    worker_start_s: float
+    """Part of ``seconds`` from starting the worker actors until every one had loaded the model
+    and compiled its forward (0 when nothing was left to do)."""
     ledger: str
     """URL of ``generation.json``."""
 
@@ -170,6 +173,7 @@ def main(config: GenerateConfig) -> GenerateResult:
             workers=0,
             worker_restarts=0,
             worker_cpu_s=0.0,
+            worker_start_s=0.0,
             ledger=plan.ledger,
         )
 
@@ -190,7 +194,7 @@ def main(config: GenerateConfig) -> GenerateResult:
         mesh=config.mesh,
     )
     n_workers = min(config.ray.num_workers, len(todo))
-    restarts, lm_tokens, cpu_s = 0, 0, 0.0
+    restarts, lm_tokens, cpu_s, start_s = 0, 0, 0.0, 0.0
     if todo:
         with ray_session(
             config.ray.address,
@@ -198,7 +202,7 @@ def main(config: GenerateConfig) -> GenerateResult:
             resources_per_actor={"CPU": config.ray.cpus_per_worker}
             | config.ray.resources_per_worker,
         ):
-            outcomes, restarts = _run_workers(config, spec, todo, plan.budgets, n_workers)
+            outcomes, restarts, start_s = _run_workers(config, spec, todo, plan.budgets, n_workers)
         for outcome in outcomes:
             infos[outcome.index] = outcome.infos
             lm_tokens += outcome.lm_tokens
@@ -215,6 +219,7 @@ def main(config: GenerateConfig) -> GenerateResult:
         workers=n_workers,
         worker_restarts=restarts,
         worker_cpu_s=cpu_s,
+        worker_start_s=start_s,
         ledger=plan.ledger,
     )
 
@@ -395,23 +400,29 @@ def _run_workers(
     todo: list[CorpusShard],
     budgets: list[int | None],
     n_workers: int,
-) -> tuple[list[ShardOutcome], int]:
-    """Process ``todo`` on ``n_workers`` actors; returns the outcomes and the restart count."""
+) -> tuple[list[ShardOutcome], int, float]:
+    """Process ``todo`` on ``n_workers`` actors.
+
+    Returns:
+        The outcomes, the restart count, and the seconds until every worker was ready.
+    """
     rc = config.ray
     actor_cls = ray.remote(concurrency_groups={"control": 1})(ShardWorker)
     tag = os.urandom(4).hex()
+    t0 = time.perf_counter()
     actors = [
         actor_cls.options(**rc.actor_options(f"dictlearn-generate-{tag}-{i}")).remote(spec)
         for i in range(n_workers)
     ]
     try:
         pids = _wait_ready(actors, rc.start_timeout_s, rc)
+        start_s = time.perf_counter() - t0
         outcomes = _dispatch(actors, todo, budgets, rc.max_in_flight, spec.context_length)
         restarts = 0
         for actor, pid in zip(actors, pids, strict=True):
             with contextlib.suppress(ray.exceptions.RayError):
                 restarts += ray.get(actor.pid.remote(), timeout=60) != pid
-        return outcomes, restarts
+        return outcomes, restarts, start_s
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)

@@ -2,10 +2,14 @@
 
 :class:`ShardWorker` is plain Python (tests and benchmarks call it directly); ``generate`` runs it
 as a Ray actor, one per accelerator host. Per corpus shard it reads the documents, packs them
-into contexts, runs the jitted forward ``batch_size`` contexts at a time up to the last hooked
+into contexts, runs the compiled forward ``batch_size`` contexts at a time up to the last hooked
 layer, drops the masked positions, and writes shard ``i`` of every hook's dataset with
 :func:`~dictlearn.data.write_shard` (atomic; a redone shard overwrites). It returns the
 sidecars; committing the dataset is the coordinator's job.
+
+Keeping the device busy: the forward is compiled while the weights load (from their shapes),
+reading and tokenizing run a few batches ahead in a background thread, and each batch is
+dispatched before the previous one's activations are copied back and masked.
 
 :func:`~dictlearn.activations.model.resolve_model` (re-exported here) is shared with the
 coordinator, which calls it first to fail fast (missing package or file, hooks past the last
@@ -14,10 +18,13 @@ layer) before any worker starts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
+import queue
 import threading
 import time
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,31 +104,94 @@ class _Status:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
+_PREFETCH_BATCHES = 4
+"""Batches the background reader may have ready ahead of the forward."""
+
+
+@dataclass(frozen=True)
+class _Batch:
+    tokens: np.ndarray
+    """``[batch_size, context_length]`` int32, the last batch padded by repeating its last row."""
+    n: int
+    """Real contexts (the first ``n`` rows)."""
+    keep: np.ndarray
+    """``[n, context_length]`` bool: the positions whose activations are written."""
+
+
+class _Prefetch(Iterator[Any]):
+    """Drive an iterator in a background thread, at most ``depth`` items ahead of the consumer.
+
+    An exception the source raises is re-raised by ``__next__``, as itself, where the consumer
+    would have met it. Leaving the ``with`` block (early, or on an error) stops the thread and
+    closes the source.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Generator[Any, None, None], depth: int) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(
+            target=self._run, args=(source,), name="dictlearn-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, source: Generator[Any, None, None]) -> None:
+        try:
+            for item in source:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # handed to the consumer, raised there
+            self._put(_Raised(err))
+        finally:
+            source.close()  # stopped early: close the corpus files now, not at collection
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Raised):
+            self._done = True
+            raise item.error
+        return item
+
+    def __enter__(self) -> _Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True)
+class _Raised:
+    error: BaseException
+
+
 class ShardWorker:
-    """Holds the LM, its tokenizer and the jitted forward; processes one corpus shard per call."""
+    """Holds the LM, its tokenizer and the compiled forward; processes one corpus shard per call."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         reuse_freed_host_memory()  # before this actor's process starts JAX
         self.spec = spec
         config = spec.model.config
         hooks = lm.parse_hooks(spec.hooks, config)
-        max_layer = max(h.layer for h in hooks)
+        n_layers = max(h.layer for h in hooks) + 1
         dtype = jnp.float32 if spec.model.spec.dtype == "float32" else jnp.bfloat16
-        model = spec.model.spec
-        if model.safetensors is not None:
-            self.params, _ = lm.load_safetensors(
-                model.safetensors, config, max_layer=max_layer, dtype=dtype
-            )
-            self.tokenizer = lm.Tokenizer.from_file(
-                Path(model.safetensors) / "tokenizer.json",
-                bos_id=config.bos_id,
-                eos_id=config.eos_id,
-                pad_id=config.pad_id,
-            )
-        else:
-            path = model.gguf  # None: the default package, assembled on this host if needed
-            self.params, _ = lm.load_gguf(path, config, max_layer=max_layer, dtype=dtype)
-            self.tokenizer = lm.Tokenizer.from_gguf(path)
         store = jnp.float32 if spec.dtype == "float32" else jnp.bfloat16
         names = tuple(h.name for h in hooks)
 
@@ -131,12 +201,12 @@ class ShardWorker:
             # round-to-nearest-even write_shard would apply.
             return {name: acts[name].astype(store) for name in names}
 
-        self._forward = jax.jit(forward)
         # A mesh that does not fit this host is reported by ready()/process() as a ConfigError
         # (a task error reaches the coordinator as itself; a failed constructor would only
         # show up as a dead actor, restarted max_restarts times).
         self._setup_error: str | None = None
         self._batch_sharding: jax.sharding.NamedSharding | None = None
+        mesh = None
         if spec.mesh is not None:
             try:
                 mesh = sharding.make_mesh(spec.mesh, jax.local_devices())
@@ -149,11 +219,25 @@ class ShardWorker:
                         f"batch_size={spec.batch_size} is not a multiple of the mesh's data "
                         f"axis ({data} on this worker's {jax.local_device_count()} devices)"
                     )
+                    mesh = None
                 else:
-                    self.params = lm.shard_params(self.params, config, mesh)
                     self._batch_sharding = sharding.named_sharding(
                         mesh, (sharding.BATCH, sharding.SEQUENCE)
                     )
+        # Compile from the shapes alone while the weights load: XLA's compiler releases the
+        # GIL, the tokenizer and the dequantization mostly hold it, so the two overlap. The
+        # one executable then serves every batch (all padded to batch_size): nothing is ever
+        # recompiled.
+        with concurrent.futures.ThreadPoolExecutor(1, "dictlearn-compile") as pool:
+            compiled = None
+            if self._setup_error is None:
+                compiled = pool.submit(
+                    _compile, forward, config, n_layers, dtype, mesh, self._batch_sharding, spec
+                )
+            self.params, self.tokenizer = _load_model(spec.model, n_layers, dtype)
+            if mesh is not None:
+                self.params = lm.shard_params(self.params, config, mesh)
+            self._forward = compiled.result() if compiled is not None else None
         self._keep_positions = position_mask(spec.context_length, spec.exclude_positions)
         self._status = _Status()
 
@@ -197,29 +281,26 @@ class ShardWorker:
         self.ready()
         cpu0 = time.process_time()
         spec = self.spec
-        contexts = pack_documents(iter_documents(shard), self.tokenizer, spec.context_length)
-        if max_contexts is not None:
-            contexts = itertools.islice(contexts, max_contexts)
         chunks: dict[str, list[np.ndarray]] = {name: [] for name in spec.hooks}
         n_contexts = 0
         with self._status.lock:
             self._status.shard, self._status.batches, self._status.contexts = shard.index, 0, 0
-        for batch in batch_contexts(contexts, spec.batch_size):
-            n = batch.shape[0]
-            # Pad the last batch to the full size so the forward compiles once per worker.
-            padded = np.concatenate([batch, np.repeat(batch[-1:], spec.batch_size - n, 0)])
-            if self._batch_sharding is None:
-                tokens = jnp.asarray(padded)
-            else:
-                tokens = jax.device_put(padded, self._batch_sharding)
-            acts = jax.device_get(self._forward(self.params, tokens))
-            keep = self._keep_positions[None, :] & token_mask(batch, spec.exclude_token_ids)
-            for name in spec.hooks:
-                chunks[name].append(np.asarray(acts[name])[:n][keep])
-            n_contexts += n
-            with self._status.lock:
-                self._status.batches += 1
-                self._status.contexts = n_contexts
+        # Reading, tokenizing and packing run in a background thread a few batches ahead, and
+        # batch i+1 is dispatched before batch i's activations are copied back and masked: the
+        # host work overlaps the forward instead of leaving the device idle between batches.
+        in_flight: tuple[_Batch, dict[str, jax.Array]] | None = None
+        with _Prefetch(self._batches(shard, max_contexts), _PREFETCH_BATCHES) as batches:
+            for batch in batches:
+                if self._batch_sharding is None:
+                    tokens = jnp.asarray(batch.tokens)
+                else:
+                    tokens = jax.device_put(batch.tokens, self._batch_sharding)
+                acts = self._forward(self.params, tokens)
+                if in_flight is not None:
+                    n_contexts += self._collect(*in_flight, chunks)
+                in_flight = (batch, acts)
+            if in_flight is not None:
+                n_contexts += self._collect(*in_flight, chunks)
         if n_contexts == 0:
             raise CorpusError(
                 f"corpus shard {shard.index} of {shard.n_shards} ({_describe(shard)}) holds fewer "
@@ -247,8 +328,86 @@ class ShardWorker:
             cpu_s=time.process_time() - cpu0,
         )
 
+    def _batches(
+        self, shard: CorpusShard, max_contexts: int | None
+    ) -> Generator[_Batch, None, None]:
+        """The shard's contexts in batches padded to ``batch_size``, with their keep masks."""
+        spec = self.spec
+        contexts = pack_documents(iter_documents(shard), self.tokenizer, spec.context_length)
+        if max_contexts is not None:
+            contexts = itertools.islice(contexts, max_contexts)
+        for batch in batch_contexts(contexts, spec.batch_size):
+            n = batch.shape[0]
+            # Pad the last batch to the full size: one compiled shape serves every batch.
+            padded = np.concatenate([batch, np.repeat(batch[-1:], spec.batch_size - n, 0)])
+            keep = self._keep_positions[None, :] & token_mask(batch, spec.exclude_token_ids)
+            yield _Batch(padded, n, keep)
+
+    def _collect(
+        self, batch: _Batch, acts: dict[str, jax.Array], chunks: dict[str, list[np.ndarray]]
+    ) -> int:
+        """Copy one batch's activations to the host, keep the wanted rows; returns its contexts."""
+        host = jax.device_get(acts)
+        for name in self.spec.hooks:
+            chunks[name].append(np.asarray(host[name])[: batch.n][batch.keep])
+        with self._status.lock:
+            self._status.batches += 1
+            self._status.contexts += batch.n
+        return batch.n
+
 
 def _describe(shard: CorpusShard) -> str:
     first = shard.pieces[0].path if shard.pieces else "no files"
     more = f" and {len(shard.pieces) - 1} more pieces" if len(shard.pieces) > 1 else ""
     return f"{shard.n_documents} documents from {first}{more}"
+
+
+def _load_model(
+    model: ResolvedModel, n_layers: int, dtype: jnp.dtype
+) -> tuple[lm.Params, lm.Tokenizer]:
+    """The first ``n_layers`` blocks' params (on the default device) and the tokenizer."""
+    config, source = model.config, model.spec
+    if source.safetensors is not None:
+        tokenizer = lm.Tokenizer.from_file(
+            Path(source.safetensors) / "tokenizer.json",
+            bos_id=config.bos_id,
+            eos_id=config.eos_id,
+            pad_id=config.pad_id,
+        )
+        params, _ = lm.load_safetensors(
+            source.safetensors, config, max_layer=n_layers - 1, dtype=dtype
+        )
+        return params, tokenizer
+    # None: the default package, assembled on this host if needed (and its checksum verified:
+    # once here rather than once per loader).
+    path = source.gguf if source.gguf is not None else lm.default_gguf_path()
+    tokenizer = lm.Tokenizer.from_gguf(path)
+    params, _ = lm.load_gguf(path, config, max_layer=n_layers - 1, dtype=dtype)
+    return params, tokenizer
+
+
+def _compile(
+    forward: Callable[[lm.Params, jax.Array], dict[str, jax.Array]],
+    config: lm.Gemma3Config,
+    n_layers: int,
+    dtype: jnp.dtype,
+    mesh: jax.sharding.Mesh | None,
+    batch_sharding: jax.sharding.NamedSharding | None,
+    spec: WorkerSpec,
+) -> jax.stages.Compiled:
+    """``forward`` compiled for params shaped as the loaders make them and one batch shape.
+
+    Both loaders give every leaf ``dtype`` and the shapes of :func:`lm.init_params`; a call
+    with anything else raises rather than recompiles.
+    """
+    params = jax.eval_shape(lambda key: lm.init_params(key, config, dtype), jax.random.key(0))
+    params["layers"] = params["layers"][:n_layers]
+    if mesh is not None:
+        shardings = lm.param_shardings(params, config, mesh)
+        params = jax.tree.map(
+            lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, shardings
+        )
+    tokens = jax.ShapeDtypeStruct(
+        (spec.batch_size, spec.context_length), jnp.int32, sharding=batch_sharding
+    )
+    return jax.jit(forward).lower(params, tokens).compile()
