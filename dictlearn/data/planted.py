@@ -106,9 +106,17 @@ def _truth(cfg: PlantedConfig) -> PlantedTruth:
     return PlantedTruth(directions.astype(np.float32), offset.astype(np.float32), _frequencies(cfg))
 
 
-def _generate_shard(cfg: PlantedConfig, truth: PlantedTruth, index: int, n: int) -> np.ndarray:
+# Random streams of the rows: a dataset's shards draw from _SHARD_STREAM, held-out rows from
+# _HELDOUT_STREAM, so no held-out row is ever a training row, whatever the dataset's length.
+_SHARD_STREAM = 3
+_HELDOUT_STREAM = 4
+
+
+def _generate_shard(
+    cfg: PlantedConfig, truth: PlantedTruth, index: int, n: int, stream: int = _SHARD_STREAM
+) -> np.ndarray:
     """Rows of shard ``index``: a pure function of (cfg, index), so shards can be made anywhere."""
-    rng = np.random.default_rng([cfg.seed, 3, index])
+    rng = np.random.default_rng([cfg.seed, stream, index])
     # Each (row, feature) must fire independently with probability p. Drawing an [n, F]
     # Bernoulli matrix costs O(n F); instead throw Poisson(n * rate) hits per feature at uniform
     # random rows and keep the rows hit at least once. By Poisson splitting each row is then hit
@@ -169,6 +177,15 @@ def write_planted_dataset(url: str, cfg: PlantedConfig) -> PlantedTruth:
         metadata={"planted": cfg.model_dump(mode="json"), "offset": truth.offset.tolist()},
     )
     return truth
+
+
+def heldout_rows(cfg: PlantedConfig, n: int) -> np.ndarray:
+    """``n`` fresh rows of ``cfg``'s distribution that no dataset written from ``cfg`` contains.
+
+    Same directions, offset, frequencies and noise as the dataset's shards, from a random stream
+    of their own: evaluation rows an SAE trained on the dataset has never seen.
+    """
+    return _generate_shard(cfg, _truth(cfg), 0, n, stream=_HELDOUT_STREAM)
 
 
 def load_planted_truth(url: str) -> PlantedTruth:

@@ -40,12 +40,33 @@ class DataConfig(StrictModel):
     )
 
 
-class OptimizerConfig(StrictModel):
-    """Adam with linear warm-up, a constant phase and a linear decay to zero."""
+OptimizerName = Literal["adam", "lion", "schedule_free_adamw", "schedule_free_sign"]
 
+
+class OptimizerConfig(StrictModel):
+    """The optimizer and its learning-rate schedule.
+
+    ``adam`` and ``lion`` follow a linear warm-up, a constant phase and a linear decay to zero.
+    The schedule-free ones (Defazio et al. 2024; ``optax.contrib``) warm up and then keep the lr
+    constant: their parameter average replaces the decay, so ``decay_fraction`` does not apply.
+    ``schedule_free_sign`` is sign descent in that wrapper, EleutherAI sparsify's default.
+    """
+
+    name: OptimizerName = Field(
+        "adam",
+        # Left out of dumps at its default, so the configs (and version hashes, and resumable
+        # checkpoints) of runs from before the field existed stay exactly what they were.
+        exclude_if=lambda v: v == "adam",
+        description=(
+            "adam; lion (sign of a momentum blend, Chen et al. 2023); schedule_free_adamw; "
+            "schedule_free_sign (sign descent, schedule-free with momentum b1)."
+        ),
+    )
     lr: float = Field(4e-4, gt=0, json_schema_extra=RECOVERY, description="Peak learning rate.")
-    b1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
-    b2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    b1: float = Field(
+        0.9, ge=0, lt=1, description="beta1: Adam/Lion momentum, the schedule-free average's."
+    )
+    b2: float = Field(0.999, ge=0, lt=1, description="beta2 of adam, lion, schedule_free_adamw.")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     warmup_steps: int = Field(
         100, ge=0, json_schema_extra=RECOVERY, description="Linear learning-rate warm-up steps."
@@ -55,12 +76,23 @@ class OptimizerConfig(StrictModel):
         ge=0,
         le=1,
         json_schema_extra=LENGTH,
-        description="Final fraction of steps over which the lr decays to 0.",
+        description="Final fraction of steps over which the lr decays to 0 (adam and lion).",
     )
     grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip (None: off).")
     sparsity_warmup_steps: int = Field(
         0, ge=0, description="Steps over which the sparsity coefficient ramps up from 0."
     )
+
+    @property
+    def schedule_free(self) -> bool:
+        """Whether the optimizer averages its iterates instead of decaying the lr."""
+        return self.name.startswith("schedule_free")
+
+    @model_validator(mode="after")
+    def _schedule_free_needs_b1(self) -> OptimizerConfig:
+        if self.schedule_free and self.b1 == 0:
+            raise ValueError(f"optimizer.b1 must be > 0 for optimizer.name={self.name}")
+        return self
 
 
 class LoopConfig(StrictModel):

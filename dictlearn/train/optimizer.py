@@ -15,12 +15,17 @@ def decay_start_step(cfg: OptimizerConfig, total_steps: int) -> int:
     So a run of ``total_steps`` can branch from a longer constant-lr run's checkpoint at any
     step up to here (``TrainConfig.init``) and be the same run as one trained from scratch.
     """
+    if cfg.schedule_free:
+        return total_steps
     decay_steps = round(cfg.decay_fraction * total_steps)
     return max(total_steps - decay_steps, cfg.warmup_steps)
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up to ``lr``, constant, then linear decay to 0 over ``decay_fraction``."""
+    """Linear warm-up to ``lr``, constant, then linear decay to 0 over ``decay_fraction``.
+
+    Schedule-free optimizers never decay (``decay_start_step`` is the run's end).
+    """
     decay_start = decay_start_step(cfg, total_steps)
 
     def schedule(step):
@@ -62,11 +67,48 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (if set) then Adam on the learning-rate schedule."""
+    """Global-norm clipping (if set), then ``cfg.name`` on the learning-rate schedule.
+
+    For the schedule-free optimizers the last element of the chain's state is optax's
+    ``ScheduleFreeState``; the train step keeps the parameter average (the point to evaluate and
+    export) as the state's parameters, see :func:`schedule_free_train_point`.
+    """
+    schedule = learning_rate_schedule(cfg, total_steps)
     parts = []
     if cfg.grad_clip is not None:
         parts.append(clip_by_global_norm(cfg.grad_clip))
-    parts.append(
-        optax.adam(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    )
+    if cfg.name == "adam":
+        parts.append(optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    elif cfg.name == "lion":
+        parts.append(optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=0.0))
+    elif cfg.name == "schedule_free_adamw":
+        # b1=0 Adam inside (the wrapper supplies the momentum), as optax.contrib's own
+        # schedule_free_adamw does; built here so the warm-up is ours and weight decay is off.
+        base = optax.chain(
+            optax.scale_by_adam(b1=0.0, b2=cfg.b2, eps=cfg.eps),
+            optax.scale_by_learning_rate(schedule),
+        )
+        parts.append(optax.contrib.schedule_free(base, schedule, b1=cfg.b1))
+    elif cfg.name == "schedule_free_sign":
+        base = optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(schedule))
+        parts.append(optax.contrib.schedule_free(base, schedule, b1=cfg.b1))
+    else:  # the config's Literal makes this unreachable
+        raise ValueError(f"optimizer.name={cfg.name!r} is not supported")
     return optax.chain(*parts)
+
+
+def schedule_free_train_point(opt_state, average):
+    """The point a schedule-free optimizer evaluates gradients at, from its parameter average.
+
+    optax keeps the gradient point ``y`` as the parameters and recovers the average
+    ``x = (y - (1 - b1) z) / b1`` for evaluation. We keep ``x`` instead, so that everything
+    that reads a checkpoint (eval, export, branches) sees the parameters to use, and form
+    ``y = b1 x + (1 - b1) z`` inside the step.
+    """
+    sf = opt_state[-1]
+    return jax.tree.map(lambda x, z: sf.b1 * x + (1.0 - sf.b1) * z, average, sf.z)
+
+
+def schedule_free_average(opt_state, train_point):
+    """The parameter average ``x`` after an update that moved the gradient point to ``y``."""
+    return optax.contrib.schedule_free_eval_params(opt_state[-1], train_point)

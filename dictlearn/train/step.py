@@ -21,7 +21,13 @@ from dictlearn.errors import UserError
 from dictlearn.sae import Architecture, LocalOutputs, LossContext
 from dictlearn.sae.base import remove_parallel_component, renormalise_rows
 from dictlearn.train.config import OptimizerConfig
-from dictlearn.train.optimizer import learning_rate_schedule, make_optimizer, sparsity_schedule
+from dictlearn.train.optimizer import (
+    learning_rate_schedule,
+    make_optimizer,
+    schedule_free_average,
+    schedule_free_train_point,
+    sparsity_schedule,
+)
 from sharding import (
     BATCH,
     D_MODEL,
@@ -70,6 +76,7 @@ class TrainProgram:
         self.global_batch = global_batch
         self.norm_scale = float(norm_scale)
         self.optimizer = make_optimizer(optimizer_config, total_steps)
+        self.schedule_free = optimizer_config.schedule_free
         self.lr_schedule = learning_rate_schedule(optimizer_config, total_steps)
         self.sparsity_schedule = sparsity_schedule(optimizer_config)
         self.dead_window = arch.config.dead_window_tokens
@@ -208,17 +215,26 @@ class TrainProgram:
         dead = self._dead(state)
         scale = self.sparsity_schedule(state.step)
         loss_fn = partial(self._loss, any_dead=any_dead)
+        # Gradients are taken at `point`: the parameters themselves, or for a schedule-free
+        # optimizer its interpolation between the average (kept as the parameters) and z.
+        point = state.params
+        if self.schedule_free:
+            point = schedule_free_train_point(state.opt_state, state.params)
+            if self.arch.unit_norm_decoder:
+                # The decoder rows the loss sees are unit norm, as sparsify renormalises its
+                # (schedule-free) parameters before every forward; the average is not projected.
+                point = point | {"W_dec": renormalise_rows(point["W_dec"])}
         (_, (metrics, fire_counts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.arch_state, dead, x, scale
+            point, state.arch_state, dead, x, scale
         )
         if self.arch.unit_norm_decoder:
-            grads = grads | {
-                "W_dec": remove_parallel_component(grads["W_dec"], state.params["W_dec"])
-            }
+            grads = grads | {"W_dec": remove_parallel_component(grads["W_dec"], point["W_dec"])}
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if self.arch.unit_norm_decoder:
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, point)
+        params = optax.apply_updates(point, updates)
+        if self.schedule_free:
+            params = schedule_free_average(opt_state, params)
+        elif self.arch.unit_norm_decoder:
             params = params | {"W_dec": renormalise_rows(params["W_dec"])}
         tokens_since_fired = jnp.where(
             fire_counts > 0,
