@@ -132,7 +132,7 @@ def measure(n_features: int, data: int, model: int, batch_per_replica: int, aux:
     mesh = make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
     program = TrainProgram(
         arch,
-        OptimizerConfig(),
+        OptimizerConfig(lr=4e-4),
         total_steps=1000,
         global_batch=batch_per_replica * data,
         mesh=mesh,

@@ -45,7 +45,7 @@ def step_and_matmul_seconds(cfg, batch: int, d_model: int, repeats: int) -> tupl
     """
     mesh = make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
     arch = get_architecture(cfg, d_model)
-    program = TrainProgram(arch, OptimizerConfig(), 1000, batch, mesh, 1.0)
+    program = TrainProgram(arch, OptimizerConfig(lr=4e-4), 1000, batch, mesh, 1.0)
     state = {"s": program.init(jax.random.key(0), jnp.zeros(d_model))}
     x = program.global_batch_array(np.random.default_rng(0).normal(size=(batch, d_model)))
     step = program.step_fn(any_dead=False)

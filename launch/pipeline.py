@@ -106,7 +106,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
             "k": 32,
             "dead_window_tokens": 100_000,
         },
-        "optimizer": {"lr": 1e-3, "warmup_steps": 20},
+        "optimizer": {"warmup_steps": 20},  # lr: the fitted law (dictlearn.train.lr_law)
         "train": {"batch_size": 1024, "steps": 240, "log_every": 20},
         "checkpoint": {"every_steps": 100},
     },

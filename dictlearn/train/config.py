@@ -18,6 +18,7 @@ from dictlearn.config import (
     validate,
 )
 from dictlearn.sae import SAEConfig, TopKConfig
+from dictlearn.train.lr_law import default_lr
 from sharding import MeshConfig
 
 
@@ -62,7 +63,15 @@ class OptimizerConfig(StrictModel):
             "schedule_free_sign (sign descent, schedule-free with momentum b1)."
         ),
     )
-    lr: float = Field(4e-4, gt=0, json_schema_extra=RECOVERY, description="Peak learning rate.")
+    lr: float | None = Field(
+        None,
+        gt=0,
+        json_schema_extra=RECOVERY,
+        description=(
+            "Peak learning rate; null: the law fitted to a sweep (dictlearn.train.lr_law: "
+            "6.25·N^-0.166·D^-0.483 for N latents and D training tokens; TopK, Adam)."
+        ),
+    )
     b1: float = Field(
         0.9, ge=0, lt=1, description="beta1: Adam/Lion momentum, the schedule-free average's."
     )
@@ -278,6 +287,20 @@ class TrainConfig(StrictModel):
     @property
     def run_name(self) -> str:
         return self.run.name or f"{self.sae.architecture}-{self.sae.n_features}-s{self.train.seed}"
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens D: ``train.steps × train.batch_size``."""
+        return self.train.steps * self.train.batch_size
+
+    @property
+    def resolved_optimizer(self) -> OptimizerConfig:
+        """``optimizer`` with its peak lr filled in: ``optimizer.lr``, or, when that is null,
+        the fitted law's (:func:`dictlearn.train.lr_law.default_lr`) at this run's N and D."""
+        if self.optimizer.lr is not None:
+            return self.optimizer
+        lr = default_lr(self.sae.n_features, self.tokens)
+        return self.optimizer.model_copy(update={"lr": lr})
 
 
 # Fields of the shared `sae` section a member keeps even when it names another architecture.

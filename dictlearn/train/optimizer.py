@@ -26,6 +26,8 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
 
     Schedule-free optimizers never decay (``decay_start_step`` is the run's end).
     """
+    if cfg.lr is None:  # a caller's bug: TrainConfig.resolved_optimizer fills it in
+        raise ValueError("optimizer.lr is null here: pass TrainConfig.resolved_optimizer")
     decay_start = decay_start_step(cfg, total_steps)
 
     def schedule(step):

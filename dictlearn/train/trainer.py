@@ -108,7 +108,7 @@ def build_program(config: TrainConfig, dataset: ActivationDataset, mesh=None) ->
     arch = get_architecture(config.sae, dataset.d_model)
     return TrainProgram(
         arch,
-        config.optimizer,
+        config.resolved_optimizer,
         total_steps=config.train.steps,
         global_batch=config.train.batch_size,
         mesh=mesh if mesh is not None else make_mesh(config.mesh),

@@ -71,7 +71,7 @@ def test_config_shows_embedded_pipeline_defaults_and_per_architecture_ones(capsy
     assert main(["config", "train", "--markdown"]) == 0
     table = capsys.readouterr().out
     assert "| `sae.k_aux` | int >= 0 | `256` | result | (topk) Dead latents" in table
-    assert "| `optimizer.lr` | float > 0 | `0.0004` | recovery |" in table
+    assert "| `optimizer.lr` | float \\| null > 0 | `null` | recovery |" in table
 
 
 @pytest.mark.parametrize("command", ["train", "generate", "pipeline", "sweep", "submit", None])

@@ -146,7 +146,7 @@ def test_train_step_with_kernels_matches_the_xla_path(monkeypatch: pytest.Monkey
         monkeypatch.setenv(cpu_kernels.DISABLE_ENV, setting)
         program = TrainProgram(
             get_architecture(TopKConfig(n_features=64, k=4, k_aux=8, dead_window_tokens=64), 16),
-            OptimizerConfig(warmup_steps=0),
+            OptimizerConfig(lr=4e-4, warmup_steps=0),
             10,
             64,
             mesh,

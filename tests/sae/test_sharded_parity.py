@@ -33,7 +33,9 @@ def _program(name: str, mesh_name: str) -> TrainProgram:
     mesh_config, n_devices = MESHES[mesh_name]
     mesh = make_mesh(mesh_config, jax.devices()[:n_devices])
     arch = get_architecture(CONFIGS[name], D_MODEL)
-    return TrainProgram(arch, OptimizerConfig(warmup_steps=0), 10, BATCH, mesh, norm_scale=0.7)
+    return TrainProgram(
+        arch, OptimizerConfig(lr=4e-4, warmup_steps=0), 10, BATCH, mesh, norm_scale=0.7
+    )
 
 
 def _batch(seed: int) -> np.ndarray:
@@ -140,7 +142,7 @@ def test_parameter_gradients_are_all_reduced_only_across_data_replicas(mesh_name
     mesh_config, n_devices = mesh_configs[mesh_name]
     program = TrainProgram(
         get_architecture(CONFIGS["topk"], D_MODEL),
-        OptimizerConfig(),
+        OptimizerConfig(lr=4e-4),
         10,
         BATCH,
         make_mesh(mesh_config, jax.devices()[:n_devices]),

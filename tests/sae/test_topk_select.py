@@ -214,7 +214,7 @@ def test_compiled_sharded_step_never_gathers_the_feature_axis() -> None:
     for any_dead in (False, True):
         program = TrainProgram(
             get_architecture(TopKConfig(n_features=f, k=16, k_aux=64), d),
-            OptimizerConfig(),
+            OptimizerConfig(lr=4e-4),
             10,
             b,
             mesh,
@@ -265,7 +265,7 @@ def test_sparse_backward_variants_agree(
             monkeypatch.setattr(sparse, setting, value)
         program = TrainProgram(
             get_architecture(TopKConfig(n_features=64, k=4, k_aux=8, dead_window_tokens=64), 16),
-            OptimizerConfig(warmup_steps=0),
+            OptimizerConfig(lr=4e-4, warmup_steps=0),
             10,
             64,
             _mesh(2, 4),
@@ -336,7 +336,7 @@ def test_compiled_batchtopk_step_has_no_full_sort() -> None:
     mesh = _mesh(2, 4)
     program = TrainProgram(
         get_architecture(BatchTopKConfig(n_features=f, k=16), d),
-        OptimizerConfig(),
+        OptimizerConfig(lr=4e-4),
         10,
         b,
         mesh,

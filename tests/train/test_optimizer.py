@@ -58,7 +58,7 @@ def test_clip_equals_optax_clip_by_global_norm(scale: float) -> None:
 def test_optimizer_state_has_optax_layout() -> None:
     """Same pytree as optax's own chain, so checkpoints written before the change restore."""
     params = _grads(1.0)
-    cfg = OptimizerConfig()
+    cfg = OptimizerConfig(lr=4e-4)
     schedule = optax.constant_schedule(cfg.lr)
     reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
     ours = make_optimizer(cfg, total_steps=10).init(params)
@@ -97,7 +97,7 @@ def test_schedule_free_average_form_follows_optax(name: str) -> None:
 
 
 def test_schedule_free_never_decays() -> None:
-    cfg = OptimizerConfig(name="schedule_free_sign", warmup_steps=10, decay_fraction=0.5)
+    cfg = OptimizerConfig(name="schedule_free_sign", lr=4e-4, warmup_steps=10, decay_fraction=0.5)
     schedule = learning_rate_schedule(cfg, total_steps=100)
     assert decay_start_step(cfg, 100) == 100
     assert float(schedule(99)) == pytest.approx(cfg.lr)
