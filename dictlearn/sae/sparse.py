@@ -262,6 +262,43 @@ def _topk_bwd(residuals, cotangents):
     g_values, g_partial = cotangents
     # Pairs with a gradient: owned and past the ReLU (its derivative at 0 is 0, as in jax.nn).
     active = mask & (pre_selected > 0)
+    grad_x, grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec = active_pair_grads(
+        g_partial, g_values, x, b_dec, w_enc, w_dec, values, indices, active
+    )
+    return (
+        jnp.zeros_like(pre_selected),
+        None,
+        _like(grad_x, x),
+        _like(grad_b_dec, b_dec),
+        _like(grad_w_enc, w_enc),
+        _like(grad_b_enc, b_enc),
+        _like(grad_w_dec, w_dec),
+        None,
+    )
+
+
+_topk_values_and_decode.defvjp(_topk_fwd, _topk_bwd)
+
+
+def active_pair_grads(
+    g_partial: jax.Array,
+    g_values: jax.Array,
+    x: jax.Array,
+    b_dec: jax.Array,
+    w_enc: jax.Array,
+    w_dec: jax.Array,
+    values: jax.Array,
+    indices: jax.Array,
+    active: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Gradients of ``x``, ``b_dec``, ``W_enc``, ``b_enc`` and ``W_dec`` from the active slots.
+
+    The backward pass of ``partial = sum_j values[b, j] * W_dec[idx[b, j]]`` where each active
+    ``values[b, j]`` is the pre-activation ``(x[b] - b_dec) @ W_enc[:, idx] + b_enc[idx]`` itself
+    (its derivative is 1: past a ReLU, or above a JumpReLU threshold), and inactive slots are
+    constant 0. ``g_values`` is any further cotangent of ``values``. The weight gradients come
+    from the native kernel on CPU and ``walk_pairs_by_latent`` elsewhere.
+    """
     centered = x - b_dec
     grad_w_dec, grad_w_enc, grad_b_enc = cpu_kernels.on_cpu(
         cpu_kernels.sparse_backward,
@@ -282,16 +319,16 @@ def _topk_bwd(residuals, cotangents):
         "bd,bkd->bk", g_partial, jnp.take(w_dec, indices, axis=0, mode="clip")
     )
     grad_x = _gather_sum(jnp.where(active, g_pre_slots, 0.0), indices, w_enc.T)
-    return (
-        jnp.zeros_like(pre_selected),
-        None,
-        _like(grad_x, x),
-        _like(grad_b_dec, b_dec),
-        _like(grad_w_enc, w_enc),
-        _like(grad_b_enc, b_enc),
-        _like(grad_w_dec, w_dec),
-        None,
-    )
+    return grad_x, grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec
 
 
-_topk_values_and_decode.defvjp(_topk_fwd, _topk_bwd)
+def pair_dots(
+    g_partial: jax.Array, w_dec: jax.Array, indices: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """``[batch, k]``: ``g_partial[b] . W_dec[idx[b, j]]`` where ``mask``, else 0.
+
+    The cotangent of a latent whether or not it is in the reconstruction: JumpReLU's threshold
+    estimator needs it for the pairs within the kernel bandwidth of the threshold.
+    """
+    dots = jnp.einsum("bd,bkd->bk", g_partial, jnp.take(w_dec, indices, axis=0, mode="clip"))
+    return jnp.where(mask, dots, 0.0)

@@ -1,0 +1,108 @@
+"""JumpReLU and BatchTopK over slots against dense autodiff references, overflow included."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dictlearn.sae import JumpReLUConfig, get_architecture
+from dictlearn.sae.jumprelu import jumprelu, step
+from dictlearn.sae.variable_l0 import select_slots
+from dictlearn.train.config import OptimizerConfig
+from dictlearn.train.step import TrainProgram, unsharded_copy
+from sharding import MeshConfig, make_mesh
+
+D_MODEL, N_FEATURES, BATCH = 16, 256, 40
+BANDWIDTH = 0.4
+
+
+def _jumprelu_setup(bound: int):
+    cfg = JumpReLUConfig(n_features=N_FEATURES, bandwidth=BANDWIDTH, sparse_l0_bound=bound)
+    arch = get_architecture(cfg, D_MODEL)
+    params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
+    rng = np.random.default_rng(3)
+    params["log_threshold"] = jnp.asarray(np.log(rng.uniform(1.5, 2.5, N_FEATURES)), jnp.float32)
+    params["b_enc"] = jnp.asarray(rng.normal(scale=0.3, size=N_FEATURES), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (BATCH, D_MODEL))
+    return arch, params, x
+
+
+def _dense_jumprelu_loss(params, x, l0_coef):
+    """JumpReLU as Gemma Scope states it, densely: the reference for the sparse step."""
+    pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    threshold = jnp.exp(params["log_threshold"])
+    x_hat = jumprelu(pre, threshold, BANDWIDTH) @ params["W_dec"] + params["b_dec"]
+    recon = jnp.sum((x_hat - x) ** 2) / x.shape[0]
+    l0 = jnp.sum(step(pre, threshold, BANDWIDTH)) / x.shape[0]
+    return recon + l0_coef * l0, (pre, threshold)
+
+
+def _sharded_loss_and_grads(arch, params, x, mesh_shape):
+    data, model = mesh_shape
+    mesh = make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
+    program = TrainProgram(arch, OptimizerConfig(), 10, BATCH, mesh, norm_scale=1.0)
+    state = program.init(jax.random.key(0), jnp.zeros(D_MODEL))
+    dead = jnp.zeros(N_FEATURES, bool)
+    batch = program.global_batch_array(np.asarray(x))
+
+    def loss(p):
+        return program._loss(p, state.arch_state, dead, batch, 1.0)
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (value, (metrics, fire, _)), grads = run(jax.device_put(params, program.param_shardings))
+    return unsharded_copy((value, metrics, fire, grads))
+
+
+def _assert_grads_equal(grads, ref_grads):
+    for key, ref_grad in ref_grads.items():
+        scale = np.max(np.abs(ref_grad))
+        assert scale > 0, key
+        np.testing.assert_allclose(grads[key], ref_grad, rtol=0, atol=1e-5 * scale, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "bound", "overflows"),
+    [((1, 1), 64, False), ((2, 4), 24, False), ((1, 1), 4, True), ((2, 4), 4, True)],
+)
+def test_jumprelu_loss_and_gradients_equal_the_dense_reference(
+    mesh_shape: tuple[int, int], bound: int, overflows: bool
+) -> None:
+    arch, params, x = _jumprelu_setup(bound)
+    loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape)
+
+    def ref(p):
+        return _dense_jumprelu_loss(p, x, arch.config.l0_coef)
+
+    (ref_loss, (pre, threshold)), ref_grads = jax.jit(jax.value_and_grad(ref, has_aux=True))(params)
+    pre, threshold = np.asarray(pre), np.asarray(threshold)
+    active = pre > threshold
+    # The case is not degenerate: a few latents per token, and pairs just below the threshold
+    # (inactive, yet in the estimator's window) that only the window walk can account for.
+    assert 1 < active.sum(1).mean() < 20
+    below = (pre <= threshold) & (pre > threshold - BANDWIDTH / 2)
+    assert below.sum() > 10
+    assert metrics["dense_fallback"] == float(overflows)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["l0"], active.sum(1).mean(), rtol=1e-6)
+    np.testing.assert_array_equal(fire, active.sum(0))
+    _assert_grads_equal(grads, ref_grads)
+
+
+def test_slots_hold_every_candidate_and_the_floor_flags_the_rest() -> None:
+    """Index equality with a dense top-k, and the floor exactly separates full rows."""
+    _, params, x = _jumprelu_setup(64)
+    bias = params["b_enc"] - jnp.exp(params["log_threshold"])
+    for chunk in (BATCH, 7):
+        slots = jax.jit(lambda p, x, b: select_slots(p, x, 6, b, chunk))(params, x, bias)  # noqa: B023
+        unbiased = (x - params["b_dec"]) @ params["W_enc"]
+        ref_values, ref_indices = jax.lax.top_k(unbiased + bias, 6)
+        np.testing.assert_array_equal(slots.indices, ref_indices)
+        np.testing.assert_allclose(slots.floor, ref_values[:, -1], rtol=1e-6)
+        pre = unbiased + params["b_enc"]
+        np.testing.assert_allclose(
+            slots.pre, np.take_along_axis(np.asarray(pre), ref_indices, 1), rtol=1e-6
+        )
+        n_candidates = np.sum(np.asarray(unbiased + bias) > 0, axis=1)
+        np.testing.assert_array_equal(np.asarray(slots.floor) > 0, n_candidates >= 6)
