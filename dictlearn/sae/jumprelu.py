@@ -29,10 +29,12 @@ from dictlearn.sae.base import (
     reconstruction_metrics,
     register,
 )
-from dictlearn.sae.sparse import _gather_sum, active_pair_grads, pair_dots
+from dictlearn.sae.sparse import active_pair_grads
 from dictlearn.sae.topk import ENCODE_CHUNK_TOKENS
 from dictlearn.sae.variable_l0 import (
     any_over_mesh,
+    decode_slots,
+    pair_dots,
     per_device,
     scatter_per_latent,
     select_slots,
@@ -126,12 +128,16 @@ class JumpOutputs(NamedTuple):
 
 
 class _JumpReLUPath(NamedTuple):
-    """JumpReLU over slots and densely; ``diff = (x, b_dec, W_enc, b_enc, W_dec, threshold)``."""
+    """JumpReLU over slots and densely.
+
+    ``diff = (b_dec, W_enc, b_enc, W_dec, threshold)``; ``aux = (x, slot pre, slot indices)``.
+    """
 
     bandwidth: float
 
     def dense(self, diff, aux):
-        x, b_dec, w_enc, b_enc, w_dec, threshold = diff
+        b_dec, w_enc, b_enc, w_dec, threshold = diff
+        x = aux[0]
         pre = (x - b_dec) @ w_enc + b_enc
         latents = jumprelu(pre, threshold, self.bandwidth)
         active = (pre > threshold).astype(jnp.float32)
@@ -140,23 +146,22 @@ class _JumpReLUPath(NamedTuple):
 
     def sparse(self, diff, aux):
         *_, w_dec, threshold = diff
-        pre, indices = aux
+        _, pre, indices = aux
         active = pre > jnp.take(threshold, indices)
         values = jnp.where(active, pre, 0.0)
         counts = active.astype(jnp.float32)
         fire = scatter_per_latent(counts, indices, threshold.shape[0])
-        return per_device(
-            (_gather_sum(values, indices, w_dec), jnp.sum(counts), jnp.sum(counts, axis=1), fire)
-        )
+        partial = decode_slots(values, indices, w_dec)
+        return per_device((partial, jnp.sum(counts), jnp.sum(counts, axis=1), fire))
 
     def sparse_grads(self, diff, aux, cotangents):
-        x, b_dec, w_enc, _, w_dec, threshold = diff
-        pre, indices = aux
+        b_dec, w_enc, _, w_dec, threshold = diff
+        x, pre, indices = aux
         g_partial, g_l0, _, _ = cotangents
         slot_threshold = jnp.take(threshold, indices)
         active = pre > slot_threshold
         values = jnp.where(active, pre, 0.0)
-        grad_x, grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec = active_pair_grads(
+        grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec = active_pair_grads(
             g_partial, jnp.zeros_like(values), x, b_dec, w_enc, w_dec, values, indices, active
         )
         # Both estimators are nonzero only within half a bandwidth of the threshold, on either
@@ -167,7 +172,7 @@ class _JumpReLUPath(NamedTuple):
         grad_threshold = scatter_per_latent(
             jnp.where(window, per_pair, 0.0), indices, threshold.shape[0]
         )
-        grads = (grad_x, grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec, grad_threshold)
+        grads = (grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec, grad_threshold)
         return tuple(vary_over(g, varying_axes(p)) for g, p in zip(grads, diff, strict=True))
 
 
@@ -176,26 +181,26 @@ def jumprelu_forward(
 ) -> JumpOutputs:
     """JumpReLU latents decoded, on this shard, over at most ``bound`` slots per token.
 
-    Call inside ``shard_map``. ``threshold`` is ``[n_local]`` (differentiable, as are the
-    parameters); a step where any token on any shard has more than ``bound`` candidates runs
-    densely. Gradients follow the dense formulas exactly (``jumprelu`` and ``step`` above).
+    Call inside ``shard_map``. ``threshold`` is ``[n_local]``; it and the parameters get the
+    dense formulas' gradients exactly (``jumprelu`` and ``step`` above), ``x`` none (it is data).
+    A step where any token on any shard has more than ``bound`` candidates runs densely.
     """
     n_local = params["b_enc"].shape[0]
     bound = min(bound, n_local)
+    x = jax.lax.stop_gradient(as_varying(x))
     diff = tuple(
         as_varying(a)
-        for a in (x, params["b_dec"], params["W_enc"], params["b_enc"], params["W_dec"], threshold)
+        for a in (params["b_dec"], params["W_enc"], params["b_enc"], params["W_dec"], threshold)
     )
     path = _JumpReLUPath(float(bandwidth))
     if bound == 0:
-        return JumpOutputs(*path.dense(diff, ()), overflow=jnp.bool_(True))
+        return JumpOutputs(*path.dense(diff, (x,)), overflow=jnp.bool_(True))
     margin = bandwidth + SELECTION_MARGIN * (1.0 + jnp.abs(threshold))
     slots = select_slots(
         params, x, bound, params["b_enc"] - threshold + margin, ENCODE_CHUNK_TOKENS
     )
-    # With every latent in the slots nothing can overflow (the floor is then just the smallest).
-    overflow = any_over_mesh(jnp.any(slots.floor > 0) & (bound < n_local))
-    outputs = sparse_or_dense(path, overflow, diff, (slots.pre, slots.indices))
+    overflow = any_over_mesh(jnp.any(slots.count > bound))
+    outputs = sparse_or_dense(path, overflow, diff, (x, slots.pre, slots.indices))
     return JumpOutputs(*outputs, overflow=overflow)
 
 

@@ -262,9 +262,15 @@ def _topk_bwd(residuals, cotangents):
     g_values, g_partial = cotangents
     # Pairs with a gradient: owned and past the ReLU (its derivative at 0 is 0, as in jax.nn).
     active = mask & (pre_selected > 0)
-    grad_x, grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec = active_pair_grads(
+    grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec = active_pair_grads(
         g_partial, g_values, x, b_dec, w_enc, w_dec, values, indices, active
     )
+    # d x[b] = sum_j g_pre[b, j] W_enc[:, idx[b, j]]. x is data, not a parameter: in training
+    # XLA drops this (and the [batch, k, d] gather) as dead code.
+    g_pre_slots = g_values + jnp.einsum(
+        "bd,bkd->bk", g_partial, jnp.take(w_dec, indices, axis=0, mode="clip")
+    )
+    grad_x = _gather_sum(jnp.where(active, g_pre_slots, 0.0), indices, w_enc.T)
     return (
         jnp.zeros_like(pre_selected),
         None,
@@ -290,8 +296,8 @@ def active_pair_grads(
     values: jax.Array,
     indices: jax.Array,
     active: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Gradients of ``x``, ``b_dec``, ``W_enc``, ``b_enc`` and ``W_dec`` from the active slots.
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Gradients of ``b_dec``, ``W_enc``, ``b_enc`` and ``W_dec`` from the active slots.
 
     The backward pass of ``partial = sum_j values[b, j] * W_dec[idx[b, j]]`` where each active
     ``values[b, j]`` is the pre-activation ``(x[b] - b_dec) @ W_enc[:, idx] + b_enc[idx]`` itself
@@ -313,22 +319,4 @@ def active_pair_grads(
     )
     # d b_dec = -sum over pairs of g_pre W_enc[:, f] = -W_enc @ grad_b_enc: a mat-vec.
     grad_b_dec = -(w_enc @ grad_b_enc)
-    # d x[b] = sum_j g_pre[b, j] W_enc[:, idx[b, j]]. x is data, not a parameter: in training
-    # XLA drops this (and the [batch, k, d] gather) as dead code.
-    g_pre_slots = g_values + jnp.einsum(
-        "bd,bkd->bk", g_partial, jnp.take(w_dec, indices, axis=0, mode="clip")
-    )
-    grad_x = _gather_sum(jnp.where(active, g_pre_slots, 0.0), indices, w_enc.T)
-    return grad_x, grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec
-
-
-def pair_dots(
-    g_partial: jax.Array, w_dec: jax.Array, indices: jax.Array, mask: jax.Array
-) -> jax.Array:
-    """``[batch, k]``: ``g_partial[b] . W_dec[idx[b, j]]`` where ``mask``, else 0.
-
-    The cotangent of a latent whether or not it is in the reconstruction: JumpReLU's threshold
-    estimator needs it for the pairs within the kernel bandwidth of the threshold.
-    """
-    dots = jnp.einsum("bd,bkd->bk", g_partial, jnp.take(w_dec, indices, axis=0, mode="clip"))
-    return jnp.where(mask, dots, 0.0)
+    return grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec

@@ -21,23 +21,24 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from dictlearn.sae import cpu_kernels
 from dictlearn.sae.base import Params, encoder_matmul
+from dictlearn.sae.sparse import _gather_sum
 from dictlearn.sae.topk_select import top_k
 from sharding import DATA, MODEL
 from sharding.varying import vary_over
 
 
 class Slots(NamedTuple):
-    """The ``bound`` highest-ranked latents of each token on this shard."""
+    """Up to ``bound`` candidate latents of each token on this shard."""
 
     pre: jax.Array
     """``[batch, bound]`` their pre-activations ``(x - b_dec) @ W_enc + b_enc``, computed as the
-    dense matmul computes them (no gradient flows through these)."""
+    dense matmul computes them (no gradient flows through these); ``-inf`` in unused slots."""
     indices: jax.Array
-    """``[batch, bound]`` int32 local latent indices."""
-    floor: jax.Array
-    """``[batch]`` the smallest rank value ``pre + rank_bias`` among each token's slots: a token
-    may have latents beyond its slots with rank values up to this one."""
+    """``[batch, bound]`` int32 local latent indices (0 in unused slots)."""
+    count: jax.Array
+    """``[batch]`` int32 number of candidates; above ``bound`` iff some did not fit."""
 
 
 def map_token_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk_tokens: int) -> Any:
@@ -59,11 +60,13 @@ def map_token_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk_tokens:
 def select_slots(
     params: Params, x: jax.Array, bound: int, rank_bias: jax.Array, chunk_tokens: int
 ) -> Slots:
-    """Per token, the ``bound`` local latents with the largest ``(x - b_dec) @ W_enc + rank_bias``.
+    """Per token, the local latents with ``(x - b_dec) @ W_enc + rank_bias > 0``, up to ``bound``.
 
-    The ranking bias folds each architecture's test into one top-k: with ``rank_bias = b_enc -
-    threshold + margin`` a latent is a candidate iff its rank value is positive, and then all
-    candidates are in the slots iff ``floor <= 0``. No gradient flows through the result.
+    The ranking bias folds each architecture's test into one comparison: with ``rank_bias =
+    b_enc - threshold + margin`` the candidates are the latents at most ``margin`` below their
+    threshold. No gradient flows through the result. On CPU one native pass per row
+    (``cpu_kernels.select_above``) collects them in index order; elsewhere a top-``bound`` by
+    rank value keeps the best ones (the same set whenever no token overflows).
     """
     params = jax.lax.stop_gradient(params)
     rank_bias = jax.lax.stop_gradient(rank_bias)
@@ -71,13 +74,67 @@ def select_slots(
 
     def select(x_chunk: jax.Array) -> Slots:
         unbiased = encoder_matmul(params, x_chunk)
-        ranked, indices = top_k(unbiased, bound, rank_bias)
-        # The pre-activation the dense path sees is matmul + b_enc, one rounding; recompute it
-        # from the matmul output (still in cache) rather than from the ranked value.
-        pre = jnp.take_along_axis(unbiased, indices, axis=1) + jnp.take(b_enc, indices)
-        return Slots(pre, indices.astype(jnp.int32), jnp.min(ranked, axis=1))
+        return Slots(
+            *cpu_kernels.on_cpu(
+                functools.partial(cpu_kernels.select_above, bound=bound),
+                functools.partial(_select_above_xla, bound=bound),
+                unbiased,
+                b_enc,
+                rank_bias,
+            )
+        )
 
     return map_token_chunks(select, x, chunk_tokens)
+
+
+def _select_above_xla(
+    unbiased: jax.Array, b_enc: jax.Array, rank_bias: jax.Array, bound: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``cpu_kernels.select_above`` in XLA ops (candidates in rank order, not index order)."""
+    ranked, indices = top_k(unbiased, bound, rank_bias)
+    candidate = ranked > 0
+    # The dense path's pre-activation is matmul + b_enc, one rounding: recompute it from the
+    # matmul output rather than from the ranked value.
+    pre = jnp.take_along_axis(unbiased, indices, axis=1) + jnp.take(b_enc, indices)
+    # Exact up to the bound; past it, bound + 1 says "overflowed" (min, not [:, -1]: see
+    # topk_select.batch_threshold on XLA:CPU rewriting a sliced top-k into a full sort).
+    count = jnp.sum(candidate, axis=1, dtype=jnp.int32) + (jnp.min(ranked, axis=1) > 0)
+    return (
+        jnp.where(candidate, pre, -jnp.inf),
+        jnp.where(candidate, indices, 0).astype(jnp.int32),
+        count.astype(jnp.int32),
+    )
+
+
+def decode_slots(values: jax.Array, indices: jax.Array, w_dec: jax.Array) -> jax.Array:
+    """``[batch, d_model]``: ``sum_j values[b, j] * W_dec[indices[b, j]]``; on CPU the native
+    kernel skips zero values, so the cost follows the active slots, not the bound."""
+    return cpu_kernels.on_cpu(cpu_kernels.sparse_decode, _gather_sum_tuple, values, indices, w_dec)[
+        0
+    ]
+
+
+def _gather_sum_tuple(values: jax.Array, indices: jax.Array, w_dec: jax.Array):
+    return (_gather_sum(values, indices, w_dec),)
+
+
+def pair_dots(
+    g_partial: jax.Array, w_dec: jax.Array, indices: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """``[batch, k]``: ``g_partial[b] . W_dec[idx[b, j]]`` where ``mask``, else 0.
+
+    The cotangent of a latent whether or not it is in the reconstruction: JumpReLU's threshold
+    estimator needs it for the pairs within the kernel bandwidth of the threshold, which are few
+    (the native kernel on CPU computes only those).
+    """
+    return cpu_kernels.on_cpu(
+        cpu_kernels.pair_dots, _pair_dots_xla, g_partial, w_dec, indices, mask
+    )[0]
+
+
+def _pair_dots_xla(g_partial, w_dec, indices, mask):
+    dots = jnp.einsum("bd,bkd->bk", g_partial, jnp.take(w_dec, indices, axis=0, mode="clip"))
+    return (jnp.where(mask, dots, 0.0),)
 
 
 def any_over_mesh(flag: jax.Array) -> jax.Array:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dictlearn.sae import JumpReLUConfig, get_architecture
+from dictlearn.sae import JumpReLUConfig, cpu_kernels, get_architecture
 from dictlearn.sae.jumprelu import jumprelu, step
 from dictlearn.sae.variable_l0 import select_slots
 from dictlearn.train.config import OptimizerConfig
@@ -90,19 +90,27 @@ def test_jumprelu_loss_and_gradients_equal_the_dense_reference(
     _assert_grads_equal(grads, ref_grads)
 
 
-def test_slots_hold_every_candidate_and_the_floor_flags_the_rest() -> None:
-    """Index equality with a dense top-k, and the floor exactly separates full rows."""
+@pytest.mark.parametrize("kernels", ["1", "0"])
+@pytest.mark.parametrize("chunk", [BATCH, 7])
+def test_slots_hold_exactly_the_candidates_and_count_flags_overflow(
+    monkeypatch: pytest.MonkeyPatch, kernels: str, chunk: int
+) -> None:
+    """Native kernel and XLA path: the candidate set, exact pre-activations, overflow flags."""
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, kernels)
     _, params, x = _jumprelu_setup(64)
-    bias = params["b_enc"] - jnp.exp(params["log_threshold"])
-    for chunk in (BATCH, 7):
-        slots = jax.jit(lambda p, x, b: select_slots(p, x, 6, b, chunk))(params, x, bias)  # noqa: B023
-        unbiased = (x - params["b_dec"]) @ params["W_enc"]
-        ref_values, ref_indices = jax.lax.top_k(unbiased + bias, 6)
-        np.testing.assert_array_equal(slots.indices, ref_indices)
-        np.testing.assert_allclose(slots.floor, ref_values[:, -1], rtol=1e-6)
-        pre = unbiased + params["b_enc"]
-        np.testing.assert_allclose(
-            slots.pre, np.take_along_axis(np.asarray(pre), ref_indices, 1), rtol=1e-6
-        )
-        n_candidates = np.sum(np.asarray(unbiased + bias) > 0, axis=1)
-        np.testing.assert_array_equal(np.asarray(slots.floor) > 0, n_candidates >= 6)
+    bias = params["b_enc"] - jnp.exp(params["log_threshold"]) + 0.5
+    bound = 24
+    slots = jax.jit(lambda p, x, b: select_slots(p, x, bound, b, chunk))(params, x, bias)
+    unbiased = np.asarray((x - params["b_dec"]) @ params["W_enc"])
+    pre = unbiased + np.asarray(params["b_enc"])
+    candidates = unbiased + np.asarray(bias) > 0
+    n_candidates = candidates.sum(1)
+    assert (n_candidates > bound).any() and (n_candidates <= bound).sum() > BATCH // 2
+    np.testing.assert_array_equal(np.asarray(slots.count) > bound, n_candidates > bound)
+    for row in np.flatnonzero(n_candidates <= bound):
+        assert slots.count[row] == n_candidates[row]
+        used = np.isfinite(np.asarray(slots.pre[row]))
+        assert used.sum() == n_candidates[row]
+        got = np.asarray(slots.indices[row])[used]
+        np.testing.assert_array_equal(np.sort(got), np.flatnonzero(candidates[row]))
+        np.testing.assert_allclose(slots.pre[row][used], pre[row, got], rtol=1e-6)
