@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dictlearn.sae import JumpReLUConfig, cpu_kernels, get_architecture
+from dictlearn.sae import BatchTopKConfig, JumpReLUConfig, cpu_kernels, get_architecture
 from dictlearn.sae.jumprelu import jumprelu, step
 from dictlearn.sae.variable_l0 import select_slots
 from dictlearn.train.config import OptimizerConfig
@@ -114,3 +114,84 @@ def test_slots_hold_exactly_the_candidates_and_count_flags_overflow(
         got = np.asarray(slots.indices[row])[used]
         np.testing.assert_array_equal(np.sort(got), np.flatnonzero(candidates[row]))
         np.testing.assert_allclose(slots.pre[row][used], pre[row, got], rtol=1e-6)
+
+
+K = 4
+
+
+def _batchtopk_setup(candidates: int):
+    cfg = BatchTopKConfig(n_features=N_FEATURES, k=K, candidates_per_token=candidates)
+    arch = get_architecture(cfg, D_MODEL)
+    params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
+    params["b_enc"] = jnp.asarray(
+        np.random.default_rng(4).normal(scale=0.3, size=N_FEATURES), jnp.float32
+    )
+    x = jax.random.normal(jax.random.key(1), (BATCH, D_MODEL))
+    return arch, params, x
+
+
+def _dense_batchtopk_loss(params, x):
+    """BatchTopK as Bussmann et al. state it, densely: the reference for the sparse step."""
+    pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    relu_pre = jax.nn.relu(jax.lax.stop_gradient(pre))
+    cutoff = jnp.sort(relu_pre.reshape(-1))[-K * x.shape[0]]
+    active = (relu_pre >= cutoff) & (relu_pre > 0)
+    x_hat = jnp.where(active, pre, 0.0) @ params["W_dec"] + params["b_dec"]
+    return jnp.sum((x_hat - x) ** 2) / x.shape[0], (active, cutoff)
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "candidates", "overflows"),
+    [((1, 1), 32, False), ((2, 4), 32, False), ((1, 1), 4, True), ((2, 4), 4, True)],
+)
+def test_batchtopk_loss_and_gradients_equal_the_dense_reference(
+    mesh_shape: tuple[int, int], candidates: int, overflows: bool
+) -> None:
+    arch, params, x = _batchtopk_setup(candidates)
+    loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape)
+    (ref_loss, (active, cutoff)), ref_grads = jax.jit(
+        jax.value_and_grad(lambda p: _dense_batchtopk_loss(p, x), has_aux=True)
+    )(params)
+    active = np.asarray(active)
+    # The sparse step must detect exactly when a token-shard's candidates may not hold all its
+    # selected latents (all of them selected), and then fall back to the dense step.
+    m = candidates or 4 * K
+    per_shard = active.reshape(BATCH, mesh_shape[1], -1).sum(2)
+    assert (per_shard >= m).any() == overflows
+    assert metrics["dense_fallback"] == float(overflows)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["l0"], active.sum(1).mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["batch_threshold"], cutoff, rtol=1e-6)
+    np.testing.assert_array_equal(fire, active.sum(0))
+    _assert_grads_equal(grads, ref_grads)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (2, 4)])
+def test_batchtopk_evaluation_uses_the_exported_threshold(mesh_shape: tuple[int, int]) -> None:
+    """The held-out evaluation scores what export ships: a JumpReLU at the learned threshold."""
+    arch, params, x = _batchtopk_setup(0)
+    data, model = mesh_shape
+    mesh = make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
+    program = TrainProgram(arch, OptimizerConfig(), 10, BATCH, mesh, norm_scale=1.0)
+    state = program.init(jax.random.key(0), jnp.zeros(D_MODEL))
+    threshold = 1.0
+    state = state._replace(
+        params=jax.device_put(params, program.param_shardings),
+        arch_state=jax.device_put(
+            {"threshold": jnp.float32(threshold), "threshold_initialised": jnp.bool_(True)},
+            program.arch_state_shardings,
+        ),
+    )
+    metrics = unsharded_copy(program.eval_step(state, program.global_batch_array(np.asarray(x))))
+
+    pre = np.asarray((x - params["b_dec"]) @ params["W_enc"] + params["b_enc"])
+    latents = np.where(pre > threshold, pre, 0.0)
+    np.testing.assert_allclose(latents, arch.encode(params, x, state.arch_state), rtol=1e-6)
+    x_hat = latents @ np.asarray(params["W_dec"]) + np.asarray(params["b_dec"])
+    recon = np.sum((x_hat - np.asarray(x)) ** 2) / BATCH
+    np.testing.assert_allclose(metrics["recon_loss"], recon, rtol=1e-5)
+    np.testing.assert_allclose(metrics["l0"], (pre > threshold).sum(1).mean(), rtol=1e-6)
+    # ... which is not what the training-time batch selection scores on these rows.
+    train_recon, (active, _) = _dense_batchtopk_loss(params, x)
+    assert abs(float(train_recon) - recon) > 1e-2 * recon
+    assert metrics["l0"] != np.asarray(active).sum(1).mean()
