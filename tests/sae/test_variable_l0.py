@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dictlearn.sae import BatchTopKConfig, JumpReLUConfig, cpu_kernels, get_architecture
+from dictlearn.sae import (
+    BatchTopKConfig,
+    JumpReLUConfig,
+    ReLUL1Config,
+    cpu_kernels,
+    get_architecture,
+)
 from dictlearn.sae.jumprelu import jumprelu, step
 from dictlearn.sae.variable_l0 import select_slots
 from dictlearn.train.config import OptimizerConfig
@@ -195,3 +201,37 @@ def test_batchtopk_evaluation_uses_the_exported_threshold(mesh_shape: tuple[int,
     train_recon, (active, _) = _dense_batchtopk_loss(params, x)
     assert abs(float(train_recon) - recon) > 1e-2 * recon
     assert metrics["l0"] != np.asarray(active).sum(1).mean()
+
+
+def _dense_relu_l1_loss(params, x, l1_coef):
+    latents = jax.nn.relu((x - params["b_dec"]) @ params["W_enc"] + params["b_enc"])
+    x_hat = latents @ params["W_dec"] + params["b_dec"]
+    l1 = jnp.sum(latents @ jnp.linalg.norm(params["W_dec"], axis=1)) / x.shape[0]
+    return jnp.sum((x_hat - x) ** 2) / x.shape[0] + l1_coef * l1, latents > 0
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "bound", "overflows"),
+    [((1, 1), 64, False), ((2, 4), 24, False), ((1, 1), 4, True), ((2, 4), 4, True)],
+)
+def test_relu_l1_loss_and_gradients_equal_the_dense_reference(
+    mesh_shape: tuple[int, int], bound: int, overflows: bool
+) -> None:
+    arch = get_architecture(ReLUL1Config(n_features=N_FEATURES, sparse_l0_bound=bound), D_MODEL)
+    params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
+    # A trained ReLU SAE's sparsity: most pre-activations negative.
+    params["b_enc"] = jnp.asarray(
+        np.random.default_rng(5).normal(-0.25, 0.05, size=N_FEATURES), jnp.float32
+    )
+    x = jax.random.normal(jax.random.key(1), (BATCH, D_MODEL))
+    loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape)
+    (ref_loss, active), ref_grads = jax.jit(
+        jax.value_and_grad(lambda p: _dense_relu_l1_loss(p, x, arch.config.l1_coef), has_aux=True)
+    )(params)
+    active = np.asarray(active)
+    assert 1 < active.sum(1).mean() < 20
+    assert metrics["dense_fallback"] == float(overflows)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["l0"], active.sum(1).mean(), rtol=1e-6)
+    np.testing.assert_array_equal(fire, active.sum(0))
+    _assert_grads_equal(grads, ref_grads)
