@@ -1,4 +1,5 @@
-"""Native CPU kernels for the TopK SAE's top-k and sparse backward pass (XLA FFI).
+"""Native CPU kernels for the sparse SAE steps: TopK's top-k and sparse backward, and the slot
+selection, decoder and estimator dot products of the variable-L0 SAEs (XLA FFI).
 
 On CPU, XLA runs the two sparse parts of a TopK step poorly: its TopK custom call is
 single-threaded and pays ~4 µs per row, and the sparse backward has to be written as gathers

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from dictlearn.sae import cpu_kernels
 from dictlearn.sae.base import Params, encoder_matmul
-from dictlearn.sae.sparse import _gather_sum
+from dictlearn.sae.sparse import gather_sum
 from dictlearn.sae.topk_select import top_k
 from sharding import DATA, MODEL
 from sharding.varying import vary_over
@@ -109,13 +109,14 @@ def _select_above_xla(
 def decode_slots(values: jax.Array, indices: jax.Array, w_dec: jax.Array) -> jax.Array:
     """``[batch, d_model]``: ``sum_j values[b, j] * W_dec[indices[b, j]]``; on CPU the native
     kernel skips zero values, so the cost follows the active slots, not the bound."""
-    return cpu_kernels.on_cpu(cpu_kernels.sparse_decode, _gather_sum_tuple, values, indices, w_dec)[
-        0
-    ]
+    (partial,) = cpu_kernels.on_cpu(
+        cpu_kernels.sparse_decode, _gather_sum_tuple, values, indices, w_dec
+    )
+    return partial
 
 
 def _gather_sum_tuple(values: jax.Array, indices: jax.Array, w_dec: jax.Array):
-    return (_gather_sum(values, indices, w_dec),)
+    return (gather_sum(values, indices, w_dec),)
 
 
 def pair_dots(

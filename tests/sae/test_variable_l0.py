@@ -69,12 +69,23 @@ def _assert_grads_equal(grads, ref_grads):
 
 
 @pytest.mark.parametrize(
-    ("mesh_shape", "bound", "overflows"),
-    [((1, 1), 64, False), ((2, 4), 24, False), ((1, 1), 4, True), ((2, 4), 4, True)],
+    ("mesh_shape", "bound", "overflows", "kernels"),
+    [
+        ((1, 1), 64, False, "1"),
+        ((2, 4), 24, False, "1"),
+        ((2, 4), 24, False, "0"),  # the XLA path GPUs and TPUs run
+        ((1, 1), 4, True, "1"),
+        ((2, 4), 4, True, "1"),
+    ],
 )
 def test_jumprelu_loss_and_gradients_equal_the_dense_reference(
-    mesh_shape: tuple[int, int], bound: int, overflows: bool
+    monkeypatch: pytest.MonkeyPatch,
+    mesh_shape: tuple[int, int],
+    bound: int,
+    overflows: bool,
+    kernels: str,
 ) -> None:
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, kernels)
     arch, params, x = _jumprelu_setup(bound)
     loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape)
 
