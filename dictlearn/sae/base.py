@@ -67,6 +67,10 @@ class LossContext(NamedTuple):
     """Static: some latent is dead, so dead-latent losses (AuxK) must be computed. The trainer
     compiles one step per value and picks on the host, so steps without dead latents pay
     nothing for them (a ``lax.cond`` still costs a full extra pass here)."""
+    inference: bool = False
+    """Static: score the model as it is used after training (the held-out evaluation). An
+    architecture whose training-time selection differs from its exported rule (BatchTopK's
+    batch-wide top-k vs its learned threshold) evaluates the exported rule."""
 
 
 class Architecture(abc.ABC):

@@ -1,13 +1,20 @@
-// CPU kernels for the two TopK-SAE steps that XLA:CPU runs poorly (see cpu_kernels.py).
+// CPU kernels for the SAE steps that XLA:CPU runs poorly (see cpu_kernels.py).
 //
-// Both are XLA FFI handlers, called from jitted code through jax.ffi.ffi_call:
+// All are XLA FFI handlers, called from jitted code through jax.ffi.ffi_call. For TopK:
 //
 //   dictlearn_top_k          exact lax.top_k of (x + bias) along the last axis: same values, same
 //                            indices, same tie order (lowest index first), same total order of
 //                            floats (-0 < +0, NaN above +inf) as XLA's TopK.
 //   dictlearn_sparse_backward
 //                            the gradients of W_dec, W_enc (written transposed, [d, F]) and b_enc
-//                            of a TopK SAE from its batch * k (token, latent) pairs.
+//                            of a TopK SAE from its batch * k (token, latent) pairs (also serves
+//                            the SAEs below: any set of active slots).
+//
+// For SAEs whose L0 varies per token (see dictlearn/sae/variable_l0.py):
+//
+//   dictlearn_select_above   per row, the columns whose ranking value is positive (up to a bound)
+//   dictlearn_sparse_decode  sum of value * W_dec row over the nonzero slots of each token
+//   dictlearn_pair_dots      g[b] . W_dec[idx] for the masked (token, slot) pairs
 //
 // Work is split over XLA's intra-op thread pool. Every output element is computed by exactly one
 // thread in a fixed order, so results do not depend on the number of threads or on scheduling:
@@ -18,6 +25,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -366,6 +374,129 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g_part
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Variable-L0 SAEs (JumpReLU, ReLU, BatchTopK at inference): selection, decoding and the
+// threshold estimator's dot products, each costing what the active pairs cost, not the bound.
+
+// Per row, the columns i with x[i] + rank_bias[i] > 0 (in index order), up to `bound` of them:
+// pre[r, j] = x[r, i] + b_enc[i] (rounded as XLA rounds that add), indices[r, j] = i. Unused
+// slots get pre = -inf and index 0. count[r] is the number of such columns, even past `bound`.
+ffi::Error SelectAboveImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> b_enc, ffi::Buffer<ffi::F32> rank_bias,
+                           ffi::ResultBuffer<ffi::F32> pre, ffi::ResultBuffer<ffi::S32> indices,
+                           ffi::ResultBuffer<ffi::S32> count, int64_t bound) {
+  auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("dictlearn_select_above: x must be 2-D");
+  const int64_t rows = dims[0], n = dims[1];
+  if (n > INT32_MAX) return ffi::Error::InvalidArgument("dictlearn_select_above: row too long");
+  if (b_enc.element_count() != n || rank_bias.element_count() != n)
+    return ffi::Error::InvalidArgument("dictlearn_select_above: biases need one entry per column");
+  const float* x_data = x.typed_data();
+  const float* b = b_enc.typed_data();
+  const float* rb = rank_bias.typed_data();
+  float* out_pre = pre->typed_data();
+  int32_t* out_idx = indices->typed_data();
+  int32_t* out_count = count->typed_data();
+  constexpr int64_t kRowsPerTask = 16;
+  const int64_t n_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  ParallelFor(pool, n_tasks, [&](int64_t task) {
+    const int64_t end = std::min(rows, (task + 1) * kRowsPerTask);
+    for (int64_t r = task * kRowsPerTask; r < end; ++r) {
+      const float* row = x_data + r * n;
+      float* row_pre = out_pre + r * bound;
+      int32_t* row_idx = out_idx + r * bound;
+      int64_t c = 0;
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes) {
+        FloatLanes v, bias;
+        std::memcpy(&v, row + i, sizeof(v));
+        std::memcpy(&bias, rb + i, sizeof(bias));
+        const FloatLanes z = v + bias;
+        // Lanes that fail (or are NaN) stay out, as `z > 0` does in XLA.
+        const IntLanes hit = z > 0;
+        bool any = false;
+        for (int64_t j = 0; j < kLanes; ++j) any |= hit[j] != 0;
+        if (!any) continue;
+        for (int64_t j = 0; j < kLanes; ++j) {
+          if (!hit[j]) continue;
+          if (c < bound) {
+            row_pre[c] = row[i + j] + b[i + j];
+            row_idx[c] = static_cast<int32_t>(i + j);
+          }
+          ++c;
+        }
+      }
+      for (; i < n; ++i) {
+        if (!(row[i] + rb[i] > 0)) continue;
+        if (c < bound) {
+          row_pre[c] = row[i] + b[i];
+          row_idx[c] = static_cast<int32_t>(i);
+        }
+        ++c;
+      }
+      for (int64_t j = c; j < bound; ++j) {
+        row_pre[j] = -std::numeric_limits<float>::infinity();
+        row_idx[j] = 0;
+      }
+      out_count[r] = static_cast<int32_t>(std::min<int64_t>(c, INT32_MAX));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// out[b] = sum over slots j with values[b, j] != 0 of values[b, j] * w_dec[indices[b, j]], in slot
+// order: a decoder whose cost follows the active slots, not the bound.
+ffi::Error SparseDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
+                            ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> w_dec,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t batch = values.dimensions()[0], k = values.dimensions()[1];
+  const int64_t n_features = w_dec.dimensions()[0], d = w_dec.dimensions()[1];
+  const float* v = values.typed_data();
+  const int32_t* idx = indices.typed_data();
+  const float* w = w_dec.typed_data();
+  float* o = out->typed_data();
+  for (int64_t p = 0; p < batch * k; ++p)
+    if (v[p] != 0 && (idx[p] < 0 || idx[p] >= n_features))
+      return ffi::Error::InvalidArgument("dictlearn_sparse_decode: latent index out of range");
+  constexpr int64_t kRowsPerTask = 8;
+  ParallelFor(pool, (batch + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    const int64_t end = std::min(batch, (task + 1) * kRowsPerTask);
+    for (int64_t b = task * kRowsPerTask; b < end; ++b) {
+      float* row = o + b * d;
+      std::fill(row, row + d, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
+        const float value = v[b * k + j];
+        if (value != 0) Axpy(value, w + static_cast<int64_t>(idx[b * k + j]) * d, row, d);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// out[b, j] = g[b] . w_dec[indices[b, j]] where mask[b, j], else 0.
+ffi::Error PairDotsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w_dec,
+                        ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::PRED> mask,
+                        ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t batch = indices.dimensions()[0], k = indices.dimensions()[1];
+  const int64_t n_features = w_dec.dimensions()[0], d = w_dec.dimensions()[1];
+  const float* g_data = g.typed_data();
+  const float* w = w_dec.typed_data();
+  const int32_t* idx = indices.typed_data();
+  const bool* m = mask.typed_data();
+  float* o = out->typed_data();
+  for (int64_t p = 0; p < batch * k; ++p)
+    if (m[p] && (idx[p] < 0 || idx[p] >= n_features))
+      return ffi::Error::InvalidArgument("dictlearn_pair_dots: latent index out of range");
+  constexpr int64_t kRowsPerTask = 64;
+  ParallelFor(pool, (batch + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    const int64_t end = std::min(batch, (task + 1) * kRowsPerTask);
+    for (int64_t p = task * kRowsPerTask * k; p < end * k; ++p)
+      o[p] = m[p] ? Dot(g_data + (p / k) * d, w + static_cast<int64_t>(idx[p]) * d, d) : 0.0f;
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnTopK, TopKImpl,
@@ -390,4 +521,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnSparseBackward, SparseBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnSelectAbove, SelectAboveImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("bound"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnSparseDecode, SparseDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnPairDots, PairDotsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

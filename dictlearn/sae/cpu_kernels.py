@@ -1,4 +1,5 @@
-"""Native CPU kernels for the TopK SAE's top-k and sparse backward pass (XLA FFI).
+"""Native CPU kernels for the sparse SAE steps: TopK's top-k and sparse backward, and the slot
+selection, decoder and estimator dot products of the variable-L0 SAEs (XLA FFI).
 
 On CPU, XLA runs the two sparse parts of a TopK step poorly: its TopK custom call is
 single-threaded and pays ~4 µs per row, and the sparse backward has to be written as gathers
@@ -9,6 +10,9 @@ floor. ``cpu_kernels.cc`` does both in C++ on XLA's intra-op thread pool:
 * ``top_k``: exact ``lax.top_k`` of ``x (+ bias)`` (same values, indices and tie order), the bias
   add folded in. Two passes per row: the smallest of ``k`` chunk maxima bounds the winners from
   below, then the few elements at or above it are collected and partially sorted.
+* ``select_above``, ``sparse_decode``, ``pair_dots``: the slot selection, decoder and threshold
+  estimator of the SAEs whose L0 varies per token (``dictlearn.sae.variable_l0``), each costing
+  what the active pairs cost rather than what the per-token bound would.
 * ``sparse_backward``: a counting sort of the active (token, latent) pairs by latent, then each
   latent's ``W_dec``, ``W_enc`` and ``b_enc`` gradient rows accumulated in registers and cache
   and written once (the ``W_enc`` one transposed, straight into its ``[d_model, F]`` layout).
@@ -56,6 +60,9 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _TARGETS = {
     "dictlearn_top_k": "DictlearnTopK",
     "dictlearn_sparse_backward": "DictlearnSparseBackward",
+    "dictlearn_select_above": "DictlearnSelectAbove",
+    "dictlearn_sparse_decode": "DictlearnSparseDecode",
+    "dictlearn_pair_dots": "DictlearnPairDots",
 }
 
 
@@ -223,3 +230,44 @@ def sparse_backward(
         g_partial, centered, w_dec, values, g_values, indices.astype(jnp.int32), active
     )
     return grad_w_dec, grad_w_enc, grad_b_enc
+
+
+def select_above(
+    x: jax.Array, b_enc: jax.Array, rank_bias: jax.Array, bound: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row of ``x``, the columns with ``x + rank_bias > 0`` in index order, up to ``bound``.
+
+    Returns ``pre`` ``[rows, bound]`` (``x + b_enc`` at those columns; ``-inf`` in unused slots),
+    their int32 ``indices`` (0 in unused slots) and each row's int32 ``count`` of such columns,
+    which exceeds ``bound`` when some did not fit. Kernel call; CPU only.
+    """
+    rows = x.shape[0]
+    call = jax.ffi.ffi_call(
+        "dictlearn_select_above",
+        (
+            jax.ShapeDtypeStruct((rows, bound), jnp.float32),
+            jax.ShapeDtypeStruct((rows, bound), jnp.int32),
+            jax.ShapeDtypeStruct((rows,), jnp.int32),
+        ),
+    )
+    pre, indices, count = call(x, b_enc, rank_bias, bound=np.int64(bound))
+    return pre, indices, count
+
+
+def sparse_decode(values: jax.Array, indices: jax.Array, w_dec: jax.Array) -> tuple[jax.Array]:
+    """``[batch, d]``: ``sum_j values[b, j] * w_dec[indices[b, j]]`` over nonzero values only
+    (kernel call; CPU only). A 1-tuple, as ``on_cpu`` wants."""
+    call = jax.ffi.ffi_call(
+        "dictlearn_sparse_decode",
+        jax.ShapeDtypeStruct((values.shape[0], w_dec.shape[1]), jnp.float32),
+    )
+    return (call(values, indices.astype(jnp.int32), w_dec),)
+
+
+def pair_dots(
+    g: jax.Array, w_dec: jax.Array, indices: jax.Array, mask: jax.Array
+) -> tuple[jax.Array]:
+    """``[batch, k]``: ``g[b] . w_dec[indices[b, j]]`` where ``mask``, else 0 (kernel call; CPU
+    only). A 1-tuple, as ``on_cpu`` wants."""
+    call = jax.ffi.ffi_call("dictlearn_pair_dots", jax.ShapeDtypeStruct(indices.shape, jnp.float32))
+    return (call(g, w_dec, indices.astype(jnp.int32), mask),)

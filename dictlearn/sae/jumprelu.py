@@ -10,7 +10,7 @@ gives pseudo-derivatives for both the JumpReLU itself and the L0 penalty
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,26 +24,42 @@ from dictlearn.sae.base import (
     LossContext,
     Params,
     as_varying,
-    finish_reconstruction,
-    fire_counts_from_dense,
     global_sum,
     preactivations,
     reconstruction_metrics,
     register,
 )
+from dictlearn.sae.sparse import active_pair_grads
+from dictlearn.sae.topk import ENCODE_CHUNK_TOKENS
+from dictlearn.sae.variable_l0 import (
+    any_over_mesh,
+    decode_slots,
+    pair_dots,
+    per_device,
+    scatter_per_latent,
+    select_slots,
+    sparse_or_dense,
+)
 from sharding import FEATURES, mesh_axis
+from sharding.varying import vary_over, varying_axes
 
 
 class JumpReLUConfig(BaseSAEConfig):
     """JumpReLU SAE."""
 
     architecture: Literal["jumprelu"] = "jumprelu"
-    sparsity_penalty: ClassVar[bool] = True
     l0_coef: float = Field(1.0, ge=0, description="Weight of the L0 sparsity penalty.")
     bandwidth: float = Field(
         0.001, gt=0, description="Width of the rectangle kernel of the straight-through estimator."
     )
     init_threshold: float = Field(0.001, gt=0, description="Initial threshold of every latent.")
+    sparse_l0_bound: int = Field(
+        256,
+        ge=0,
+        description="Latents per token (on each feature shard) the sparse step handles, counting "
+        "those within the bandwidth below the threshold; a step where any token has more runs "
+        "densely instead (same result, several times slower). 0: always dense.",
+    )
 
 
 def _rectangle(u: jax.Array) -> jax.Array:
@@ -88,6 +104,105 @@ def _step_bwd(res, g):
 
 step.defvjp(_step_fwd, _step_bwd)
 
+SELECTION_MARGIN = 1e-4
+"""Relative slack in the candidate test (times ``1 + threshold``), on top of the bandwidth.
+
+A latent is a candidate when ``matmul + (b_enc - threshold + margin) > 0``: that sum is rounded
+differently from ``pre - threshold``, and the slack keeps every pair within half a bandwidth of
+the threshold (the estimator's window) a candidate however it rounds."""
+
+
+class JumpOutputs(NamedTuple):
+    """This shard's part of a JumpReLU forward pass."""
+
+    partial: jax.Array
+    """``[batch, d_model]`` partial reconstruction (without ``b_dec``; sum over shards)."""
+    l0: jax.Array
+    """Scalar count of active (token, latent) pairs, with the L0 estimator's gradient."""
+    l0_per_token: jax.Array
+    """``[batch]`` active latents per token (float, no gradient)."""
+    fire: jax.Array
+    """``[n_local]`` tokens on which each latent is active (float, no gradient)."""
+    overflow: jax.Array
+    """Whether this step ran densely (some token had more candidates than slots)."""
+
+
+class _JumpReLUPath(NamedTuple):
+    """JumpReLU over slots and densely.
+
+    ``diff = (b_dec, W_enc, b_enc, W_dec, threshold)``; ``aux = (x, slot pre, slot indices)``.
+    """
+
+    bandwidth: float
+
+    def dense(self, diff, aux):
+        b_dec, w_enc, b_enc, w_dec, threshold = diff
+        x = aux[0]
+        pre = (x - b_dec) @ w_enc + b_enc
+        latents = jumprelu(pre, threshold, self.bandwidth)
+        active = (pre > threshold).astype(jnp.float32)
+        l0 = jnp.sum(step(pre, threshold, self.bandwidth))
+        return per_device((latents @ w_dec, l0, jnp.sum(active, axis=1), jnp.sum(active, axis=0)))
+
+    def sparse(self, diff, aux):
+        *_, w_dec, threshold = diff
+        _, pre, indices = aux
+        active = pre > jnp.take(threshold, indices)
+        values = jnp.where(active, pre, 0.0)
+        counts = active.astype(jnp.float32)
+        fire = scatter_per_latent(counts, indices, threshold.shape[0])
+        partial = decode_slots(values, indices, w_dec)
+        return per_device((partial, jnp.sum(counts), jnp.sum(counts, axis=1), fire))
+
+    def sparse_grads(self, diff, aux, cotangents):
+        b_dec, w_enc, _, w_dec, threshold = diff
+        x, pre, indices = aux
+        g_partial, g_l0, _, _ = cotangents
+        slot_threshold = jnp.take(threshold, indices)
+        active = pre > slot_threshold
+        values = jnp.where(active, pre, 0.0)
+        grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec = active_pair_grads(
+            g_partial, jnp.zeros_like(values), x, b_dec, w_enc, w_dec, values, indices, active
+        )
+        # Both estimators are nonzero only within half a bandwidth of the threshold, on either
+        # side of it: the pairs there need d loss / d latent even when the latent is 0.
+        window = _rectangle((pre - slot_threshold) / self.bandwidth) > 0
+        g_latent = pair_dots(g_partial, w_dec, indices, window)
+        per_pair = -(slot_threshold / self.bandwidth) * g_latent - (1.0 / self.bandwidth) * g_l0
+        grad_threshold = scatter_per_latent(
+            jnp.where(window, per_pair, 0.0), indices, threshold.shape[0]
+        )
+        grads = (grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec, grad_threshold)
+        return tuple(vary_over(g, varying_axes(p)) for g, p in zip(grads, diff, strict=True))
+
+
+def jumprelu_forward(
+    params: Params, x: jax.Array, threshold: jax.Array, bandwidth: float, bound: int
+) -> JumpOutputs:
+    """JumpReLU latents decoded, on this shard, over at most ``bound`` slots per token.
+
+    Call inside ``shard_map``. ``threshold`` is ``[n_local]``; it and the parameters get the
+    dense formulas' gradients exactly (``jumprelu`` and ``step`` above), ``x`` none (it is data).
+    A step where any token on any shard has more than ``bound`` candidates runs densely.
+    """
+    n_local = params["b_enc"].shape[0]
+    bound = min(bound, n_local)
+    x = jax.lax.stop_gradient(as_varying(x))
+    diff = tuple(
+        as_varying(a)
+        for a in (params["b_dec"], params["W_enc"], params["b_enc"], params["W_dec"], threshold)
+    )
+    path = _JumpReLUPath(float(bandwidth))
+    if bound == 0:
+        return JumpOutputs(*path.dense(diff, (x,)), overflow=jnp.bool_(True))
+    margin = bandwidth + SELECTION_MARGIN * (1.0 + jnp.abs(threshold))
+    slots = select_slots(
+        params, x, bound, params["b_enc"] - threshold + margin, ENCODE_CHUNK_TOKENS
+    )
+    overflow = any_over_mesh(jnp.any(slots.count > bound))
+    outputs = sparse_or_dense(path, overflow, diff, (x, slots.pre, slots.indices))
+    return JumpOutputs(*outputs, overflow=overflow)
+
 
 @register
 class JumpReLU(Architecture):
@@ -111,18 +226,17 @@ class JumpReLU(Architecture):
 
     def local_loss(self, params, x, state, dead, ctx: LossContext):
         cfg = self.config
-        pre = preactivations(params, x)
-        # Replicated over data; per-device STE cotangents must then be summed over data.
-        threshold = as_varying(jnp.exp(params["log_threshold"]))
-        latents = jumprelu(pre, threshold, cfg.bandwidth)
-        x_hat = finish_reconstruction(latents @ params["W_dec"], params["b_dec"])
-        active = pre > threshold
-        recon, metrics = reconstruction_metrics(x, x_hat, jnp.sum(active, axis=1), ctx.global_batch)
-        l0_local = jnp.sum(step(pre, threshold, cfg.bandwidth))
-        l0 = jax.lax.psum(global_sum(l0_local), mesh_axis(FEATURES)) / ctx.global_batch
+        threshold = jnp.exp(params["log_threshold"])
+        out = jumprelu_forward(params, x, threshold, cfg.bandwidth, cfg.sparse_l0_bound)
+        x_hat = jax.lax.psum(out.partial, mesh_axis(FEATURES)) + params["b_dec"]
+        recon, metrics = reconstruction_metrics(x, x_hat, out.l0_per_token, ctx.global_batch)
+        l0 = jax.lax.psum(global_sum(out.l0), mesh_axis(FEATURES)) / ctx.global_batch
         sparsity = cfg.l0_coef * ctx.sparsity_scale * l0
         loss = recon + sparsity
-        metrics |= {"sparsity_loss": sparsity, "loss": loss}
-        return loss, LocalOutputs(
-            metrics=metrics, fire_counts=fire_counts_from_dense(active), state_stats={}
-        )
+        metrics |= {
+            "sparsity_loss": sparsity,
+            "loss": loss,
+            "dense_fallback": out.overflow.astype(jnp.float32),
+        }
+        fire_counts = global_sum(out.fire.astype(jnp.int32))
+        return loss, LocalOutputs(metrics=metrics, fire_counts=fire_counts, state_stats={})

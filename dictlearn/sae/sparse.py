@@ -6,7 +6,7 @@ forward matmul (needed to find them) nothing should cost ``O(batch * n_features 
 
 * forward: ``values = relu(pre_selected)`` on the slots this shard owns, and the partial
   reconstruction ``x_hat = sum_j values[b, j] * W_dec[idx[b, j]]``, as ``k`` fused
-  gather-multiply-adds (``_gather_sum``: no ``[batch, k, d_model]`` buffer, ~10x faster on CPU
+  gather-multiply-adds (``gather_sum``: no ``[batch, k, d_model]`` buffer, ~10x faster on CPU
   than a gather followed by a batched dot);
 * backward: the gradients of ``W_dec``, ``W_enc``, ``b_enc`` and ``b_dec`` from the
   ``batch * k`` (token, latent) pairs alone, never through a dense ``[batch, n_features]``
@@ -52,7 +52,7 @@ GATHER_GROUP = 32
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
 
-def _gather_sum(weights: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
+def gather_sum(weights: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
     """``[batch, d]``: ``sum_j weights[b, j] * table[indices[b, j]]``, no [b, k, d] buffer."""
     k = indices.shape[1]
     total = None
@@ -246,7 +246,7 @@ def topk_values_and_decode(
 @jax.custom_vjp
 def _topk_values_and_decode(pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices):
     values = jnp.where(mask, jax.nn.relu(pre_selected), 0.0)
-    return values, _gather_sum(values, indices, w_dec)
+    return values, gather_sum(values, indices, w_dec)
 
 
 def _topk_fwd(pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices):
@@ -262,6 +262,49 @@ def _topk_bwd(residuals, cotangents):
     g_values, g_partial = cotangents
     # Pairs with a gradient: owned and past the ReLU (its derivative at 0 is 0, as in jax.nn).
     active = mask & (pre_selected > 0)
+    grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec = active_pair_grads(
+        g_partial, g_values, x, b_dec, w_enc, w_dec, values, indices, active
+    )
+    # d x[b] = sum_j g_pre[b, j] W_enc[:, idx[b, j]]. x is data, not a parameter: in training
+    # XLA drops this (and the [batch, k, d] gather) as dead code.
+    g_pre_slots = g_values + jnp.einsum(
+        "bd,bkd->bk", g_partial, jnp.take(w_dec, indices, axis=0, mode="clip")
+    )
+    grad_x = gather_sum(jnp.where(active, g_pre_slots, 0.0), indices, w_enc.T)
+    return (
+        jnp.zeros_like(pre_selected),
+        None,
+        _like(grad_x, x),
+        _like(grad_b_dec, b_dec),
+        _like(grad_w_enc, w_enc),
+        _like(grad_b_enc, b_enc),
+        _like(grad_w_dec, w_dec),
+        None,
+    )
+
+
+_topk_values_and_decode.defvjp(_topk_fwd, _topk_bwd)
+
+
+def active_pair_grads(
+    g_partial: jax.Array,
+    g_values: jax.Array,
+    x: jax.Array,
+    b_dec: jax.Array,
+    w_enc: jax.Array,
+    w_dec: jax.Array,
+    values: jax.Array,
+    indices: jax.Array,
+    active: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Gradients of ``b_dec``, ``W_enc``, ``b_enc`` and ``W_dec`` from the active slots.
+
+    The backward pass of ``partial = sum_j values[b, j] * W_dec[idx[b, j]]`` where each active
+    ``values[b, j]`` is the pre-activation ``(x[b] - b_dec) @ W_enc[:, idx] + b_enc[idx]`` itself
+    (its derivative is 1: past a ReLU, or above a JumpReLU threshold), and inactive slots are
+    constant 0. ``g_values`` is any further cotangent of ``values``. The weight gradients come
+    from the native kernel on CPU and ``walk_pairs_by_latent`` elsewhere.
+    """
     centered = x - b_dec
     grad_w_dec, grad_w_enc, grad_b_enc = cpu_kernels.on_cpu(
         cpu_kernels.sparse_backward,
@@ -276,22 +319,4 @@ def _topk_bwd(residuals, cotangents):
     )
     # d b_dec = -sum over pairs of g_pre W_enc[:, f] = -W_enc @ grad_b_enc: a mat-vec.
     grad_b_dec = -(w_enc @ grad_b_enc)
-    # d x[b] = sum_j g_pre[b, j] W_enc[:, idx[b, j]]. x is data, not a parameter: in training
-    # XLA drops this (and the [batch, k, d] gather) as dead code.
-    g_pre_slots = g_values + jnp.einsum(
-        "bd,bkd->bk", g_partial, jnp.take(w_dec, indices, axis=0, mode="clip")
-    )
-    grad_x = _gather_sum(jnp.where(active, g_pre_slots, 0.0), indices, w_enc.T)
-    return (
-        jnp.zeros_like(pre_selected),
-        None,
-        _like(grad_x, x),
-        _like(grad_b_dec, b_dec),
-        _like(grad_w_enc, w_enc),
-        _like(grad_b_enc, b_enc),
-        _like(grad_w_dec, w_dec),
-        None,
-    )
-
-
-_topk_values_and_decode.defvjp(_topk_fwd, _topk_bwd)
+    return grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec

@@ -178,7 +178,7 @@ class TrainProgram:
             tokens_since_fired=jnp.zeros((self.arch.config.n_features,), jnp.int32),
         )
 
-    def _loss(self, params, arch_state, dead, x, sparsity_scale, any_dead=False):
+    def _loss(self, params, arch_state, dead, x, sparsity_scale, any_dead=False, inference=False):
         arch, ctx_batch = self.arch, self.global_batch
         param_specs = {k: s.spec for k, s in self.param_shardings.items()}
         if self.mesh.shape[DATA] == 1:
@@ -188,7 +188,10 @@ class TrainProgram:
 
         def local(params, arch_state, dead, x, sparsity_scale):
             ctx = LossContext(
-                global_batch=ctx_batch, sparsity_scale=sparsity_scale, any_dead=any_dead
+                global_batch=ctx_batch,
+                sparsity_scale=sparsity_scale,
+                any_dead=any_dead,
+                inference=inference,
             )
             return arch.local_loss(params, x, arch_state, dead, ctx)
 
@@ -260,7 +263,7 @@ class TrainProgram:
     def _eval_step(self, state: TrainState, batch: jax.Array):
         x = batch * self.norm_scale
         _, (metrics, _, _) = self._loss(
-            state.params, state.arch_state, self._dead(state), x, jnp.float32(1.0)
+            state.params, state.arch_state, self._dead(state), x, jnp.float32(1.0), inference=True
         )
         return metrics
 

@@ -1,0 +1,208 @@
+"""Sparse training for SAEs whose number of active latents varies per token.
+
+JumpReLU, BatchTopK and ReLU SAEs activate a different number of latents on each token. Their
+steps take TopK's shape (``dictlearn.sae.sparse``): the encoder matmul runs in token chunks and
+each chunk keeps, per token, the ``bound`` latents ranked highest by ``pre + rank_bias``
+(``select_slots``); decoding and the whole backward pass then touch only those slots.
+
+The bound makes that exact only when no token has more candidates than slots. Every step checks
+(one flag, agreed over the whole mesh) and, where some token on some shard overflows, runs that
+step through the architecture's dense formulas instead (``sparse_or_dense``): slower, never
+wrong. Both paths live inside one custom VJP with ``lax.cond`` in its forward and backward rules,
+so the common sparse step keeps no dense residual and pays nothing for the fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from dictlearn.sae import cpu_kernels
+from dictlearn.sae.base import Params, encoder_matmul
+from dictlearn.sae.sparse import gather_sum
+from dictlearn.sae.topk_select import top_k
+from sharding import BATCH, FEATURES, mesh_axis
+from sharding.varying import vary_over
+
+
+class Slots(NamedTuple):
+    """Up to ``bound`` candidate latents of each token on this shard."""
+
+    pre: jax.Array
+    """``[batch, bound]`` their pre-activations ``(x - b_dec) @ W_enc + b_enc``, computed as the
+    dense matmul computes them (no gradient flows through these); ``-inf`` in unused slots."""
+    indices: jax.Array
+    """``[batch, bound]`` int32 local latent indices (0 in unused slots)."""
+    count: jax.Array
+    """``[batch]`` int32 number of candidates; above ``bound`` iff some did not fit."""
+
+
+def map_token_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk_tokens: int) -> Any:
+    """``fn`` over balanced row chunks of ``x`` (the last one padded), results re-joined.
+
+    ``fn`` maps ``[chunk, d]`` to a pytree of arrays with a leading ``chunk`` axis. Chunks keep
+    the ``[chunk, n_features]`` encoder output in cache for whatever reads it next.
+    """
+    rows, d_model = x.shape
+    n_chunks = -(-rows // max(chunk_tokens, 1))
+    if n_chunks <= 1:
+        return fn(x)
+    chunk = -(-rows // n_chunks)
+    padded = jnp.pad(x, ((0, n_chunks * chunk - rows), (0, 0)))
+    stacked = jax.lax.map(fn, padded.reshape(n_chunks, chunk, d_model))
+    return jax.tree.map(lambda a: a.reshape(n_chunks * chunk, *a.shape[2:])[:rows], stacked)
+
+
+def select_slots(
+    params: Params, x: jax.Array, bound: int, rank_bias: jax.Array, chunk_tokens: int
+) -> Slots:
+    """Per token, the local latents with ``(x - b_dec) @ W_enc + rank_bias > 0``, up to ``bound``.
+
+    The ranking bias folds each architecture's test into one comparison: with ``rank_bias =
+    b_enc - threshold + margin`` the candidates are the latents at most ``margin`` below their
+    threshold. No gradient flows through the result. On CPU one native pass per row
+    (``cpu_kernels.select_above``) collects them in index order; elsewhere a top-``bound`` by
+    rank value keeps the best ones (the same set whenever no token overflows).
+    """
+    params = jax.lax.stop_gradient(params)
+    rank_bias = jax.lax.stop_gradient(rank_bias)
+    b_enc = params["b_enc"]
+
+    def select(x_chunk: jax.Array) -> Slots:
+        unbiased = encoder_matmul(params, x_chunk)
+        return Slots(
+            *cpu_kernels.on_cpu(
+                functools.partial(cpu_kernels.select_above, bound=bound),
+                functools.partial(_select_above_xla, bound=bound),
+                unbiased,
+                b_enc,
+                rank_bias,
+            )
+        )
+
+    return map_token_chunks(select, x, chunk_tokens)
+
+
+def _select_above_xla(
+    unbiased: jax.Array, b_enc: jax.Array, rank_bias: jax.Array, bound: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``cpu_kernels.select_above`` in XLA ops (candidates in rank order, not index order)."""
+    ranked, indices = top_k(unbiased, bound, rank_bias)
+    candidate = ranked > 0
+    # The dense path's pre-activation is matmul + b_enc, one rounding: recompute it from the
+    # matmul output rather than from the ranked value.
+    pre = jnp.take_along_axis(unbiased, indices, axis=1) + jnp.take(b_enc, indices)
+    # Exact up to the bound; past it, bound + 1 says "overflowed" (min, not [:, -1]: see
+    # topk_select.batch_threshold on XLA:CPU rewriting a sliced top-k into a full sort).
+    count = jnp.sum(candidate, axis=1, dtype=jnp.int32) + (jnp.min(ranked, axis=1) > 0)
+    return (
+        jnp.where(candidate, pre, -jnp.inf),
+        jnp.where(candidate, indices, 0).astype(jnp.int32),
+        count.astype(jnp.int32),
+    )
+
+
+def decode_slots(values: jax.Array, indices: jax.Array, w_dec: jax.Array) -> jax.Array:
+    """``[batch, d_model]``: ``sum_j values[b, j] * W_dec[indices[b, j]]``; on CPU the native
+    kernel skips zero values, so the cost follows the active slots, not the bound."""
+    (partial,) = cpu_kernels.on_cpu(
+        cpu_kernels.sparse_decode, _gather_sum_tuple, values, indices, w_dec
+    )
+    return partial
+
+
+def _gather_sum_tuple(values: jax.Array, indices: jax.Array, w_dec: jax.Array):
+    return (gather_sum(values, indices, w_dec),)
+
+
+def pair_dots(
+    g_partial: jax.Array, w_dec: jax.Array, indices: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """``[batch, k]``: ``g_partial[b] . W_dec[idx[b, j]]`` where ``mask``, else 0.
+
+    The cotangent of a latent whether or not it is in the reconstruction: JumpReLU's threshold
+    estimator needs it for the pairs within the kernel bandwidth of the threshold, which are few
+    (the native kernel on CPU computes only those).
+    """
+    return cpu_kernels.on_cpu(
+        cpu_kernels.pair_dots, _pair_dots_xla, g_partial, w_dec, indices, mask
+    )[0]
+
+
+def _pair_dots_xla(g_partial, w_dec, indices, mask):
+    dots = jnp.einsum("bd,bkd->bk", g_partial, jnp.take(w_dec, indices, axis=0, mode="clip"))
+    return (jnp.where(mask, dots, 0.0),)
+
+
+def any_over_mesh(flag: jax.Array) -> jax.Array:
+    """True on every device iff ``flag`` is true on any (inside ``shard_map``)."""
+    return jax.lax.psum(jnp.asarray(flag, jnp.int32), (mesh_axis(BATCH), mesh_axis(FEATURES))) > 0
+
+
+def per_device(tree: Any) -> Any:
+    """Type every array in ``tree`` as varying over the whole mesh (both ``cond`` branches
+    must return identically typed values)."""
+    return jax.tree.map(lambda a: vary_over(a, (mesh_axis(BATCH), mesh_axis(FEATURES))), tree)
+
+
+class SparsePath(Protocol):
+    """An architecture's step written twice: densely (the reference) and over slots.
+
+    Implementations are hashable, static objects (NamedTuples of config values). ``diff`` is a
+    tuple of differentiable per-device arrays, ``aux`` one of slot arrays with no gradient.
+    Both ``dense`` and ``sparse`` return the same tuple of float arrays, typed ``per_device``.
+    """
+
+    def dense(self, diff: tuple, aux: tuple) -> tuple: ...
+
+    def sparse(self, diff: tuple, aux: tuple) -> tuple: ...
+
+    def sparse_grads(self, diff: tuple, aux: tuple, cotangents: tuple) -> tuple:
+        """Cotangents of ``diff`` (typed like ``diff``) from the outputs' ``cotangents``."""
+        ...
+
+
+def sparse_or_dense(path: SparsePath, overflow: jax.Array, diff: tuple, aux: tuple) -> tuple:
+    """``path.dense(diff, aux)`` if ``overflow`` else ``path.sparse(diff, aux)``, and gradients
+    likewise: the dense branch's by autodiff of ``path.dense``, the sparse one's from
+    ``path.sparse_grads``. ``overflow`` must be the same on every device (``any_over_mesh``):
+    the dense branch may run collectives."""
+    return _sparse_or_dense(path, overflow, diff, aux)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse_or_dense(path, overflow, diff, aux):
+    return jax.lax.cond(overflow, path.dense, path.sparse, diff, aux)
+
+
+def _sparse_or_dense_fwd(path, overflow, diff, aux):
+    # Residuals are the inputs only: the dense branch recomputes what it needs in the backward
+    # pass, so the sparse steps never carry (or zero-fill) a dense residual.
+    return _sparse_or_dense(path, overflow, diff, aux), (overflow, diff, aux)
+
+
+def _sparse_or_dense_bwd(path, residuals, cotangents):
+    overflow, diff, aux = residuals
+
+    def dense_grads(diff, aux, cotangents):
+        _, vjp = jax.vjp(lambda d: path.dense(d, aux), diff)
+        return vjp(cotangents)[0]
+
+    grads = jax.lax.cond(overflow, dense_grads, path.sparse_grads, diff, aux, cotangents)
+    return None, grads, None
+
+
+_sparse_or_dense.defvjp(_sparse_or_dense_fwd, _sparse_or_dense_bwd)
+
+
+def scatter_per_latent(values: jax.Array, indices: jax.Array, n_features: int) -> jax.Array:
+    """``[n_features]``: ``values[b, j]`` summed into latent ``indices[b, j]``."""
+    return (
+        jnp.zeros((n_features,), values.dtype)
+        .at[indices.reshape(-1)]
+        .add(values.reshape(-1), mode="promise_in_bounds")
+    )

@@ -1,0 +1,248 @@
+"""JumpReLU and BatchTopK over slots against dense autodiff references, overflow included."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dictlearn.sae import (
+    BatchTopKConfig,
+    JumpReLUConfig,
+    ReLUL1Config,
+    cpu_kernels,
+    get_architecture,
+)
+from dictlearn.sae.jumprelu import jumprelu, step
+from dictlearn.sae.variable_l0 import select_slots
+from dictlearn.train.config import OptimizerConfig
+from dictlearn.train.step import TrainProgram, unsharded_copy
+from sharding import MeshConfig, make_mesh
+
+D_MODEL, N_FEATURES, BATCH = 16, 256, 40
+BANDWIDTH = 0.4
+
+
+def _jumprelu_setup(bound: int):
+    cfg = JumpReLUConfig(n_features=N_FEATURES, bandwidth=BANDWIDTH, sparse_l0_bound=bound)
+    arch = get_architecture(cfg, D_MODEL)
+    params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
+    rng = np.random.default_rng(3)
+    params["log_threshold"] = jnp.asarray(np.log(rng.uniform(1.5, 2.5, N_FEATURES)), jnp.float32)
+    params["b_enc"] = jnp.asarray(rng.normal(scale=0.3, size=N_FEATURES), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (BATCH, D_MODEL))
+    return arch, params, x
+
+
+def _dense_jumprelu_loss(params, x, l0_coef):
+    """JumpReLU as Gemma Scope states it, densely: the reference for the sparse step."""
+    pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    threshold = jnp.exp(params["log_threshold"])
+    x_hat = jumprelu(pre, threshold, BANDWIDTH) @ params["W_dec"] + params["b_dec"]
+    recon = jnp.sum((x_hat - x) ** 2) / x.shape[0]
+    l0 = jnp.sum(step(pre, threshold, BANDWIDTH)) / x.shape[0]
+    return recon + l0_coef * l0, (pre, threshold)
+
+
+def _sharded_loss_and_grads(arch, params, x, mesh_shape):
+    data, model = mesh_shape
+    mesh = make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
+    program = TrainProgram(arch, OptimizerConfig(), 10, BATCH, mesh, norm_scale=1.0)
+    state = program.init(jax.random.key(0), jnp.zeros(D_MODEL))
+    dead = jnp.zeros(N_FEATURES, bool)
+    batch = program.global_batch_array(np.asarray(x))
+
+    def loss(p):
+        return program._loss(p, state.arch_state, dead, batch, 1.0)
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (value, (metrics, fire, _)), grads = run(jax.device_put(params, program.param_shardings))
+    return unsharded_copy((value, metrics, fire, grads))
+
+
+def _assert_grads_equal(grads, ref_grads):
+    for key, ref_grad in ref_grads.items():
+        scale = np.max(np.abs(ref_grad))
+        assert scale > 0, key
+        np.testing.assert_allclose(grads[key], ref_grad, rtol=0, atol=1e-5 * scale, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "bound", "overflows", "kernels"),
+    [
+        ((1, 1), 64, False, "1"),
+        ((2, 4), 24, False, "1"),
+        ((2, 4), 24, False, "0"),  # the XLA path GPUs and TPUs run
+        ((1, 1), 4, True, "1"),
+        ((2, 4), 4, True, "1"),
+    ],
+)
+def test_jumprelu_loss_and_gradients_equal_the_dense_reference(
+    monkeypatch: pytest.MonkeyPatch,
+    mesh_shape: tuple[int, int],
+    bound: int,
+    overflows: bool,
+    kernels: str,
+) -> None:
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, kernels)
+    arch, params, x = _jumprelu_setup(bound)
+    loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape)
+
+    def ref(p):
+        return _dense_jumprelu_loss(p, x, arch.config.l0_coef)
+
+    (ref_loss, (pre, threshold)), ref_grads = jax.jit(jax.value_and_grad(ref, has_aux=True))(params)
+    pre, threshold = np.asarray(pre), np.asarray(threshold)
+    active = pre > threshold
+    # The case is not degenerate: a few latents per token, and pairs just below the threshold
+    # (inactive, yet in the estimator's window) that only the window walk can account for.
+    assert 1 < active.sum(1).mean() < 20
+    below = (pre <= threshold) & (pre > threshold - BANDWIDTH / 2)
+    assert below.sum() > 10
+    assert metrics["dense_fallback"] == float(overflows)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["l0"], active.sum(1).mean(), rtol=1e-6)
+    np.testing.assert_array_equal(fire, active.sum(0))
+    _assert_grads_equal(grads, ref_grads)
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+@pytest.mark.parametrize("chunk", [BATCH, 7])
+def test_slots_hold_exactly_the_candidates_and_count_flags_overflow(
+    monkeypatch: pytest.MonkeyPatch, kernels: str, chunk: int
+) -> None:
+    """Native kernel and XLA path: the candidate set, exact pre-activations, overflow flags."""
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, kernels)
+    _, params, x = _jumprelu_setup(64)
+    bias = params["b_enc"] - jnp.exp(params["log_threshold"]) + 0.5
+    bound = 24
+    slots = jax.jit(lambda p, x, b: select_slots(p, x, bound, b, chunk))(params, x, bias)
+    unbiased = np.asarray((x - params["b_dec"]) @ params["W_enc"])
+    pre = unbiased + np.asarray(params["b_enc"])
+    candidates = unbiased + np.asarray(bias) > 0
+    n_candidates = candidates.sum(1)
+    assert (n_candidates > bound).any() and (n_candidates <= bound).sum() > BATCH // 2
+    np.testing.assert_array_equal(np.asarray(slots.count) > bound, n_candidates > bound)
+    for row in np.flatnonzero(n_candidates <= bound):
+        assert slots.count[row] == n_candidates[row]
+        used = np.isfinite(np.asarray(slots.pre[row]))
+        assert used.sum() == n_candidates[row]
+        got = np.asarray(slots.indices[row])[used]
+        np.testing.assert_array_equal(np.sort(got), np.flatnonzero(candidates[row]))
+        np.testing.assert_allclose(slots.pre[row][used], pre[row, got], rtol=1e-6)
+
+
+K = 4
+
+
+def _batchtopk_setup(candidates: int):
+    cfg = BatchTopKConfig(n_features=N_FEATURES, k=K, candidates_per_token=candidates)
+    arch = get_architecture(cfg, D_MODEL)
+    params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
+    params["b_enc"] = jnp.asarray(
+        np.random.default_rng(4).normal(scale=0.3, size=N_FEATURES), jnp.float32
+    )
+    x = jax.random.normal(jax.random.key(1), (BATCH, D_MODEL))
+    return arch, params, x
+
+
+def _dense_batchtopk_loss(params, x):
+    """BatchTopK as Bussmann et al. state it, densely: the reference for the sparse step."""
+    pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    relu_pre = jax.nn.relu(jax.lax.stop_gradient(pre))
+    cutoff = jnp.sort(relu_pre.reshape(-1))[-K * x.shape[0]]
+    active = (relu_pre >= cutoff) & (relu_pre > 0)
+    x_hat = jnp.where(active, pre, 0.0) @ params["W_dec"] + params["b_dec"]
+    return jnp.sum((x_hat - x) ** 2) / x.shape[0], (active, cutoff)
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "candidates", "overflows"),
+    [((1, 1), 32, False), ((2, 4), 32, False), ((1, 1), 4, True), ((2, 4), 4, True)],
+)
+def test_batchtopk_loss_and_gradients_equal_the_dense_reference(
+    mesh_shape: tuple[int, int], candidates: int, overflows: bool
+) -> None:
+    arch, params, x = _batchtopk_setup(candidates)
+    loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape)
+    (ref_loss, (active, cutoff)), ref_grads = jax.jit(
+        jax.value_and_grad(lambda p: _dense_batchtopk_loss(p, x), has_aux=True)
+    )(params)
+    active = np.asarray(active)
+    # The sparse step must detect exactly when a token-shard's candidates may not hold all its
+    # selected latents (all of them selected), and then fall back to the dense step.
+    m = candidates or 4 * K
+    per_shard = active.reshape(BATCH, mesh_shape[1], -1).sum(2)
+    assert (per_shard >= m).any() == overflows
+    assert metrics["dense_fallback"] == float(overflows)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["l0"], active.sum(1).mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["batch_threshold"], cutoff, rtol=1e-6)
+    np.testing.assert_array_equal(fire, active.sum(0))
+    _assert_grads_equal(grads, ref_grads)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (2, 4)])
+def test_batchtopk_evaluation_uses_the_exported_threshold(mesh_shape: tuple[int, int]) -> None:
+    """The held-out evaluation scores what export ships: a JumpReLU at the learned threshold."""
+    arch, params, x = _batchtopk_setup(0)
+    data, model = mesh_shape
+    mesh = make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
+    program = TrainProgram(arch, OptimizerConfig(), 10, BATCH, mesh, norm_scale=1.0)
+    state = program.init(jax.random.key(0), jnp.zeros(D_MODEL))
+    threshold = 1.0
+    state = state._replace(
+        params=jax.device_put(params, program.param_shardings),
+        arch_state=jax.device_put(
+            {"threshold": jnp.float32(threshold), "threshold_initialised": jnp.bool_(True)},
+            program.arch_state_shardings,
+        ),
+    )
+    metrics = unsharded_copy(program.eval_step(state, program.global_batch_array(np.asarray(x))))
+
+    pre = np.asarray((x - params["b_dec"]) @ params["W_enc"] + params["b_enc"])
+    latents = np.where(pre > threshold, pre, 0.0)
+    np.testing.assert_allclose(latents, arch.encode(params, x, state.arch_state), rtol=1e-6)
+    x_hat = latents @ np.asarray(params["W_dec"]) + np.asarray(params["b_dec"])
+    recon = np.sum((x_hat - np.asarray(x)) ** 2) / BATCH
+    np.testing.assert_allclose(metrics["recon_loss"], recon, rtol=1e-5)
+    np.testing.assert_allclose(metrics["l0"], (pre > threshold).sum(1).mean(), rtol=1e-6)
+    # ... which is not what the training-time batch selection scores on these rows.
+    train_recon, (active, _) = _dense_batchtopk_loss(params, x)
+    assert abs(float(train_recon) - recon) > 1e-2 * recon
+    assert metrics["l0"] != np.asarray(active).sum(1).mean()
+
+
+def _dense_relu_l1_loss(params, x, l1_coef):
+    latents = jax.nn.relu((x - params["b_dec"]) @ params["W_enc"] + params["b_enc"])
+    x_hat = latents @ params["W_dec"] + params["b_dec"]
+    l1 = jnp.sum(latents @ jnp.linalg.norm(params["W_dec"], axis=1)) / x.shape[0]
+    return jnp.sum((x_hat - x) ** 2) / x.shape[0] + l1_coef * l1, latents > 0
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "bound", "overflows"),
+    [((1, 1), 64, False), ((2, 4), 24, False), ((1, 1), 4, True), ((2, 4), 4, True)],
+)
+def test_relu_l1_loss_and_gradients_equal_the_dense_reference(
+    mesh_shape: tuple[int, int], bound: int, overflows: bool
+) -> None:
+    arch = get_architecture(ReLUL1Config(n_features=N_FEATURES, sparse_l0_bound=bound), D_MODEL)
+    params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
+    # A trained ReLU SAE's sparsity: most pre-activations negative.
+    params["b_enc"] = jnp.asarray(
+        np.random.default_rng(5).normal(-0.25, 0.05, size=N_FEATURES), jnp.float32
+    )
+    x = jax.random.normal(jax.random.key(1), (BATCH, D_MODEL))
+    loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape)
+    (ref_loss, active), ref_grads = jax.jit(
+        jax.value_and_grad(lambda p: _dense_relu_l1_loss(p, x, arch.config.l1_coef), has_aux=True)
+    )(params)
+    active = np.asarray(active)
+    assert 1 < active.sum(1).mean() < 20
+    assert metrics["dense_fallback"] == float(overflows)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["l0"], active.sum(1).mean(), rtol=1e-6)
+    np.testing.assert_array_equal(fire, active.sum(0))
+    _assert_grads_equal(grads, ref_grads)
