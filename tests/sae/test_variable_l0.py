@@ -48,7 +48,7 @@ def _dense_jumprelu_loss(params, x, l0_coef):
 def _sharded_loss_and_grads(arch, params, x, mesh_shape):
     data, model = mesh_shape
     mesh = make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
-    program = TrainProgram(arch, OptimizerConfig(), 10, BATCH, mesh, norm_scale=1.0)
+    program = TrainProgram(arch, OptimizerConfig(lr=4e-4), 10, BATCH, mesh, norm_scale=1.0)
     state = program.init(jax.random.key(0), jnp.zeros(D_MODEL))
     dead = jnp.zeros(N_FEATURES, bool)
     batch = program.global_batch_array(np.asarray(x))
@@ -189,7 +189,7 @@ def test_batchtopk_evaluation_uses_the_exported_threshold(mesh_shape: tuple[int,
     arch, params, x = _batchtopk_setup(0)
     data, model = mesh_shape
     mesh = make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
-    program = TrainProgram(arch, OptimizerConfig(), 10, BATCH, mesh, norm_scale=1.0)
+    program = TrainProgram(arch, OptimizerConfig(lr=4e-4), 10, BATCH, mesh, norm_scale=1.0)
     state = program.init(jax.random.key(0), jnp.zeros(D_MODEL))
     threshold = 1.0
     state = state._replace(
