@@ -103,6 +103,10 @@ def test_resume_after_sigkill_is_bit_identical(
 
     rerun = run_cli("train", config_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (
+        f"resuming {run_dir_of(config)} from step {resumed_from} "
+        f"(checkpoint {checkpoint_dir}/{resumed_from}, data position {resumed_from})"
+    ) in rerun.stderr, rerun.stderr[-3000:]
 
     _, resumed = restore_final(config)
     _, expected = restore_final(reference)
