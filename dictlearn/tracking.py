@@ -35,6 +35,8 @@ from typing import Any, TextIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from dictlearn.data.storage import reporting_write_failure
+
 METRICS_FILE = "metrics.jsonl"
 """The single metrics file of runs written before segments (read, never written)."""
 METRICS_DIR = "metrics"
@@ -155,6 +157,10 @@ class _SegmentWriter:
         return posixpath.join(self.directory, _segment_name(self.index))
 
     def write(self, line: str) -> None:
+        with reporting_write_failure(f"{self.url}/{METRICS_DIR}/{_segment_name(self.index)}"):
+            self._write(line)
+
+    def _write(self, line: str) -> None:
         if self.local:
             if self._file is None:
                 self._file = open(self.path, "a")  # noqa: SIM115 -- open across calls
@@ -170,6 +176,10 @@ class _SegmentWriter:
             self._roll()
 
     def flush(self) -> None:
+        with reporting_write_failure(f"{self.url}/{METRICS_DIR}/{_segment_name(self.index)}"):
+            self._flush()
+
+    def _flush(self) -> None:
         if self.local:
             if self._file is not None:
                 self._file.flush()
@@ -180,7 +190,7 @@ class _SegmentWriter:
             self._last_upload = time.monotonic()
 
     def _roll(self) -> None:
-        self.flush()
+        self._flush()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from dictlearn.config import to_yaml
 from dictlearn.data import ActivationDataset
+from dictlearn.data.storage import write_bytes_atomic
 from dictlearn.tracking import Tracker
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import GroupTrainConfig, TrainConfig
@@ -160,7 +161,10 @@ class _Member:
         self.config_dict = config.model_dump(mode="json")
         self.group_name = group_name
         self.checkpointer = Checkpointer(
-            self.ckpt_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+            self.ckpt_dir,
+            keep=config.checkpoint.keep,
+            async_save=config.checkpoint.async_save,
+            writer=True,
         )
         self.tracker: Tracker | None = None
 
@@ -168,8 +172,8 @@ class _Member:
         if is_lead:
             fs, path = fsspec.core.url_to_fs(self.run_dir)
             fs.makedirs(path, exist_ok=True)
-            with fsspec.open(f"{self.run_dir}/config.yaml", "w") as f:
-                f.write(to_yaml(self.config))
+            # Atomic: a full disk leaves the old config.yaml (or none), never half of one.
+            write_bytes_atomic(fs, f"{path.rstrip('/')}/config.yaml", to_yaml(self.config).encode())
         self.tracker = Tracker(
             self.run_dir,
             self.config_dict,

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from dictlearn.config import differences, to_yaml, without_fields
 from dictlearn.data import ActivationDataset, BatchStream, DatasetError
 from dictlearn.data.planted import load_planted_truth, recovery_score
+from dictlearn.data.storage import write_bytes_atomic
 from dictlearn.sae import get_architecture
 from dictlearn.tracking import Tracker, has_metrics, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
@@ -312,6 +313,7 @@ def main(config: TrainConfig) -> TrainResult:
         keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save,
         keep_steps=tuple(config.checkpoint.keep_steps),
+        writer=True,
     )
     # Both refuse (before anything in the run directory changes) a directory of another run.
     try:
@@ -327,8 +329,8 @@ def main(config: TrainConfig) -> TrainResult:
     if is_lead:
         fs, path = fsspec.core.url_to_fs(run_dir)
         fs.makedirs(path, exist_ok=True)
-        with fsspec.open(f"{run_dir}/config.yaml", "w") as f:
-            f.write(to_yaml(config))
+        # Atomic: a full disk leaves the old config.yaml (or none), never half of one.
+        write_bytes_atomic(fs, f"{path.rstrip('/')}/config.yaml", to_yaml(config).encode())
 
     tracker = Tracker(
         run_dir,
