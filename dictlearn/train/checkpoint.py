@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import re
 from collections.abc import Iterator
@@ -43,27 +42,17 @@ _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 def _os_error_of(error: BaseException) -> OSError | None:
     """The OS-level write error behind a failed save, if that is what it was."""
     seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno is not None:
-            return error
-        match = _OS_ERROR_CODE.search(str(error))
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        match = _OS_ERROR_CODE.search(str(current))
         if match:
             code = int(match.group(1))
             return OSError(code, os.strerror(code))
-        error = error.__cause__ or error.__context__
+        current = current.__cause__ or current.__context__
     return None
-
-
-class _DropRaisedInBackground(logging.Filter):
-    """Orbax logs a failed background write with its traceback, then raises the same error in
-    the caller's thread, where :class:`CheckpointWriteFailed` reports it in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "_SignalingThread.run() raised an exception" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_DropRaisedInBackground())
 
 
 @dataclass(frozen=True)

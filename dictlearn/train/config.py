@@ -94,7 +94,7 @@ class CheckpointConfig(StrictModel):
 
 
 class TrackerConfig(StrictModel):
-    """Metrics: always metrics.jsonl in the run directory, plus W&B."""
+    """Metrics: always in the run directory (metrics/, see dictlearn.tracking), plus W&B."""
 
     wandb_mode: Literal["offline", "online", "disabled"] = Field(
         "offline", description="W&B mode; online needs WANDB_API_KEY in the environment."
