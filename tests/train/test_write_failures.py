@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import errno
 import re
-import resource
-import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -146,13 +144,12 @@ def test_export_on_a_full_disk(tmp_path: Path, full_disk, capsys) -> None:
     assert load_sae(str(out)).d_sae == 64
 
 
-def _limit_file_size(limit: int):
-    def preexec() -> None:
-        # Ignored, a write past the limit fails with EFBIG (the default action kills us).
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-
-    return preexec
+def _with_file_size_limit(limit_kib: int, command: list[str]) -> list[str]:
+    """``command`` under a shell that ignores SIGXFSZ (so a write past the limit fails with
+    EFBIG instead of killing the process; an ignored signal stays ignored across exec) and
+    limits the size of every file it writes. (Not a ``preexec_fn``: forking a process that
+    runs JAX's threads can deadlock.)"""
+    return ["bash", "-c", f'trap "" XFSZ; ulimit -f {limit_kib}; exec "$@"', "bash", *command]
 
 
 @pytest.mark.slow  # three training processes: ~1.5-3 min each variant on 2 shared cores
@@ -171,13 +168,12 @@ def test_checkpoint_write_on_a_full_disk(tmp_path: Path, async_save: bool) -> No
     # writes (a log) would be limited too. No native-kernel build (the compiler's output would
     # hit the limit; the XLA path trains the same).
     proc = subprocess.run(
-        cli_command("train", config_path),
+        _with_file_size_limit(16, cli_command("train", config_path)),
         cwd=REPO_ROOT,
         env=cli_env(DICTLEARN_CPU_KERNELS="0"),
         capture_output=True,
         text=True,
         timeout=300,
-        preexec_fn=_limit_file_size(16 * 1024),
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     # Not assert_no_traceback: Orbax's threads and tensorstore's callbacks print their own
