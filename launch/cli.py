@@ -26,6 +26,7 @@ report it, exit status 1. ``dictlearn sweep`` exits 1 when a trial failed (after
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -771,7 +772,23 @@ def entry_point() -> None:
     # Before any command starts JAX's CPU backend (a no-op where it cannot help). Not in
     # main(), which tests call inside their own long-lived process.
     reuse_freed_host_memory()
+    _show_progress_logs()
     sys.exit(main())
+
+
+def _show_progress_logs() -> None:
+    """Print our own INFO lines (resume point, checkpoint saves) on stderr, one per line.
+
+    Only the ``dictlearn`` and ``launch`` loggers: the root logger stays as it is, so the
+    libraries' INFO chatter (Orbax, JAX) stays off.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    for name in ("dictlearn", "launch"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 if __name__ == "__main__":

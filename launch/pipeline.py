@@ -652,7 +652,7 @@ def summary_text(result: PipelineResult) -> str:
                 + ("  (held-out)" if "fvu" in evals else ""),
                 f"    L0         {_number(l0, '.1f')}",
                 f"    dead       {_number(metrics.get('dead_fraction'), '.3f')} of features",
-                f"    run dir    {r.get('run_dir')}  (config.yaml, metrics.jsonl, wandb/)",
+                f"    run dir    {r.get('run_dir')}  (config.yaml, metrics/, wandb/)",
                 f"    checkpoint {r.get('checkpoint_dir')}",
             ]
         elif outcome.stage == "eval":

@@ -510,7 +510,7 @@ def run_submit(args: argparse.Namespace) -> Submission:
     secrets_line = (
         f"  env         {', '.join(result.forwarded_env)} forwarded from this shell"
         if result.forwarded_env
-        else "  env         no WANDB_API_KEY here: W&B online logging needs one (metrics.jsonl is "
+        else "  env         no WANDB_API_KEY here: W&B online logging needs one (metrics/ is "
         "written either way)"
     )
     print(

@@ -4,10 +4,10 @@ A sweep directory (what ``dictlearn sweep`` writes) looks like::
 
     SWEEP_DIR/sweep.yaml                    the resolved sweep config (optional here)
     SWEEP_DIR/trials/<name>/config.yaml     an ordinary `dictlearn train` run directory:
-    SWEEP_DIR/trials/<name>/metrics.jsonl     resolved TrainConfig + metric rows
+    SWEEP_DIR/trials/<name>/metrics/        resolved TrainConfig + metric rows (read_metrics)
     SWEEP_DIR/trials/<name>/trial.json      the runner's record: status, error, attempts (optional)
 
-A trial is *finished* when its ``metrics.jsonl`` has an ``eval/fvu`` row at ``step ==
+A trial is *finished* when its metrics have an ``eval/fvu`` row at ``step ==
 train.steps`` and its ``trial.json`` (if any) says ``finished``. Everything else (failed,
 still running, cut short, no held-out evaluation, unreadable) is an :class:`Excluded` record
 with the reason, so a fit can say exactly what it left out.
@@ -31,7 +31,7 @@ import fsspec
 import yaml
 
 from dictlearn.errors import MissingInputError, UserError
-from dictlearn.tracking import METRICS_FILE, read_metrics
+from dictlearn.tracking import has_metrics, read_metrics
 
 TRIALS_DIR = "trials"
 TRIAL_RECORD = "trial.json"
@@ -199,8 +199,8 @@ def _read_trial(
         return Excluded(name, str(status), f"{TRIAL_RECORD} says {status}")
     if not fs.exists(_join(root, "config.yaml")):
         return Excluded(name, "missing", "no config.yaml")
-    if not fs.exists(_join(root, METRICS_FILE)):
-        return Excluded(name, "missing", f"no {METRICS_FILE}")
+    if not has_metrics(url):
+        return Excluded(name, "missing", "no metrics")
     try:
         with fsspec.open(_join(url, "config.yaml"), "r") as f:
             config = yaml.safe_load(f)

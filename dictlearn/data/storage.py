@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from dictlearn.errors import UserError
 
 T = TypeVar("T")
 
@@ -88,6 +92,43 @@ def retrying(fs: fsspec.AbstractFileSystem, paths: str | list[str], op: Callable
     raise AssertionError("unreachable")
 
 
+class WriteFailed(UserError):
+    """A write to storage failed (a full disk, a quota, a read-only mount).
+
+    The message names the file and the OS error. The atomic writers leave nothing under the
+    final name, so whatever was being committed (a shard, an export, a ledger) is not. A
+    UserError, so that the CLI prints it as one line with exit status 2.
+    """
+
+
+def describe_os_error(error: OSError) -> str:
+    """``No space left on device (ENOSPC)``: the OS's words and the errno's name."""
+    if error.errno is None:
+        return str(error)
+    name = errno.errorcode.get(error.errno, str(error.errno))
+    return f"{error.strerror or os.strerror(error.errno)} ({name})"
+
+
+@contextlib.contextmanager
+def reporting_write_failure(
+    url: str, then: str = "free space (or fix the storage) and re-run"
+) -> Iterator[None]:
+    """Turn an ``OSError`` raised inside into a :class:`WriteFailed` naming ``url``.
+
+    Args:
+        url: what was being written (shown to the user).
+        then: what the user should do about it.
+    """
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except FileNotFoundError:
+        raise  # a missing parent or a vanished file: not a storage fault, let it say so
+    except OSError as e:
+        raise WriteFailed(f"could not write {url}: {describe_os_error(e)}; {then}") from e
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve ``url`` to its filesystem and the backend's path for it (protocol stripped).
 
@@ -111,7 +152,17 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         fs: The filesystem holding ``path``.
         path: Backend path (as returned by :func:`filesystem`).
         data: The full content.
+
+    Raises:
+        WriteFailed: the write failed (e.g. the disk is full); nothing is left under ``path``
+            (a local temporary file is removed; an object upload was never finalised).
     """
+    url = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+    with reporting_write_failure(url):
+        _write_bytes_atomic(fs, path, data)
+
+
+def _write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         # A unique temp name, so two workers racing on the same shard index cannot interleave
@@ -121,6 +172,7 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
             fs.pipe_file(tmp, data)
             fs.mv(tmp, path)
         finally:
+            # A full disk still lets us delete (and freeing the partial file helps).
             if fs.exists(tmp):
                 fs.rm_file(tmp)
     else:

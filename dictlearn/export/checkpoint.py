@@ -26,7 +26,7 @@ import numpy as np
 from dictlearn.data import ActivationDataset, DatasetError, storage
 from dictlearn.data.format import MANIFEST_NAME
 from dictlearn.export.model import ExportError, InferenceSAE
-from dictlearn.tracking import METRICS_FILE, read_metrics
+from dictlearn.tracking import has_metrics, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.step import TrainProgram
@@ -239,9 +239,8 @@ def _manifest_digest(dataset_url: str) -> str:
 
 
 def _final_metrics(run_dir: str) -> dict[str, dict[str, float]]:
-    """The last value of every train and eval metric in the run's ``metrics.jsonl``."""
-    fs, path = storage.filesystem(run_dir)
-    if not fs.exists(storage.join(path, METRICS_FILE)):
+    """The last value of every train and eval metric the run logged."""
+    if not has_metrics(run_dir):
         return {"train": {}, "eval": {}}
     train: dict[str, float] = {}
     evaluation: dict[str, float] = {}

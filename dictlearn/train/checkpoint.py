@@ -4,22 +4,56 @@ A checkpoint holds, together and atomically: the train state (sharded arrays), t
 (how many global batches were consumed) and the resolved config. Restoring goes through an
 abstract target that carries shardings, so a checkpoint written on one mesh restores onto any
 other (without it: topology-mismatch errors, and optax namedtuples coming back as dicts).
+
+A save that fails for lack of space (or any OS-level write error) raises
+:class:`CheckpointWriteFailed`, one line naming the step, the OS error and the checkpoint a re-run
+resumes from. Orbax writes a step under a temporary name and commits it last, so the failed step
+is never reported as committed; the trainer's checkpointer removes the leftovers on its next start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from dictlearn.data.storage import WriteFailed, describe_os_error
 from dictlearn.errors import MissingInputError
 
 STATE = "state"
 DATA = "data"
 CONFIG = "config"
+
+
+class CheckpointWriteFailed(WriteFailed):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one stands."""
+
+
+# tensorstore reports the OS error of a failed write as text inside a ValueError.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _os_error_of(error: BaseException) -> OSError | None:
+    """The OS-level write error behind a failed save, if that is what it was."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        match = _OS_ERROR_CODE.search(str(current))
+        if match:
+            code = int(match.group(1))
+            return OSError(code, os.strerror(code))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @dataclass(frozen=True)
@@ -41,6 +75,9 @@ class Checkpointer:
         async_save: write in a background thread (``wait`` / ``close`` before exiting).
         keep_steps: steps whose checkpoints are never deleted, besides the newest ``keep`` (the
             branch points a sweep's token budgets restore from).
+        writer: this process writes the run (the trainer): removes a failed save's temporary
+            leftovers on start. Readers (export, status) must not, or they could delete a
+            save in progress.
     """
 
     def __init__(
@@ -49,6 +86,7 @@ class Checkpointer:
         keep: int = 3,
         async_save: bool = True,
         keep_steps: tuple[int, ...] = (),
+        writer: bool = False,
     ):
         # Orbax (tensorstore) accepts only absolute local paths; URLs (gs://...) pass as is.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
@@ -63,11 +101,13 @@ class Checkpointer:
             }
         else:
             retention = {"max_to_keep": keep}
+        self._pending: int | None = None  # the step of the last save started
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 enable_async_checkpointing=async_save,
                 create=True,
+                cleanup_tmp_directories=writer,
                 **retention,
             ),
             item_names=(STATE, DATA, CONFIG),
@@ -80,8 +120,43 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    @contextlib.contextmanager
+    def _reporting_write_failure(self, step: int | None) -> Iterator[None]:
+        try:
+            yield
+        except CheckpointWriteFailed:
+            raise
+        except Exception as e:
+            cause = _os_error_of(e)
+            if cause is None or cause.errno == errno.ENOENT:
+                raise
+            # The manager's own view can include the step that just failed.
+            committed = [s for s in self.all_steps() if s != step]
+            what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+            kept = (
+                f"the latest committed checkpoint, step {max(committed)}, is intact: free space "
+                "(or fix the storage) and re-run to resume from it"
+                if committed
+                else "no checkpoint was committed before: free space (or fix the storage) and "
+                "re-run to start over"
+            )
+            raise CheckpointWriteFailed(
+                f"could not write {what} in {self.directory}: {describe_os_error(cause)}; {kept}"
+            ) from e
+
     def save(self, step: int, state: Any, data_position: int, config: dict[str, Any]) -> None:
-        """Start saving (returns before the write finishes when async)."""
+        """Start saving (returns before the write finishes when async).
+
+        Raises:
+            CheckpointWriteFailed: this save or a background one before it failed to write.
+        """
+        # Orbax finishes the previous background save first: report its failure as its own.
+        self.wait()
+        self._pending = step
+        with self._reporting_write_failure(step):
+            self._save(step, state, data_position, config)
+
+    def _save(self, step: int, state: Any, data_position: int, config: dict[str, Any]) -> None:
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -135,12 +210,19 @@ class Checkpointer:
         self._manager.delete(step)
 
     def wait(self) -> None:
-        """Block until any background save has committed."""
-        self._manager.wait_until_finished()
+        """Block until any background save has committed.
+
+        Raises:
+            CheckpointWriteFailed: the background save failed to write.
+        """
+        with self._reporting_write_failure(self._pending):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def abstract_like(tree: Any) -> Any:

@@ -145,8 +145,14 @@ class CheckpointConfig(StrictModel):
     every_steps: int = Field(500, gt=0, description="Steps between checkpoints.")
     keep: int = Field(3, gt=0, description="Checkpoints kept (older ones are deleted).")
     async_save: bool = Field(True, description="Write checkpoints in the background.")
-    resume: Literal["auto", "never"] = Field(
-        "auto", description="auto: continue from the run's latest checkpoint if there is one."
+    resume: Literal["auto", "never", "overwrite"] = Field(
+        "auto",
+        description=(
+            "auto: continue from the run's latest checkpoint if there is one. never: start "
+            "from step 0, refusing a run directory that holds checkpoints. overwrite: delete "
+            "the run directory's checkpoints and metrics and start over (on every run: give it "
+            "on the command line once, not in a config that is re-run to resume)."
+        ),
     )
     keep_steps: list[int] = Field(
         default_factory=list,
@@ -158,7 +164,7 @@ class CheckpointConfig(StrictModel):
 
 
 class TrackerConfig(StrictModel):
-    """Metrics: always metrics.jsonl in the run directory, plus W&B."""
+    """Metrics: always in the run directory (metrics/, see dictlearn.tracking), plus W&B."""
 
     wandb_mode: Literal["offline", "online", "disabled"] = Field(
         "offline", description="W&B mode; online needs WANDB_API_KEY in the environment."

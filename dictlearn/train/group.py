@@ -17,9 +17,9 @@ Why side by side and not ``jax.vmap`` over stacked same-shape members: see ``REA
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from dictlearn.config import to_yaml
 from dictlearn.data import ActivationDataset
+from dictlearn.data.storage import write_bytes_atomic
 from dictlearn.errors import UserError
 from dictlearn.tracking import Tracker
 from dictlearn.train.checkpoint import Checkpointer
@@ -46,13 +47,18 @@ from dictlearn.train.trainer import (
     _planted_recovery,
     _PreemptionFlag,
     _stream,
+    _Throughput,
     build_program,
     check_schedule_change,
     checkpoint_dir_of,
+    log_save,
     open_dataset,
+    prepare_run_dir,
     run_dir_of,
 )
 from sharding import make_mesh, replicated
+
+log = logging.getLogger(__name__)
 
 
 class GroupProgram:
@@ -157,19 +163,23 @@ class _Member:
         self.config_dict = config.model_dump(mode="json")
         self.group_name = group_name
         self.checkpointer = Checkpointer(
-            self.ckpt_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+            self.ckpt_dir,
+            keep=config.checkpoint.keep,
+            async_save=config.checkpoint.async_save,
+            writer=True,
         )
         self.tracker: Tracker | None = None
 
-    def start_tracking(self, is_lead: bool) -> None:
+    def start_tracking(self, is_lead: bool, start_step: int) -> None:
         if is_lead:
             fs, path = fsspec.core.url_to_fs(self.run_dir)
             fs.makedirs(path, exist_ok=True)
-            with fsspec.open(f"{self.run_dir}/config.yaml", "w") as f:
-                f.write(to_yaml(self.config))
+            # Atomic: a full disk leaves the old config.yaml (or none), never half of one.
+            write_bytes_atomic(fs, f"{path.rstrip('/')}/config.yaml", to_yaml(self.config).encode())
         self.tracker = Tracker(
             self.run_dir,
             self.config_dict,
+            start_step=start_step,
             wandb_mode=self.config.tracker.wandb_mode,
             project=self.config.tracker.project,
             entity=self.config.tracker.entity,
@@ -211,8 +221,11 @@ def _resume_step(members: Sequence[_Member]) -> int | None:
 def _initial_states(
     members: Sequence[_Member], group: GroupProgram, dataset: ActivationDataset
 ) -> tuple[list[TrainState], int]:
+    for m in members:  # before anything in the members' run directories changes
+        prepare_run_dir(m.config, m.checkpointer)
     step = _resume_step(members)
     if step is None:
+        log.info("starting group of %d members at step 0 (no checkpoint to resume)", len(members))
         mean = jnp.asarray(dataset.mean)
         states = [
             p.init(jax.random.key(m.config.train.param_seed), mean)
@@ -238,6 +251,13 @@ def _initial_states(
         positions.add(restored.data_position)
     if len(positions) != 1:
         raise UserError(f"members' checkpoints at step {step} have different data positions")
+    log.info(
+        "resuming group of %d members from step %d (checkpoints %s/%d, ...)",
+        len(members),
+        step,
+        members[0].checkpointer.directory,
+        step,
+    )
     return states, positions.pop()
 
 
@@ -282,7 +302,7 @@ def main(config: GroupTrainConfig) -> GroupResult:
                 },
             )
         for m in members:
-            m.start_tracking(is_lead)
+            m.start_tracking(is_lead, start_step)
         metrics: list[dict[str, float]] = [{} for _ in members]
         eval_metrics: list[dict[str, float]] = [{} for _ in members]
         last_saved = start_step or None
@@ -295,7 +315,7 @@ def main(config: GroupTrainConfig) -> GroupResult:
                 unit="step",
                 dynamic_ncols=True,
             )
-            t_start, t_last, tokens_since = time.perf_counter(), time.perf_counter(), 0
+            throughput = _Throughput()
             any_dead = group.any_dead(states)
             for step in range(start_step, steps):
                 batch = group.global_batch_array(next(stream))
@@ -312,18 +332,17 @@ def main(config: GroupTrainConfig) -> GroupResult:
                             member.checkpointer,
                             f"member {member.name}: loss became {m['loss']} at step {done}",
                         )
-                tokens_since += batch_size
+                throughput.add(batch_size)
                 if done % config.train.log_every == 0 or done == steps:
-                    now = time.perf_counter()
-                    rate = tokens_since / max(now - t_last, 1e-9)
-                    t_last, tokens_since = now, 0
+                    rate = throughput.rate()
                     for member, m in zip(members, metrics, strict=True):
                         m["tokens_per_s"] = rate
                         member.tracker.log(done, m | {"tokens": done * batch_size})
                     bar.set_postfix(tok_s=f"{rate:.0f}", members=len(members))
                 bar.update(1)
                 if config.train.eval_every and done % config.train.eval_every == 0:
-                    eval_metrics = evaluate_group(group, states, config, dataset)
+                    with throughput.paused():
+                        eval_metrics = evaluate_group(group, states, config, dataset)
                     for member, e in zip(members, eval_metrics, strict=True):
                         member.tracker.log(done, e, prefix="eval/")
                 stopping = _on_any_process(stop.raised)
@@ -338,15 +357,19 @@ def main(config: GroupTrainConfig) -> GroupResult:
                                 member.checkpointer,
                                 f"member {member.name}: the state became NaN/Inf at step {done}",
                             )
-                    for member, s in zip(members, states, strict=True):
-                        member.checkpointer.save(done, s, stream.position, member.config_dict)
+                    with throughput.paused():
+                        for member, s in zip(members, states, strict=True):
+                            # Rows first: see the single-run trainer.
+                            member.tracker.flush()
+                            member.checkpointer.save(done, s, stream.position, member.config_dict)
+                    for member in members:
+                        log_save(done, member.checkpointer, config.checkpoint.async_save)
                     last_saved = done
                 if stopping:
                     preempted = True
                     break
             bar.close()
-            trained = int(jax.device_get(states[0].step)) - start_step
-            tokens_per_s = trained * batch_size / max(time.perf_counter() - t_start, 1e-9)
+            tokens_per_s = throughput.overall()
         for member in members:
             member.checkpointer.wait()
         final_step = int(jax.device_get(states[0].step))

@@ -4,16 +4,25 @@
 
 ``main(config) -> TrainResult`` is the entry point (the CLI only parses and calls it). The run
 directory ``<run.output_dir>/<run name>`` holds ``config.yaml`` (the resolved config),
-``metrics.jsonl``, W&B's offline files and ``checkpoints/``. Re-running the same command resumes
-from the newest checkpoint; the result is bit-identical to a run that was never interrupted.
+``metrics/`` (see :mod:`dictlearn.tracking`), W&B's offline files and ``checkpoints/``.
+Re-running the same command resumes from the newest checkpoint; the result is bit-identical to a
+run that was never interrupted. A run directory that holds another run (a different
+``config.yaml``, or checkpoints under ``checkpoint.resume=never``) is refused before any step
+runs; ``checkpoint.resume=overwrite`` empties it on purpose.
+
+Progress goes to the ``dictlearn.train`` logger (the CLI shows it on stderr): where the run
+starts or resumes from, and each checkpoint save.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,20 +30,24 @@ import fsspec
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from dictlearn.config import Effect, differences, fields_with, to_yaml, without_fields
 from dictlearn.data import ActivationDataset, BatchStream, DatasetError
 from dictlearn.data.planted import load_planted_truth, recovery_score
+from dictlearn.data.storage import write_bytes_atomic
 from dictlearn.errors import UserError
 from dictlearn.sae import get_architecture
-from dictlearn.tracking import Tracker, read_metrics
+from dictlearn.tracking import Tracker, has_metrics, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import OptimizerConfig, TrainConfig
 from dictlearn.train.optimizer import decay_start_step
 from dictlearn.train.step import TrainProgram, TrainState
 from sharding import make_mesh
+
+log = logging.getLogger(__name__)
 
 # Config fields that may change between a run and its resumption (from the fields' marking,
 # dictlearn.config.Effect): how it runs, what its evaluation reports, where its schedule ends
@@ -123,6 +136,106 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     )
 
 
+def prepare_run_dir(config: TrainConfig, checkpointer: Checkpointer) -> None:
+    """Refuse a run directory this run would clobber; empty it under ``resume=overwrite``.
+
+    Runs before any step (and before anything in the directory changes), so a mistake costs
+    nothing. Refused: checkpoints under ``checkpoint.resume=never`` (the first save would fail
+    only after training up to it), and, where there is no checkpoint to resume, a
+    ``config.yaml`` of another config or metrics without any ``config.yaml`` (the run would
+    overwrite them). A matching ``config.yaml`` without checkpoints is this run stopped before
+    its first save: it starts over, and its old metric rows are dropped.
+
+    Raises:
+        ValueError: the directory holds another run; the message names the fix.
+    """
+    run_dir = run_dir_of(config)
+    resume = config.checkpoint.resume
+    steps = sorted(checkpointer.all_steps())
+    if resume == "overwrite":
+        for step in steps:
+            checkpointer.delete(step)
+        if steps:
+            log.info(
+                "checkpoint.resume=overwrite: deleted checkpoints %s in %s",
+                steps,
+                checkpointer.directory,
+            )
+        return  # the tracker drops the old metric rows, config.yaml is rewritten
+    overwrite = "checkpoint.resume=overwrite to delete it and start over"
+    if steps and resume == "never":
+        raise UserError(
+            f"checkpoint.resume=never but {checkpointer.directory} holds checkpoints of steps "
+            f"{', '.join(map(str, steps))}: use another run.name, checkpoint.resume=auto to "
+            f"continue from step {steps[-1]}, or {overwrite}"
+        )
+    if steps and resume == "auto":
+        return  # _initial_state compares the checkpoint's config with this one
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    saved_yaml = f"{path.rstrip('/')}/config.yaml"
+    if fs.exists(saved_yaml):
+        with fs.open(saved_yaml, "r") as f:
+            saved = yaml.safe_load(f) or {}
+        diffs = differences(
+            without_fields(saved, RESUMABLE_CHANGES),
+            without_fields(config.model_dump(mode="json"), RESUMABLE_CHANGES),
+            saved_as="config.yaml",
+        )
+        if diffs:
+            raise UserError(
+                f"{run_dir} holds another run (no checkpoint, but its config.yaml differs):\n  "
+                + "\n  ".join(diffs)
+                + f"\nuse another run.name, or {overwrite}"
+            )
+    elif has_metrics(run_dir):
+        raise UserError(
+            f"{run_dir} holds metrics but no config.yaml (another run's, or a damaged one): use "
+            f"another run.name, or {overwrite}"
+        )
+
+
+class _Throughput:
+    """Tokens/s of training alone: time spent evaluating or checkpointing is left out."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.perf_counter()
+        self._paused_total = self._paused_since_last = 0.0
+        self._tokens_total = self._tokens_since_last = 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens_total += tokens
+        self._tokens_since_last += tokens
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside is not training time (an evaluation, a checkpoint save)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self._paused_total += spent
+            self._paused_since_last += spent
+
+    def rate(self) -> float:
+        """Tokens/s since the previous call (or the start), and start a new interval."""
+        now = time.perf_counter()
+        rate = self._tokens_since_last / max(now - self._last - self._paused_since_last, 1e-9)
+        self._last, self._paused_since_last, self._tokens_since_last = now, 0.0, 0
+        return rate
+
+    def overall(self) -> float:
+        """Tokens/s over the whole run so far."""
+        elapsed = time.perf_counter() - self._start - self._paused_total
+        return self._tokens_total / max(elapsed, 1e-9)
+
+
+def log_save(step: int, checkpointer: Checkpointer, async_save: bool) -> None:
+    """The log line of a checkpoint save (an async one commits in the background)."""
+    how = "writing in the background" if async_save else "committed"
+    log.info("checkpoint step %d: %s/%d (%s)", step, checkpointer.directory, step, how)
+
+
 class _PreemptionFlag:
     """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then exit)."""
 
@@ -205,9 +318,15 @@ def main(config: TrainConfig) -> TrainResult:
         keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save,
         keep_steps=tuple(config.checkpoint.keep_steps),
+        writer=True,
     )
-    # Refuses (before anything in the run directory changes) a checkpoint of another config.
-    state, position = _initial_state(config, config_dict, program, dataset, checkpointer)
+    # Both refuse (before anything in the run directory changes) a directory of another run.
+    try:
+        prepare_run_dir(config, checkpointer)
+        state, position = _initial_state(config, config_dict, program, dataset, checkpointer)
+    except BaseException:
+        checkpointer.close()
+        raise
     start_step = int(jax.device_get(state.step))
     if start_step >= config.train.steps:
         checkpointer.close()
@@ -215,12 +334,13 @@ def main(config: TrainConfig) -> TrainResult:
     if is_lead:
         fs, path = fsspec.core.url_to_fs(run_dir)
         fs.makedirs(path, exist_ok=True)
-        with fsspec.open(f"{run_dir}/config.yaml", "w") as f:
-            f.write(to_yaml(config))
+        # Atomic: a full disk leaves the old config.yaml (or none), never half of one.
+        write_bytes_atomic(fs, f"{path.rstrip('/')}/config.yaml", to_yaml(config).encode())
 
     tracker = Tracker(
         run_dir,
         config_dict,
+        start_step=start_step,
         wandb_mode=config.tracker.wandb_mode,
         project=config.tracker.project,
         entity=config.tracker.entity,
@@ -243,7 +363,7 @@ def main(config: TrainConfig) -> TrainResult:
                 unit="step",
                 dynamic_ncols=True,
             )
-            t_last, tokens_since = time.perf_counter(), 0
+            throughput = _Throughput()
             any_dead = program.any_dead(state)
             for step in range(start_step, config.train.steps):
                 batch = program.global_batch_array(next(stream))
@@ -254,11 +374,9 @@ def main(config: TrainConfig) -> TrainResult:
                 if not math.isfinite(metrics["loss"]):
                     tracker.log(done, metrics)
                     raise _diverged(checkpointer, f"loss became {metrics['loss']} at step {done}")
-                tokens_since += config.train.batch_size
+                throughput.add(config.train.batch_size)
                 if done % config.train.log_every == 0 or done == config.train.steps:
-                    now = time.perf_counter()
-                    metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                    t_last, tokens_since = now, 0
+                    metrics["tokens_per_s"] = throughput.rate()
                     tracker.log(done, metrics | {"tokens": done * config.train.batch_size})
                     bar.set_postfix(
                         tok_s=f"{metrics['tokens_per_s']:.0f}",
@@ -267,7 +385,8 @@ def main(config: TrainConfig) -> TrainResult:
                     )
                 bar.update(1)
                 if config.train.eval_every and done % config.train.eval_every == 0:
-                    eval_metrics = evaluate(program, state, config, dataset)
+                    with throughput.paused():
+                        eval_metrics = evaluate(program, state, config, dataset)
                     tracker.log(done, eval_metrics, prefix="eval/")
                 stopping = _on_any_process(stop.raised)
                 if (
@@ -280,7 +399,12 @@ def main(config: TrainConfig) -> TrainResult:
                     # itself, so a NaN/Inf update never becomes the "last good" checkpoint.
                     if not _all_finite(state):
                         raise _diverged(checkpointer, f"the state became NaN/Inf at step {done}")
-                    checkpointer.save(done, state, stream.position, config_dict)
+                    with throughput.paused():
+                        # Rows up to `done` become durable before the checkpoint a resume
+                        # would start from can commit (a resume drops the rows after it).
+                        tracker.flush()
+                        checkpointer.save(done, state, stream.position, config_dict)
+                    log_save(done, checkpointer, config.checkpoint.async_save)
                     last_saved = done
                 if stopping:
                     preempted = True
@@ -360,9 +484,17 @@ def _finished_result(run_dir: str, ckpt_dir: str, step: int, config: TrainConfig
 def _initial_state(config, config_dict, program, dataset, checkpointer) -> tuple[TrainState, int]:
     latest = checkpointer.latest_step() if config.checkpoint.resume == "auto" else None
     if latest is None and config.init is not None:
-        return _branch_state(config, config_dict, program)
+        state, position = _branch_state(config, config_dict, program)
+        log.info(
+            "branching %s from step %d of %s",
+            run_dir_of(config),
+            config.init.step,
+            config.init.from_checkpoint,
+        )
+        return state, position
     if latest is None:
         key = jax.random.key(config.train.param_seed)
+        log.info("starting %s at step 0 (no checkpoint to resume)", run_dir_of(config))
         return program.init(key, jax.numpy.asarray(dataset.mean)), 0
     diffs = _config_differences(checkpointer.restore_config(latest), config_dict)
     if diffs:
@@ -373,6 +505,14 @@ def _initial_state(config, config_dict, program, dataset, checkpointer) -> tuple
         )
     check_schedule_change(checkpointer.restore_config(latest), config, latest)
     restored = checkpointer.restore(program.abstract_state(), latest)
+    log.info(
+        "resuming %s from step %d (checkpoint %s/%d, data position %d)",
+        run_dir_of(config),
+        latest,
+        checkpointer.directory,
+        latest,
+        restored.data_position,
+    )
     return restored.state, restored.data_position
 
 

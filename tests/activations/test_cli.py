@@ -6,7 +6,6 @@ runs the real commands as subprocesses: generate the tiny config, then train on 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from dictlearn.data import ActivationDataset, PlantedConfig, write_planted_dataset
+from dictlearn.tracking import read_metrics
 from launch.cli import main as cli_main
 from tests.train.helpers import REPO_ROOT, assert_no_traceback, cli_env, run_cli
 
@@ -114,8 +114,6 @@ def test_generate_then_train_on_it(tmp_path: Path) -> None:
     )
     assert train.returncode == 0, train.stderr
     assert "training done: 6 steps" in train.stdout
-    metrics = [
-        json.loads(line)
-        for line in next((tmp_path / "runs").rglob("metrics.jsonl")).read_text().splitlines()
-    ]
+    run_dir = next((tmp_path / "runs").rglob("config.yaml")).parent
+    metrics = read_metrics(str(run_dir))
     assert any(np.isfinite(m.get("loss", np.nan)) for m in metrics)

@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from dictlearn.config import ConfigError
-from dictlearn.tracking import read_metrics
+from dictlearn.tracking import has_metrics, read_metrics
 from launch import submit as submit_module
 from launch.cli import build_parser, main
 from launch.submit import (
@@ -409,7 +409,7 @@ def test_stop_checkpoints_and_keeps_the_key_out_of_logs(
     job = _job_id(_ok(submitted))
 
     deadline = time.monotonic() + 150
-    while not (run_dir / "metrics.jsonl").exists() or not read_metrics(str(run_dir)):
+    while not has_metrics(str(run_dir)) or not read_metrics(str(run_dir)):
         assert time.monotonic() < deadline, "the job logged no step in 150 s"
         time.sleep(0.5)
 

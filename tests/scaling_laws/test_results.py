@@ -55,7 +55,7 @@ def test_failed_running_missing_and_cut_short_trials_are_listed_and_warned(tmp_p
         "incomplete",
         "no eval/fvu at the final step 100 (last logged step 50)",
     )
-    assert reasons["n512"] == ("missing", "no metrics.jsonl")
+    assert reasons["n512"] == ("missing", "no metrics")
     assert reasons["n256"] == ("incomplete", "eval/fvu at step 100 is 'nan'")
     assert reasons["planned"] == ("missing", "no trial directory")
     assert "OOM on host 3" in str(record[0].message)

@@ -14,7 +14,7 @@ import pytest
 from dictlearn.config import load_config
 from dictlearn.data import commit_manifest, write_shard
 from dictlearn.data.format import shard_bin_name
-from dictlearn.tracking import read_metrics
+from dictlearn.tracking import has_metrics, read_metrics
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.trainer import main, run_dir_of
 from tests.train.helpers import (
@@ -106,7 +106,7 @@ def test_sigterm_checkpoints_then_resumes(tmp_path: Path, planted_url: str) -> N
     proc = start_cli("train", config_path, log=log)
     try:
         deadline = time.monotonic() + 120
-        while not (Path(run_dir) / "metrics.jsonl").exists() or not _train_steps(run_dir):
+        while not has_metrics(run_dir) or not _train_steps(run_dir):
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no step was logged in 120 s"
             time.sleep(0.02)

@@ -41,7 +41,7 @@ def planted_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _train_rows(run_dir: str) -> list[dict]:
-    """metrics.jsonl rows of training steps (not eval or planted-recovery rows)."""
+    """Metric rows of training steps (not eval or planted-recovery rows)."""
     return [row for row in read_metrics(run_dir) if "loss" in row]
 
 
@@ -100,10 +100,13 @@ def test_resume_after_sigkill_is_bit_identical(
     config_path = write_config(tmp_path / "train.yaml", config)
     checkpoint_dir = Path(run_dir_of(config)) / "checkpoints"
     resumed_from = _kill_mid_run(config_path, checkpoint_dir, tmp_path / "killed.log", KILL_STEPS)
-    rows_before = len(read_metrics(run_dir_of(config)))
 
     rerun = run_cli("train", config_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (
+        f"resuming {run_dir_of(config)} from step {resumed_from} "
+        f"(checkpoint {checkpoint_dir}/{resumed_from}, data position {resumed_from})"
+    ) in rerun.stderr, rerun.stderr[-3000:]
 
     _, resumed = restore_final(config)
     _, expected = restore_final(reference)
@@ -111,11 +114,12 @@ def test_resume_after_sigkill_is_bit_identical(
     assert resumed.data_position == expected.data_position == KILL_STEPS
     assert_trees_equal(resumed.state, expected.state)
 
-    # The re-run logged exactly the steps after its checkpoint, with the reference's values.
-    new_rows = [r for r in read_metrics(run_dir_of(config))[rows_before:] if "loss" in r]
-    assert [r["step"] for r in new_rows] == list(range(resumed_from + 1, KILL_STEPS + 1))
+    # Every step's row is there once (the killed run's rows after its checkpoint were dropped
+    # and logged again), with the reference's values.
+    rows = _train_rows(run_dir_of(config))
+    assert [r["step"] for r in rows] == list(range(1, KILL_STEPS + 1))
     reference_rows = {r["step"]: r for r in _train_rows(run_dir_of(reference))}
-    for row in new_rows:
+    for row in rows:
         for key in ("loss", "mse", "l0"):
             assert row[key] == reference_rows[row["step"]][key], (row["step"], key)
 
