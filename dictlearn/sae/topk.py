@@ -33,12 +33,7 @@ from dictlearn.sae.base import (
     register,
 )
 from dictlearn.sae.sparse import topk_values_and_decode
-from dictlearn.sae.topk_select import (
-    Selection,
-    check_k_fits_shard,
-    merge_shard_candidates,
-    top_k,
-)
+from dictlearn.sae.topk_select import Selection, select_shard_winners, top_k
 from sharding import FEATURES, mesh_axis
 
 
@@ -130,6 +125,11 @@ class TopK(Architecture):
     def uses_dead_latents(self) -> bool:
         return self.config.k_aux > 0 and self.config.aux_coef > 0
 
+    @property
+    def k_aux(self) -> int:
+        """Dead latents AuxK picks per token over all shards: ``k_aux``, at most every latent."""
+        return min(self.config.k_aux, self.config.n_features)
+
     def encode(self, params: Params, x: jax.Array, state: ArchState) -> jax.Array:
         pre = preactivations(params, x)
         values, indices = jax.lax.top_k(pre, self.config.k)
@@ -140,16 +140,16 @@ class TopK(Architecture):
     def local_loss(self, params, x, state, dead, ctx: LossContext):
         cfg = self.config
         n_local = params["b_enc"].shape[0]
-        check_k_fits_shard(cfg.k, n_local)
-        requests = [(cfg.k, params["b_enc"])]
+        # A shard holds at most min(k, n_local) of a token's k winners: that many candidates
+        # per shard make the merged selection the single-device one whatever the mesh.
+        requests = [(min(cfg.k, n_local), params["b_enc"])]
         with_aux = self.uses_dead_latents and ctx.any_dead
         if with_aux:
-            k_aux = min(cfg.k_aux, n_local)
             # -inf bias: a live latent's pre-activation becomes -inf, so it can only be picked
-            # when a shard has fewer than k_aux dead latents (and is then dropped below).
-            requests.append((k_aux, jnp.where(dead, params["b_enc"], -jnp.inf)))
+            # when fewer than k_aux latents are dead (and is then dropped in _aux_loss).
+            requests.append((min(cfg.k_aux, n_local), jnp.where(dead, params["b_enc"], -jnp.inf)))
         candidates = local_top_k_candidates(params, x, requests)
-        selection = merge_shard_candidates(*candidates[0])
+        selection = select_shard_winners(*candidates[0], k=cfg.k)
         values, partial = sparse_topk_forward(params, x, selection)
         x_hat = jax.lax.psum(partial, mesh_axis(FEATURES)) + params["b_dec"]
         active = selection.mask & (values > 0)
@@ -162,7 +162,9 @@ class TopK(Architecture):
         fire_counts = global_sum(fire)
 
         aux = (
-            self._aux_loss(params, x, x_hat, merge_shard_candidates(*candidates[1]), ctx)
+            self._aux_loss(
+                params, x, x_hat, select_shard_winners(*candidates[1], k=self.k_aux), ctx
+            )
             if with_aux
             else 0.0
         )

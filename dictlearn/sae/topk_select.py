@@ -12,6 +12,11 @@ Ties resolve exactly as a dense ``lax.top_k`` does (lowest global index first): 
 gathered shard-major and each shard's list is sorted with ties by ascending local index, so the
 position order of equal values equals their global-index order.
 
+Step 2 moves ``k * n_shards`` values per token, which grows with the mesh: AuxK's 256 candidates
+on 256 shards are 1 GiB per device at 4,096 tokens. Past ``GATHERED_CANDIDATES_MAX`` the merge
+(``select_shard_winners``) instead searches for each token's k-th largest candidate value with a
+few ``psum``s of per-token counts (``threshold_merge``): nothing it exchanges scales with ``k``.
+
 The local top-k itself (``top_k``) is exact too. On CPU it is a native kernel
 (``dictlearn.sae.cpu_kernels``). Elsewhere, for small ``k``, it is ``blockwise_top_k``: XLA's TopK
 over a whole ``[batch, n_features]`` row costs about a fifth of the encoder matmul on CPU, and
@@ -35,14 +40,14 @@ from sharding import BATCH, FEATURES, mesh_axis
 
 
 class Selection(NamedTuple):
-    """``k`` slots per token on one shard. Slots with ``mask == False`` belong to other shards."""
+    """Slots per token on one shard; those with ``mask == False`` are not this shard's winners."""
 
     values: jax.Array
-    """``[batch, k]`` selected pre-activations (garbage where masked)."""
+    """``[batch, slots]`` selected pre-activations (garbage where masked)."""
     indices: jax.Array
-    """``[batch, k]`` int32 local feature indices (garbage where masked)."""
+    """``[batch, slots]`` int32 local feature indices (garbage where masked)."""
     mask: jax.Array
-    """``[batch, k]`` bool: this shard owns the slot."""
+    """``[batch, slots]`` bool: the slot is one of this shard's winners."""
 
 
 BLOCK = 8
@@ -152,24 +157,120 @@ def check_k_fits_shard(k: int, n_local: int) -> None:
         )
 
 
-def merge_shard_candidates(
-    local_values: jax.Array, local_indices: jax.Array, axis_name: str = mesh_axis(FEATURES)
-) -> Selection:
-    """The global winners among every shard's local top-k candidates (``[batch, k]`` each).
+GATHERED_CANDIDATES_MAX = 1024
+"""Largest ``candidates per shard x shards`` per token that ``select_shard_winners`` all-gathers.
 
-    Only the ``k`` candidates per token cross devices; each shard keeps the winners it owns.
+Above it the merge is a threshold search whose exchange does not grow with the candidates:
+AuxK's 256 candidates on a 256-way model axis would otherwise gather 64k values per token
+(1 GiB per device at 4,096 tokens). Below it one gather and one top-k are cheaper than the
+search's ``32 / RADIX_BITS`` rounds of collectives."""
+
+RADIX_BITS = 4
+"""Bits of the threshold decided per round of ``threshold_merge``: 8 rounds of a ``psum`` of
+``[batch, 15]`` counts (1 bit: 32 rounds of ``[batch, 1]``; more bits: fewer, larger rounds,
+``2**RADIX_BITS - 1`` comparisons per candidate each)."""
+
+
+def merge_shard_candidates(
+    local_values: jax.Array,
+    local_indices: jax.Array,
+    axis_name: str = mesh_axis(FEATURES),
+    k: int | None = None,
+) -> Selection:
+    """The global top ``k`` among every shard's local top candidates, by one all-gather.
+
+    Args:
+        local_values: ``[batch, m]`` this shard's top ``m`` values per token, in ``lax.top_k``
+            order (descending, ties by ascending local index).
+        local_indices: ``[batch, m]`` their local feature indices.
+        axis_name: the mesh axis the features are split over.
+        k: winners per token over all shards (default ``m``). Exact as long as no shard holds
+            more than ``m`` of them, e.g. ``m = min(k, n_local)``; ``k`` may exceed ``m``.
+
+    Returns:
+        ``[batch, k]`` slots in rank order on every shard: slot ``j`` is the ``j``-th winner
+        (the dense ``lax.top_k``'s, ties to the lowest global index) and exactly one shard, its
+        owner, has it in ``mask``. The ``[batch, m x shards]`` values cross devices; where the
+        rank order is not needed, ``select_shard_winners`` scales to large ``m x shards``.
     """
-    k = local_values.shape[-1]
-    if jax.lax.axis_size(axis_name) == 1:  # nothing to merge
-        return Selection(local_values, local_indices, jnp.ones(local_values.shape, bool))
-    gathered = jax.lax.all_gather(local_values, axis_name, axis=1, tiled=True)  # [B, k*shards]
+    m = local_values.shape[-1]
+    k = _check_winners(m, k, axis_name)
+    if jax.lax.axis_size(axis_name) == 1:  # nothing to merge: the local top-k is the global one
+        return Selection(
+            local_values[:, :k], local_indices[:, :k], jnp.ones((len(local_values), k), bool)
+        )
+    gathered = jax.lax.all_gather(local_values, axis_name, axis=1, tiled=True)  # [B, m*shards]
     _, positions = jax.lax.top_k(gathered, k)
-    owner = positions // k
-    slot = positions % k
+    owner = positions // m
+    slot = positions % m
     mask = owner == jax.lax.axis_index(axis_name)
     values = jnp.take_along_axis(local_values, slot, axis=1)
     indices = jnp.take_along_axis(local_indices, slot, axis=1)
     return Selection(values, indices.astype(jnp.int32), mask)
+
+
+def select_shard_winners(
+    local_values: jax.Array, local_indices: jax.Array, k: int, axis_name: str = mesh_axis(FEATURES)
+) -> Selection:
+    """The same winners as ``merge_shard_candidates``, with memory that does not grow with shards.
+
+    Small exchanges (``m x shards <= GATHERED_CANDIDATES_MAX``) are ``merge_shard_candidates``;
+    larger ones ``threshold_merge``, whose slots are this shard's ``m`` candidates (not in rank
+    order) and which moves ``O(batch x shards)`` integers. Either way, summed over shards,
+    ``mask`` marks exactly the ``k`` dense winners per token.
+    """
+    m = local_values.shape[-1]
+    k = _check_winners(m, k, axis_name)
+    if m * jax.lax.axis_size(axis_name) <= GATHERED_CANDIDATES_MAX:
+        return merge_shard_candidates(local_values, local_indices, axis_name, k)
+    return threshold_merge(local_values, local_indices, k, axis_name)
+
+
+def _check_winners(m: int, k: int | None, axis_name: str) -> int:
+    k = m if k is None else k
+    shards = jax.lax.axis_size(axis_name)
+    if not 0 < k <= m * shards:
+        raise ValueError(f"cannot select {k} winners from {shards} shards of {m} candidates")
+    return k
+
+
+def threshold_merge(
+    local_values: jax.Array, local_indices: jax.Array, k: int, axis_name: str = mesh_axis(FEATURES)
+) -> Selection:
+    """``select_shard_winners`` by a search for each token's k-th largest value (in shard_map).
+
+    No candidate leaves its shard. Values map to unsigned integers with ``lax.top_k``'s order;
+    the k-th largest of them, ``t``, is found ``RADIX_BITS`` bits at a time, high to low: each
+    round counts, per token, the candidates at or above ``2**RADIX_BITS - 1`` trial thresholds
+    and sums the counts over shards (a ``psum`` of ``[batch, 2**RADIX_BITS - 1]`` int32), then
+    keeps the highest trial still reaching ``k``. Every value above ``t`` wins; of the values
+    equal to ``t``, the ones with the lowest global indices fill the remaining slots (shards
+    in axis order, then the candidates' own order), which needs each shard's tie count: one
+    all-gather of ``[shards, batch]`` int32. Slots stay this shard's ``m`` candidates.
+    """
+    rows = local_values.shape[0]
+    keys = _order_key(local_values)
+    # Flipping the sign bit maps int32 order onto uint32 order, where bits can be set high to low.
+    ukeys = jax.lax.bitcast_convert_type(keys ^ jnp.int32(-(2**31)), jnp.uint32)
+    trials = jnp.arange(1, 2**RADIX_BITS, dtype=jnp.uint32)  # digit 0 needs no test
+    threshold = jnp.zeros((rows,), jnp.uint32)
+    for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
+        # Invariant: at least k candidates are >= threshold (true for 0, the smallest key).
+        tried = threshold[:, None] | (trials << shift)  # [B, digits], increasing
+        counts = jnp.sum(ukeys[:, :, None] >= tried[:, None, :], axis=1, dtype=jnp.int32)
+        counts = jax.lax.psum(counts, axis_name)
+        # Counts fall as the trial rises: the digit is the number of trials still reaching k.
+        digit = jnp.sum(counts >= k, axis=1, dtype=jnp.uint32)
+        threshold = threshold | (digit << shift)
+    above = ukeys > threshold[:, None]
+    tied = ukeys == threshold[:, None]
+    open_slots = k - jax.lax.psum(jnp.sum(above, axis=1, dtype=jnp.int32), axis_name)
+    ties = jax.lax.all_gather(jnp.sum(tied, axis=1, dtype=jnp.int32), axis_name)  # [shards, B]
+    me = jax.lax.axis_index(axis_name)
+    ties_before = jnp.sum(jnp.where(jnp.arange(ties.shape[0])[:, None] < me, ties, 0), axis=0)
+    tie_rank = jnp.cumsum(tied, axis=1, dtype=jnp.int32) - 1
+    mask = above | (tied & (tie_rank < (open_slots - ties_before)[:, None]))
+    return Selection(local_values, local_indices.astype(jnp.int32), mask)
 
 
 def dense_top_k(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

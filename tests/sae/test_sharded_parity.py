@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dictlearn.sae.topk_select as topk_select
 from dictlearn.sae import (
     BatchTopKConfig,
     JumpReLUConfig,
@@ -78,6 +79,40 @@ def test_loss_metrics_and_gradients_match_single_device(name: str) -> None:
         np.testing.assert_allclose(grads[key], ref_grad, rtol=0, atol=1e-5 * scale, err_msg=key)
     if name == "topk":
         assert ref_metrics["aux_loss"] > 0
+
+
+@pytest.mark.parametrize("gathered_max", [None, 1])  # 1: the threshold-search merge
+def test_topk_with_k_and_k_aux_above_a_shard_matches_single_device(
+    monkeypatch: pytest.MonkeyPatch, gathered_max: int | None
+) -> None:
+    """k 20 and k_aux 24 over 4 shards of 16 latents, 40 of them dead (two whole shards): the
+    sharded loss picks the same k_aux dead latents per token as the single-device one."""
+    if gathered_max is not None:
+        monkeypatch.setattr(topk_select, "GATHERED_CANDIDATES_MAX", gathered_max)
+    dead = np.zeros(N_FEATURES, bool)
+    dead[:40] = True
+    config = TopKConfig(n_features=N_FEATURES, k=20, k_aux=24)
+    results = []
+    for mesh_name in MESHES:
+        mesh_config, n_devices = MESHES[mesh_name]
+        program = TrainProgram(
+            get_architecture(config, D_MODEL),
+            OptimizerConfig(warmup_steps=0),
+            10,
+            BATCH,
+            make_mesh(mesh_config, jax.devices()[:n_devices]),
+            norm_scale=0.7,
+        )
+        results.append(_loss_and_grads(program, dead, any_dead=True))
+    (ref_loss, ref_metrics, ref_fire, ref_grads), (loss, metrics, fire, grads) = results
+    assert ref_metrics["aux_loss"] > 0
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for key in ("aux_loss", "l0", "fvu"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(fire, ref_fire)
+    for key, ref_grad in ref_grads.items():
+        scale = np.max(np.abs(ref_grad))
+        np.testing.assert_allclose(grads[key], ref_grad, rtol=0, atol=1e-5 * scale, err_msg=key)
 
 
 @pytest.mark.parametrize("name", ["topk", "jumprelu", "relu_l1"])

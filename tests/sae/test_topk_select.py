@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+import dictlearn.sae.topk_select as topk_select
 from dictlearn.sae import TopKConfig, get_architecture
 from dictlearn.sae.topk import sparse_topk_forward
 from dictlearn.sae.topk_select import (
@@ -17,7 +18,10 @@ from dictlearn.sae.topk_select import (
     accelerator_block,
     batch_threshold,
     blockwise_top_k,
+    merge_shard_candidates,
+    select_shard_winners,
     sharded_top_k,
+    threshold_merge,
 )
 from dictlearn.train.config import OptimizerConfig
 from dictlearn.train.step import TrainProgram
@@ -74,6 +78,108 @@ def test_sharded_top_k_breaks_ties_like_dense() -> None:
 def test_sharded_top_k_rejects_k_larger_than_a_shard() -> None:
     with pytest.raises(ValueError, match="exceeds the 8 features held by one shard"):
         _run_sharded_topk(np.zeros((2, 64), np.float32), 9, 8)
+
+
+def _winners(pre: np.ndarray, k: int, model: int, merge) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``merge`` on each shard's local top ``min(k, n_local)``; the winners every shard
+    marked, as (values, global indices) per row in dense top-k order (value, then index)."""
+    mesh = _mesh(1, model)
+    n_local = pre.shape[1] // model
+    m = min(k, n_local)
+
+    def local(p):
+        values, indices = jax.lax.top_k(p, m)
+        sel = merge(values, indices, k)
+        offset = jax.lax.axis_index(MODEL) * n_local
+        return sel.values, sel.indices + offset, sel.mask
+
+    fn = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=PartitionSpec(None, MODEL),
+            out_specs=PartitionSpec(None, MODEL),  # each shard's slots side by side
+        )
+    )
+    arr = jax.device_put(pre, NamedSharding(mesh, PartitionSpec(None, MODEL)))
+    values, indices, mask = (np.asarray(a) for a in jax.device_get(fn(arr)))
+    out_values, out_indices = [], []
+    for row in range(pre.shape[0]):
+        v, i = values[row][mask[row]], indices[row][mask[row]]
+        assert len(v) == k, f"row {row}: {len(v)} winners marked, expected {k}"
+        # lax.top_k's order: descending by its total order on floats, ties by lower index.
+        order = np.lexsort(
+            (i, -np.asarray(topk_select._order_key(jnp.asarray(v))).astype(np.int64))
+        )
+        out_values.append(v[order])
+        out_indices.append(i[order])
+    return np.stack(out_values), np.stack(out_indices)
+
+
+MERGES = {
+    "gather": lambda v, i, k: merge_shard_candidates(v, i, MODEL, k),
+    "threshold": lambda v, i, k: threshold_merge(v, i, k, MODEL),
+}
+
+
+def _merge_cases() -> np.ndarray:
+    """Rows of every kind at one shape (one compile per test): normal; heavy ties (the lowest
+    index must win); mostly -inf (AuxK's live latents); signed zeros (TopK puts -0 below +0)."""
+    rng = np.random.default_rng(4)
+    masked = rng.normal(size=(8, 256))
+    masked[:, rng.random(256) < 0.9] = -np.inf
+    return np.concatenate(
+        [
+            rng.normal(size=(8, 256)),
+            rng.integers(0, 3, size=(8, 256)),
+            masked,
+            np.where(rng.random((8, 256)) < 0.5, 0.0, -0.0),
+        ]
+    ).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("merge", "model", "k"),
+    [
+        ("threshold", 8, 1),
+        ("threshold", 8, 5),
+        ("threshold", 8, 40),  # 40 > the 32 features of a shard: k exceeds the candidates
+        ("threshold", 2, 40),
+        ("gather", 8, 40),
+    ],
+)
+def test_merged_winners_are_the_dense_top_k(merge: str, model: int, k: int) -> None:
+    """Both merges mark exactly the dense top-k: equal indices, bit-equal values."""
+    pre = _merge_cases()
+    values, indices = _winners(pre, k, model, MERGES[merge])
+    ref_values, ref_indices = jax.device_get(jax.lax.top_k(pre, k))
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_array_equal(values.view(np.int32), np.asarray(ref_values).view(np.int32))
+
+
+def test_select_shard_winners_gathers_only_small_exchanges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the budget the merge is the all-gather; over it the threshold search (no gather
+    of candidates), with the same winners."""
+    pre = _merge_cases()
+    mesh = _mesh(1, 8)
+
+    def gathers(k: int) -> list[tuple[int, ...]]:
+        fn = jax.jit(
+            jax.shard_map(
+                lambda p: select_shard_winners(*jax.lax.top_k(p, k), k, MODEL).mask,
+                mesh=mesh,
+                in_specs=PartitionSpec(None, MODEL),
+                out_specs=PartitionSpec(None, MODEL),
+            )
+        )
+        return _all_gather_shapes(fn.lower(jnp.asarray(pre)).compile().as_text())
+
+    rows = pre.shape[0]
+    assert gathers(8) == [(rows, 64)]  # 8 x 8 = 64 candidates: gathered
+    monkeypatch.setattr(topk_select, "GATHERED_CANDIDATES_MAX", 32)
+    assert gathers(8) == [(8, rows)]  # only the per-shard tie counts
+    by_threshold = _winners(pre, 8, 8, lambda v, i, k: select_shard_winners(v, i, k, MODEL))
+    np.testing.assert_array_equal(by_threshold[1], jax.device_get(jax.lax.top_k(pre, 8))[1])
 
 
 def top_k_cases() -> list[np.ndarray]:
