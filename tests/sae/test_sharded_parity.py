@@ -97,7 +97,7 @@ def test_topk_with_k_and_k_aux_above_a_shard_matches_single_device(
         mesh_config, n_devices = MESHES[mesh_name]
         program = TrainProgram(
             get_architecture(config, D_MODEL),
-            OptimizerConfig(warmup_steps=0),
+            OptimizerConfig(lr=4e-4, warmup_steps=0),
             10,
             BATCH,
             make_mesh(mesh_config, jax.devices()[:n_devices]),
