@@ -43,6 +43,7 @@ from dictlearn.sae import get_architecture
 from dictlearn.tracking import Tracker, has_metrics, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import OptimizerConfig, TrainConfig
+from dictlearn.train.lr_law import extrapolation_note
 from dictlearn.train.optimizer import decay_start_step
 from dictlearn.train.step import TrainProgram, TrainState
 from sharding import make_mesh
@@ -115,6 +116,22 @@ def open_dataset(config: TrainConfig) -> ActivationDataset:
                 "share), or set train.eval_batches=0 to train without evaluation"
             ) from None
     return dataset
+
+
+def _log_default_lr(config: TrainConfig) -> None:
+    """Say which lr a run with ``optimizer.lr`` unset trains at, and when that is a stretch."""
+    if config.optimizer.lr is not None:
+        return
+    n, d = config.sae.n_features, config.tokens
+    log.info(
+        "optimizer.lr unset: %.3g, the fitted law's at N=%d, D=%d (dictlearn.train.lr_law)",
+        config.resolved_optimizer.lr,
+        n,
+        d,
+    )
+    note = extrapolation_note(n, d)
+    if note is not None:
+        log.warning(note)
 
 
 def build_program(config: TrainConfig, dataset: ActivationDataset, mesh=None) -> TrainProgram:
@@ -308,6 +325,7 @@ def main(config: TrainConfig) -> TrainResult:
     """Train (or resume) the run described by ``config``; see the module docstring."""
     dataset = open_dataset(config)
     program = build_program(config, dataset)
+    _log_default_lr(config)
     run_dir = run_dir_of(config)
     ckpt_dir = checkpoint_dir_of(config)
     is_lead = jax.process_index() == 0
