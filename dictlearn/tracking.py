@@ -29,13 +29,12 @@ import os
 import posixpath
 import re
 import time
-import uuid
 from typing import Any, TextIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dictlearn.data.storage import reporting_write_failure
+from dictlearn.data.storage import read_many, reporting_write_failure, write_bytes_atomic
 
 METRICS_FILE = "metrics.jsonl"
 """The single metrics file of runs written before segments (read, never written)."""
@@ -245,35 +244,6 @@ def _parse(blob: bytes) -> tuple[list[dict[str, Any]], bool]:
     return rows, skipped
 
 
-def _read_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes | None]:
-    """Whole contents, fetched concurrently on async backends; None for a file gone since."""
-    if not paths:
-        return []
-    out: list[bytes | None] = []
-    for result in fs.cat_ranges(paths, None, None, on_error="return"):
-        if isinstance(result, FileNotFoundError):
-            out.append(None)
-        elif isinstance(result, BaseException):
-            raise result
-        else:
-            out.append(result)
-    return out
-
-
-def _write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Replace ``path`` so that a reader sees the old or the new content, never a mix."""
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            fs.pipe_file(tmp, data)
-            fs.mv(tmp, path)
-        finally:
-            if fs.exists(tmp):
-                fs.rm_file(tmp)
-    else:  # an object upload is all-or-nothing already
-        fs.pipe_file(path, data)
-
-
 def _drop_rows_after(fs: fsspec.AbstractFileSystem, root: str, step: int) -> list[int]:
     """Remove every stored row with ``step`` past ``step`` (and unreadable partial lines).
 
@@ -282,7 +252,7 @@ def _drop_rows_after(fs: fsspec.AbstractFileSystem, root: str, step: int) -> lis
     """
     stored = _stored_paths(fs, root)
     left = []
-    for (index, path), blob in zip(stored, _read_all(fs, [p for _, p in stored]), strict=True):
+    for (index, path), blob in zip(stored, read_many(fs, [p for _, p in stored]), strict=True):
         if blob is None:
             continue
         rows, skipped = _parse(blob)
@@ -290,7 +260,7 @@ def _drop_rows_after(fs: fsspec.AbstractFileSystem, root: str, step: int) -> lis
         if kept and len(kept) == len(rows) and not skipped:
             left.append(index)
         elif kept:
-            _write_whole(fs, path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            write_bytes_atomic(fs, path, "".join(json.dumps(r) + "\n" for r in kept).encode())
             left.append(index)
         else:
             fs.rm_file(path)
@@ -320,7 +290,7 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
             "directory?"
         )
     rows: list[dict[str, Any]] = []
-    for blob in _read_all(fs, [path for _, path in stored]):
+    for blob in read_many(fs, [path for _, path in stored]):
         if blob is not None:
             rows += _parse(blob)[0]
     return rows
