@@ -14,6 +14,7 @@ import pytest
 
 import sharding
 from dictlearn import lm
+from dictlearn.errors import UserError
 
 from . import gemma_270m, tokenizer
 
@@ -258,7 +259,7 @@ def test_safetensors_round_trip_tiny_with_hf_prefixes(tmp_path, tiny_params, tin
     del renamed["language_model.model.layers.2.mlp.up_proj.weight"]
     save_file(renamed, wrapped / "model-00001-of-00002.safetensors")
     (wrapped / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(KeyError, match=r"layers\.2\.mlp\.up_proj\.weight"):
+    with pytest.raises(UserError, match=r"layers\.2\.mlp\.up_proj\.weight"):
         lm.load_safetensors(wrapped)
 
 
