@@ -10,7 +10,7 @@ gives pseudo-derivatives for both the JumpReLU itself and the L0 penalty
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ class JumpReLUConfig(BaseSAEConfig):
     """JumpReLU SAE."""
 
     architecture: Literal["jumprelu"] = "jumprelu"
+    sparsity_penalty: ClassVar[bool] = True
     l0_coef: float = Field(1.0, ge=0, description="Weight of the L0 sparsity penalty.")
     bandwidth: float = Field(
         0.001, gt=0, description="Width of the rectangle kernel of the straight-through estimator."

@@ -13,7 +13,7 @@ step, and the failed attempt costs one extra pass over the encoder output (see R
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,7 @@ class ReLUL1Config(BaseSAEConfig):
     """ReLU + decoder-norm-weighted L1."""
 
     architecture: Literal["relu_l1"] = "relu_l1"
+    sparsity_penalty: ClassVar[bool] = True
     l1_coef: float = Field(5.0, ge=0, description="Weight of the L1 penalty.")
     decoder_init_norm: float = Field(
         0.1, gt=0, description="L2 norm of each decoder row at initialisation."
