@@ -221,6 +221,12 @@ class Checkpointer:
     def close(self) -> None:
         try:
             self.wait()
+            # A writer's manager starts deleting stale temporary directories in a background
+            # thread; Orbax's close() does not wait for it, and a process that exits first (a
+            # refused run directory, a UserError) gets a traceback from that thread at shutdown.
+            await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+            if await_cleanup is not None:
+                await_cleanup()
         finally:
             self._manager.close()
 

@@ -278,13 +278,18 @@ def test_killed_host_fails_fast_and_resume_matches(
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.state))
 
     # Re-running resumes from it and ends bit-identical to the uninterrupted 2-host run.
-    rows_before = len(_train_rows(config))
+    logged_before = [r for r in _train_rows(config) if r["step"] <= left[-1]]
     assert multihost.main(config).steps == STEPS
     _, resumed = restore_final(config)
     _, expected = restore_final(multi_config)
     assert resumed.data_position == expected.data_position == STEPS
     assert_trees_equal(resumed.state, expected.state)
-    new_rows = _train_rows(config)[rows_before:]
+    # The resumed run drops the rows logged after the checkpoint (before the kill) and logs those
+    # steps again: every step once, in order, as in the uninterrupted run.
+    rows = _train_rows(config)
+    assert [r["step"] for r in rows] == [r["step"] for r in _train_rows(multi_config)]
+    assert rows[: len(logged_before)] == logged_before  # the rows up to the checkpoint are kept
+    new_rows = [r for r in rows if r["step"] > left[-1]]
     assert [r["step"] for r in new_rows] == list(range(left[-1] + 1, STEPS + 1))
     reference = {r["step"]: r for r in _train_rows(multi_config)}
     for row in new_rows:
