@@ -307,6 +307,8 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+# ~40 s; the killed-host test covers the same stop-and-resume path in the default run.
+@pytest.mark.slow
 def test_sigterm_to_driver_checkpoints_then_resumes(
     root: Path, multi: tuple[TrainConfig, TrainResult], ray_address: str
 ) -> None:

@@ -92,6 +92,8 @@ def test_pipeline_runs_then_skips_finished_stages(tmp_path: Path) -> None:
     assert record["stages"][1]["version"] != train["version"]
 
 
+# ~60 s (a Ray worker per hook); tests/launch/test_pipeline_config.py plans the same groups.
+@pytest.mark.slow
 def test_pipeline_trains_a_group_of_widths_per_hook(tmp_path: Path) -> None:
     out = tmp_path / "out"
     hooks = ["resid_post.1", "resid_post.2"]

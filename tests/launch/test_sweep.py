@@ -120,6 +120,8 @@ def test_sweep_runs_skips_and_refuses_another_config(
     assert "Traceback" not in err
 
 
+# ~25 s (a trial fails, is retried, the rest finish); slow to keep the default run short.
+@pytest.mark.slow
 def test_a_failing_trial_is_retried_once_and_the_others_finish(
     tmp_path: Path, planted_url: str, ray_cluster: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

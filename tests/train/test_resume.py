@@ -133,6 +133,8 @@ def test_resume_after_sigkill_is_bit_identical(
         assert any(r["aux_loss"] > 0 for r in rows), "AuxK never ran after the resume"
 
 
+# ~20 s; tests/launch/test_multihost.py moves checkpoints between meshes in the default run.
+@pytest.mark.slow
 def test_restore_onto_other_meshes_and_continue(tmp_path: Path, planted_url: str) -> None:
     config = tiny_config(
         tmp_path,
