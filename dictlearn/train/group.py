@@ -18,7 +18,6 @@ Why side by side and not ``jax.vmap`` over stacked same-shape members: see ``REA
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from dictlearn.errors import UserError
 from dictlearn.tracking import Tracker
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import GroupTrainConfig, TrainConfig
+from dictlearn.train.inflight import DeferredMetrics, PreemptionVote
 from dictlearn.train.step import TrainProgram, TrainState
 from dictlearn.train.trainer import (
     TrainResult,
@@ -43,7 +43,6 @@ from dictlearn.train.trainer import (
     _config_differences,
     _diverged,
     _finished_result,
-    _on_any_process,
     _planted_recovery,
     _PreemptionFlag,
     _stream,
@@ -87,29 +86,31 @@ class GroupProgram:
         self.global_batch = first.global_batch
         self.batch_sharding = first.batch_sharding
         self.state_shardings = tuple(p.state_shardings for p in self.programs)
-        self._steps: dict[tuple[bool, ...], Any] = {}
+        self._steps: dict[tuple[bool, ...] | None, Any] = {}
 
-    def flags(self, any_dead: Sequence[bool]) -> tuple[bool, ...]:
-        """Per-member ``any_dead`` flags, normalised (off for architectures without AuxK)."""
-        return tuple(
-            bool(f) and p.arch.uses_dead_latents
-            for f, p in zip(any_dead, self.programs, strict=True)
-        )
-
-    def step_fn(self, any_dead: Sequence[bool]):
+    def step_fn(self, any_dead: Sequence[bool] | None = None):
         """The jitted ``group_step(states, batch) -> (states, metrics)`` (states donated).
 
-        ``states`` and ``metrics`` are tuples in member order. Each tuple of ``any_dead`` flags
-        (see :meth:`TrainProgram.step_fn`) compiles once, on first use.
+        ``states`` and ``metrics`` are tuples in member order. ``any_dead`` (see
+        :meth:`TrainProgram.step_fn`): None lets each member switch its dead-latent losses on
+        the device; a tuple of bools fixes them per member. Each value compiles once.
         """
-        flags = self.flags(any_dead)
+        flags = (
+            None
+            if any_dead is None
+            else tuple(
+                bool(f) and p.arch.uses_dead_latents
+                for f, p in zip(any_dead, self.programs, strict=True)
+            )
+        )
         if flags not in self._steps:
             programs = self.programs
+            per_member = flags if flags is not None else (None,) * len(programs)
 
             def group_step(states: tuple[TrainState, ...], batch: jax.Array):
                 outs = [
                     p._train_step(s, batch, any_dead=f)
-                    for p, s, f in zip(programs, states, flags, strict=True)
+                    for p, s, f in zip(programs, states, per_member, strict=True)
                 ]
                 return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
 
@@ -121,9 +122,6 @@ class GroupProgram:
                 donate_argnums=(0,),
             )
         return self._steps[flags]
-
-    def any_dead(self, states: Sequence[TrainState]) -> tuple[bool, ...]:
-        return tuple(p.any_dead(s) for p, s in zip(self.programs, states, strict=True))
 
     def global_batch_array(self, local_rows) -> jax.Array:
         """This process's rows as the global, data-sharded batch every member reads."""
@@ -316,41 +314,57 @@ def main(config: GroupTrainConfig) -> GroupResult:
                 dynamic_ncols=True,
             )
             throughput = _Throughput()
-            any_dead = group.any_dead(states)
+            # As in ``trainer.main``: metrics read at log steps, one step late.
+            deferred = DeferredMetrics(lambda ms: [m["loss"] for m in ms])
+            vote = PreemptionVote(group.mesh)
+            log_due: int | None = None
+
+            def read_and_log(upto: int) -> list[dict[str, float]]:
+                host, diverged = deferred.read(upto)
+                if diverged is not None:
+                    member = members[diverged.member]
+                    member.tracker.log(diverged.step, diverged.metrics[diverged.member])
+                    raise _diverged(
+                        member.checkpointer,
+                        f"member {member.name}: loss became {diverged.loss} at step "
+                        f"{diverged.step}",
+                    )
+                host = list(host)
+                if upto % config.train.log_every == 0 or upto == steps:
+                    rate = throughput.rate()
+                    for member, m in zip(members, host, strict=True):
+                        m["tokens_per_s"] = rate
+                        member.tracker.log(upto, m | {"tokens": upto * batch_size})
+                    bar.set_postfix(tok_s=f"{rate:.0f}", members=len(members))
+                return host
+
             for step in range(start_step, steps):
                 batch = group.global_batch_array(next(stream))
-                states, device_metrics = group.step_fn(any_dead)(tuple(states), batch)
-                metrics = [
-                    {k: float(v) for k, v in m.items()} for m in jax.device_get(device_metrics)
-                ]
-                any_dead = tuple(m["dead_count_next"] > 0 for m in metrics)
+                states, device_metrics = group.step_fn()(tuple(states), batch)
                 done = step + 1
-                for member, m in zip(members, metrics, strict=True):
-                    if not math.isfinite(m["loss"]):
-                        member.tracker.log(done, m)
-                        raise _diverged(
-                            member.checkpointer,
-                            f"member {member.name}: loss became {m['loss']} at step {done}",
-                        )
+                deferred.add(done, device_metrics)
                 throughput.add(batch_size)
-                if done % config.train.log_every == 0 or done == steps:
-                    rate = throughput.rate()
-                    for member, m in zip(members, metrics, strict=True):
-                        m["tokens_per_s"] = rate
-                        member.tracker.log(done, m | {"tokens": done * batch_size})
-                    bar.set_postfix(tok_s=f"{rate:.0f}", members=len(members))
+                if log_due is not None:
+                    metrics = read_and_log(log_due)
+                    log_due = None
                 bar.update(1)
-                if config.train.eval_every and done % config.train.eval_every == 0:
+                evaluating = bool(config.train.eval_every) and done % config.train.eval_every == 0
+                stopping = vote(done, stop.raised)
+                saving = (
+                    done % config.checkpoint.every_steps == 0
+                    or done == steps
+                    or (stopping and last_saved != done)
+                )
+                if saving or evaluating or stopping:
+                    metrics = read_and_log(done)
+                elif done % config.train.log_every == 0:
+                    log_due = done
+                if evaluating:
                     with throughput.paused():
                         eval_metrics = evaluate_group(group, states, config, dataset)
                     for member, e in zip(members, eval_metrics, strict=True):
                         member.tracker.log(done, e, prefix="eval/")
-                stopping = _on_any_process(stop.raised)
-                if (
-                    done % config.checkpoint.every_steps == 0
-                    or done == steps
-                    or (stopping and last_saved != done)
-                ):
+                if saving:
                     for member, s in zip(members, states, strict=True):
                         if not _all_finite(s):
                             raise _diverged(

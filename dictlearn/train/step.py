@@ -80,6 +80,7 @@ class TrainProgram:
         self.lr_schedule = learning_rate_schedule(optimizer_config, total_steps)
         self.sparsity_schedule = sparsity_schedule(optimizer_config)
         self.dead_window = arch.config.dead_window_tokens
+        self.total_steps = total_steps
         self._check_divisible()
 
         self.param_shardings = {
@@ -92,21 +93,23 @@ class TrainProgram:
         self.state_shardings = self._state_shardings()
 
         self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-        self._steps: dict[bool, Any] = {}
+        self._steps: dict[bool | None, Any] = {}
         self.eval_step = jax.jit(
             self._eval_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=replicated(mesh),
         )
 
-    def step_fn(self, any_dead: bool = False):
+    def step_fn(self, any_dead: bool | None = None):
         """The jitted ``train_step(state, batch) -> (state, metrics)`` (state donated).
 
-        ``any_dead`` selects the variant with dead-latent losses (AuxK); it is static, so each
-        value compiles once, on first use. Pass ``metrics["dead_count_next"] > 0`` from the
-        previous step, or ``self.any_dead(state)`` after init / restore.
+        ``any_dead`` picks how dead-latent losses (AuxK) are switched: None (the trainer's) on
+        the device, from the state, so the host never waits on a step to dispatch the next;
+        True / False compile them always / never (for memory plans and tests). Each value
+        compiles once, on first use.
         """
-        any_dead = bool(any_dead) and self.arch.uses_dead_latents
+        if any_dead is not None:
+            any_dead = bool(any_dead) and self.arch.uses_dead_latents
         if any_dead not in self._steps:
             self._steps[any_dead] = jax.jit(
                 partial(self._train_step, any_dead=any_dead),
@@ -117,10 +120,21 @@ class TrainProgram:
         return self._steps[any_dead]
 
     def train_step(self, state: TrainState, batch: jax.Array):
-        """One step, picking the variant from ``state`` (one small device->host read)."""
-        return self.step_fn(self.any_dead(state))(state, batch)
+        """One step; dead-latent losses switch on the device (no device->host read)."""
+        return self.step_fn()(state, batch)
+
+    @property
+    def dead_latents_possible(self) -> bool:
+        """Whether a latent can be dead at some step of the run (else AuxK never compiles).
+
+        A latent's ``tokens_since_fired`` grows by one batch a step from 0, so before step
+        ``total_steps - 1`` it is at most ``(total_steps - 1) * global_batch`` tokens.
+        """
+        reach = (self.total_steps - 1) * self.global_batch
+        return self.arch.uses_dead_latents and reach >= self.dead_window
 
     def any_dead(self, state: TrainState) -> bool:
+        """Whether some latent of ``state`` is dead (one small device->host read)."""
         return bool(jax.device_get(jnp.any(self._dead(state))))
 
     # --- layout ------------------------------------------------------------------------------
@@ -213,11 +227,10 @@ class TrainProgram:
     def _dead(self, state: TrainState) -> jax.Array:
         return state.tokens_since_fired >= self.dead_window
 
-    def _train_step(self, state: TrainState, batch: jax.Array, any_dead: bool):
+    def _train_step(self, state: TrainState, batch: jax.Array, any_dead: bool | None):
         x = batch * self.norm_scale
         dead = self._dead(state)
         scale = self.sparsity_schedule(state.step)
-        loss_fn = partial(self._loss, any_dead=any_dead)
         # Gradients are taken at `point`: the parameters themselves, or for a schedule-free
         # optimizer its interpolation between the average (kept as the parameters) and z.
         point = state.params
@@ -227,9 +240,22 @@ class TrainProgram:
                 # The decoder rows the loss sees are unit norm, as sparsify renormalises its
                 # (schedule-free) parameters before every forward; the average is not projected.
                 point = point | {"W_dec": renormalise_rows(point["W_dec"])}
-        (_, (metrics, fire_counts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            point, state.arch_state, dead, x, scale
-        )
+
+        def loss_and_grads(with_dead: bool):
+            return jax.value_and_grad(partial(self._loss, any_dead=with_dead), has_aux=True)
+
+        operands = (point, state.arch_state, dead, x, scale)
+        if any_dead is None and self.dead_latents_possible:
+            # Both variants in one program and the device picks: the host never reads a step's
+            # result to dispatch the next. The cond wraps the whole gradient, not just the
+            # dead-latent terms: around those alone, the untaken branch still writes zeros for
+            # the other's residuals and gradients (parameter-sized, ~10% of a step on CPU).
+            out = jax.lax.cond(
+                jnp.any(dead), loss_and_grads(True), loss_and_grads(False), *operands
+            )
+        else:
+            out = loss_and_grads(bool(any_dead))(*operands)
+        (_, (metrics, fire_counts, stats)), grads = out
         if self.arch.unit_norm_decoder:
             grads = grads | {"W_dec": remove_parallel_component(grads["W_dec"], point["W_dec"])}
         grad_norm = optax.tree.norm(grads)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import time
@@ -31,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from dictlearn.config import Effect, differences, fields_with, to_yaml, without_fields
@@ -43,6 +41,7 @@ from dictlearn.sae import get_architecture
 from dictlearn.tracking import Tracker, has_metrics, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import OptimizerConfig, TrainConfig
+from dictlearn.train.inflight import DeferredMetrics, PreemptionVote
 from dictlearn.train.lr_law import extrapolation_note
 from dictlearn.train.optimizer import decay_start_step
 from dictlearn.train.step import TrainProgram, TrainState
@@ -275,17 +274,6 @@ class _PreemptionFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _on_any_process(flag: bool) -> bool:
-    """Whether ``flag`` is set on any process (one host may get SIGTERM before the others).
-
-    Every process must stop at the same step: a checkpoint is a collective, and a host that
-    stopped alone would leave the others waiting in the next step's collectives.
-    """
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-
-
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -382,37 +370,57 @@ def main(config: TrainConfig) -> TrainResult:
                 dynamic_ncols=True,
             )
             throughput = _Throughput()
-            any_dead = program.any_dead(state)
+            # Metrics stay on the device until a log step's are read, one step late (the next
+            # step is already queued); checkpoints, evals and stops read at once.
+            deferred = DeferredMetrics(lambda m: [m["loss"]])
+            vote = PreemptionVote(program.mesh)
+            log_due: int | None = None
+
+            def read_and_log(upto: int) -> dict[str, float]:
+                host, diverged = deferred.read(upto)
+                if diverged is not None:
+                    tracker.log(diverged.step, diverged.metrics)
+                    raise _diverged(
+                        checkpointer, f"loss became {diverged.loss} at step {diverged.step}"
+                    )
+                if upto % config.train.log_every == 0 or upto == config.train.steps:
+                    host["tokens_per_s"] = throughput.rate()
+                    tracker.log(upto, host | {"tokens": upto * config.train.batch_size})
+                    bar.set_postfix(
+                        tok_s=f"{host['tokens_per_s']:.0f}",
+                        loss=f"{host['loss']:.4g}",
+                        l0=f"{host['l0']:.1f}",
+                    )
+                return host
+
             for step in range(start_step, config.train.steps):
                 batch = program.global_batch_array(next(stream))
-                state, device_metrics = program.step_fn(any_dead)(state, batch)
-                metrics = _host_metrics(device_metrics)
-                any_dead = metrics["dead_count_next"] > 0
+                state, device_metrics = program.step_fn()(state, batch)
                 done = step + 1
-                if not math.isfinite(metrics["loss"]):
-                    tracker.log(done, metrics)
-                    raise _diverged(checkpointer, f"loss became {metrics['loss']} at step {done}")
+                deferred.add(done, device_metrics)
                 throughput.add(config.train.batch_size)
-                if done % config.train.log_every == 0 or done == config.train.steps:
-                    metrics["tokens_per_s"] = throughput.rate()
-                    tracker.log(done, metrics | {"tokens": done * config.train.batch_size})
-                    bar.set_postfix(
-                        tok_s=f"{metrics['tokens_per_s']:.0f}",
-                        loss=f"{metrics['loss']:.4g}",
-                        l0=f"{metrics['l0']:.1f}",
-                    )
+                if log_due is not None:
+                    metrics = read_and_log(log_due)
+                    log_due = None
                 bar.update(1)
-                if config.train.eval_every and done % config.train.eval_every == 0:
-                    with throughput.paused():
-                        eval_metrics = evaluate(program, state, config, dataset)
-                    tracker.log(done, eval_metrics, prefix="eval/")
-                stopping = _on_any_process(stop.raised)
-                if (
+                evaluating = bool(config.train.eval_every) and done % config.train.eval_every == 0
+                stopping = vote(done, stop.raised)
+                saving = (
                     done % config.checkpoint.every_steps == 0
                     or done == config.train.steps
                     or done in keep_steps
                     or (stopping and last_saved != done)
-                ):
+                )
+                if saving or evaluating or stopping:
+                    # Every loss up to here checked (and this step logged) before a save.
+                    metrics = read_and_log(done)
+                elif done % config.train.log_every == 0:
+                    log_due = done
+                if evaluating:
+                    with throughput.paused():
+                        eval_metrics = evaluate(program, state, config, dataset)
+                    tracker.log(done, eval_metrics, prefix="eval/")
+                if saving:
                     # The loss above was computed before this step's update: check the state
                     # itself, so a NaN/Inf update never becomes the "last good" checkpoint.
                     if not _all_finite(state):

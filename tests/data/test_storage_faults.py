@@ -139,10 +139,9 @@ def _train_preempted_at_4_then_resumed(
     config: TrainConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Run to a preemption after step 4 (checkpoint, exit), then re-run to the end."""
-    calls = itertools.count(1)
-    # The trainer asks once per step whether any process got SIGTERM: say yes after step 4, as
-    # a preemption notice would, so the stop is at the same step every time.
-    monkeypatch.setattr(trainer, "_on_any_process", lambda flag: next(calls) == 4 or flag)
+    # The trainer asks after each step whether the processes agree on a SIGTERM: say yes after
+    # step 4, as a preemption notice would, so the stop is at the same step every time.
+    monkeypatch.setattr(trainer.PreemptionVote, "__call__", lambda self, step, flag: step == 4)
     first = main(config)
     assert first.preempted and first.steps == 4
     monkeypatch.undo()

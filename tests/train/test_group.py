@@ -194,10 +194,9 @@ def test_preempted_group_checkpoints_every_member_and_resumes_bit_identical(
     )
     group_trainer.main(reference)
 
-    # SIGTERM seen after step 3 (the flag the loop polls between steps): every member writes
-    # a checkpoint there and the run reports itself preempted.
-    polls = iter(range(1, 100))
-    monkeypatch.setattr(group_trainer, "_on_any_process", lambda flag: next(polls) == 3)
+    # The processes agree on a SIGTERM at step 3: every member writes a checkpoint there and
+    # the run reports itself preempted.
+    monkeypatch.setattr(group_trainer.PreemptionVote, "__call__", lambda self, step, _: step == 3)
     stopped = group_trainer.main(config)
     assert stopped.preempted and {r.steps for r in stopped.members.values()} == {3}
     for member in config.members():
