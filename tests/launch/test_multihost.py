@@ -63,7 +63,7 @@ STATE_TOL = 1e-6
 METRIC_RTOL = 1e-6
 # Integer leaves and metrics that must agree exactly even across process counts.
 EXACT_METRICS = ("l0", "dead_fraction", "dead_count_next", "lr", "sparsity_scale", "tokens")
-CLOSE_METRICS = ("loss", "mse", "fvu", "grad_norm")
+CLOSE_METRICS = ("loss", "mse", "fvu", "grad_norm", "aux_loss")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,9 @@ def _config(root: Path, name: str, **ray_section: Any) -> TrainConfig:
     return tiny_config(
         root,
         root / "data",
+        # A dead window of two batches: latents die and AuxK runs (switched on the device) in
+        # every run here, across the kill/resume points too.
+        sae={"dead_window_tokens": 128},
         mesh={"data": 4, "model": 2},
         train={"steps": STEPS, "log_every": 1},
         # Async saves, as in production: a kill usually lands while one is being written.
@@ -165,6 +168,7 @@ def test_two_hosts_match_one_process(
 
     # Only process 0 wrote metrics: one row per step, matching the single process's.
     assert_rows_close(_train_rows(config), _train_rows(single))
+    assert any(r["aux_loss"] > 0 for r in _train_rows(config)), "AuxK never ran"
     expected = {r["step"]: r for r in read_metrics(run_dir_of(single))}
     recovery = [r for r in read_metrics(run_dir_of(config)) if "planted_recovery" in r]
     assert len(recovery) == 1
