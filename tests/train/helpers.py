@@ -28,8 +28,8 @@ from dictlearn.train.trainer import build_program, open_dataset, run_dir_of
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Per-architecture SAE sections of a tiny run: 64 latents, sized so every test step takes
-# milliseconds. The dead window is long enough that AuxK never switches on mid-test (it would
-# compile a second step variant and slow every run down).
+# milliseconds. The dead window is long enough that no latent can die within a test's steps,
+# so the AuxK path is not even compiled (tests that want it set a short window).
 TINY_SAE: dict[str, dict[str, Any]] = {
     "topk": {"architecture": "topk", "n_features": 64, "k": 4, "k_aux": 16},
     "batchtopk": {"architecture": "batchtopk", "n_features": 64, "k": 4},

@@ -59,7 +59,13 @@ def test_planted_then_train_end_to_end(tmp_path: Path) -> None:
     config_dict["tracker"] = {"wandb_mode": "offline"}
     config_path = write_config(tmp_path / "train.yaml", config_dict)
     env = cli_env(WANDB_DIR=str(tmp_path / "wandb"), WANDB_CACHE_DIR=str(tmp_path / "cache"))
-    overrides = ["train.steps=6", "train.log_every=2", "checkpoint.every_steps=3"]
+    # A dead window of two batches: latents die and AuxK runs in the CLI's run too.
+    overrides = [
+        "train.steps=6",
+        "train.log_every=2",
+        "checkpoint.every_steps=3",
+        "sae.dead_window_tokens=128",
+    ]
     trained = run_cli("train", config_path, *overrides, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert_no_traceback(trained.stderr)
@@ -70,10 +76,12 @@ def test_planted_then_train_end_to_end(tmp_path: Path) -> None:
     assert load_config(TrainConfig, run_dir / "config.yaml") == expected
     rows = read_metrics(str(run_dir))
     assert _train_steps(run_dir, rows) == [2, 4, 6]
+    rows_with_loss = [r for r in rows if "loss" in r]
     assert all(
         np.isfinite(r["loss"]) and r["tokens"] == 64 * r["step"] for r in rows if "loss" in r
     )
     assert any("planted_recovery" in r for r in rows)
+    assert rows_with_loss[-1]["aux_loss"] > 0, "AuxK never ran"
     assert committed_steps(run_dir / "checkpoints") == [3, 6]
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb")), list(

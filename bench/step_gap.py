@@ -1,0 +1,116 @@
+"""Host gap between train steps: the real ``dictlearn train`` loop against back-to-back steps.
+
+    uv run python bench/step_gap.py [--steps 300] [--n-features 256] [--d-model 64] [--batch 256]
+
+At a small width a step's device work is short and anything the host does between steps (reading
+metrics back, agreeing on preemption, picking the AuxK variant) shows up as idle device time.
+Two numbers, measured in the same process on the same compiled step:
+
+* ``floor``: the step dispatched back to back over pre-staged batches, one wait at the end;
+* ``loop``: ``trainer.main`` on a planted dataset (one device, log every 10 steps, one checkpoint
+  at the end), per step from the ``tokens_per_s`` of its log rows (compile and the final save
+  excluded: the first two rows are dropped, the median of the rest taken).
+
+``loop / floor`` is the overhead ratio; ``gap`` is loop - floor per step. CPU-seconds per step of
+the whole ``main`` call are printed too (the machine is shared: wall times move with its load).
+To compare with another version of the trainer, run this script with that version first on
+``PYTHONPATH``; the numbers are only comparable within one machine and load.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from dictlearn.config import validate
+from dictlearn.data import PlantedConfig, write_planted_dataset
+from dictlearn.tracking import read_metrics
+from dictlearn.train.config import TrainConfig
+from dictlearn.train.trainer import build_program, main, open_dataset, run_dir_of
+
+
+def _config(root: str, data: str, args: argparse.Namespace) -> TrainConfig:
+    return validate(
+        TrainConfig,
+        {
+            "data": {"path": data},
+            "sae": {"architecture": "topk", "n_features": args.n_features, "k": 8},
+            "mesh": {"data": 1, "model": 1},
+            "train": {"batch_size": args.batch, "steps": args.steps, "log_every": 10},
+            "checkpoint": {"every_steps": args.steps, "async_save": False},
+            "tracker": {"wandb_mode": "disabled"},
+            "run": {"output_dir": f"{root}/runs", "name": "gap"},
+        },
+    )
+
+
+def floor_ms(config: TrainConfig, steps: int) -> float:
+    """ms per step of the compiled step dispatched back to back, nothing read in between."""
+    dataset = open_dataset(config)
+    program = build_program(config, dataset)
+    step = program.step_fn(False)  # the variant the loop runs (no latent can die this short)
+    rng = np.random.default_rng(0)
+    batches = [
+        program.global_batch_array(rng.normal(size=(config.train.batch_size, dataset.d_model)))
+        for _ in range(8)
+    ]
+    state = program.init(jax.random.key(0), jax.numpy.asarray(dataset.mean))
+    state, _ = step(state, batches[0])  # compile
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for i in range(steps):
+        state, _ = step(state, batches[i % len(batches)])
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def loop_ms(config: TrainConfig) -> tuple[float, float]:
+    """ms per step of the trainer's loop (median over log rows), and CPU ms per step of main."""
+    cpu = time.process_time()
+    main(config)
+    cpu_ms = (time.process_time() - cpu) / config.train.steps * 1e3
+    rows = [r for r in read_metrics(run_dir_of(config)) if "tokens_per_s" in r][2:]
+    per_step = [config.train.batch_size / r["tokens_per_s"] * 1e3 for r in rows]
+    return statistics.median(per_step), cpu_ms
+
+
+def main_cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--n-features", type=int, default=256)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        data = f"{root}/data"
+        n_tokens = args.batch * (args.steps + 8)
+        write_planted_dataset(
+            data,
+            PlantedConfig(d_model=args.d_model, n_features=64, n_tokens=n_tokens, mean_active=3.0),
+        )
+        config = _config(root, data, args)
+        loop, cpu = loop_ms(config)
+        floor = floor_ms(config, args.steps)
+    print(
+        f"TopK {args.n_features} latents, d_model {args.d_model}, batch {args.batch}, "
+        f"{args.steps} steps, {jax.devices()[0].platform}; trainer from "
+        f"{os.path.dirname(os.path.dirname(os.path.abspath(main.__code__.co_filename)))}"
+    )
+    print(
+        f"{'floor ms':>9} {'loop ms':>8} {'gap ms':>7} {'loop/floor':>10} {'main CPU ms/step':>17}"
+    )
+    print(f"{floor:9.2f} {loop:8.2f} {loop - floor:7.2f} {loop / floor:10.2f} {cpu:17.2f}")
+
+
+if __name__ == "__main__":
+    main_cli()
