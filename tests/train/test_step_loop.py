@@ -11,7 +11,7 @@ from dictlearn.train import inflight
 from dictlearn.train.trainer import main, run_dir_of
 from tests.train.helpers import make_planted, tiny_config
 
-D_MODEL, N_FEATURES, BATCH, STEPS = 16, 64, 128, 100
+D_MODEL = 16
 
 
 @pytest.fixture(scope="module")
