@@ -30,7 +30,18 @@ from launch.cli import main as cli_main
 from sharding.distributed import free_port
 from tests.fault_proxy import FAULT_KINDS, FaultProxy
 from tests.gcs_emulator import BUCKET, emulator, endpoint
-from tests.train.helpers import assert_trees_equal, make_planted, restore_final, tiny_config
+from tests.train.helpers import (
+    REPO_ROOT,
+    assert_no_traceback,
+    assert_trees_equal,
+    cli_env,
+    make_planted,
+    restore_final,
+    run_cli,
+    tiny_config,
+)
+
+GENERATE_TINY = REPO_ROOT / "launch" / "configs" / "generate_tiny.yaml"
 
 PLANTED = PlantedConfig(
     d_model=16, n_features=32, n_tokens=6000, mean_active=3, seed=0, shard_tokens=2048
@@ -179,3 +190,46 @@ def test_train_checkpoint_resume_through_faults_is_bit_identical(
     assert restored.step == reference_state.step == 8
     assert restored.data_position == reference_state.data_position
     assert_trees_equal(restored.state, reference_state.state)
+
+
+# -- the whole chain: dictlearn generate -> train -> checkpoint -> resume -----------------------
+
+
+@pytest.mark.slow
+def test_generate_then_train_and_resume_through_faults(
+    faulty_gcs: FaultyGcs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real ``dictlearn generate`` (Ray workers, Gemma 3 270M) and training, all on faulty gs://."""
+    outputs = {}
+    for name, faults in (("clean", 0), ("faulted", 20)):
+        out = f"{faulty_gcs.bucket}/generate-{name}"
+        if faults:
+            faulty_gcs.proxy.arm(rate=0.2, kinds=FAULT_KINDS, max_faults=faults)
+        try:
+            gen = run_cli(
+                "generate", GENERATE_TINY, f"output.path={out}", env=cli_env(devices=2), timeout=900
+            )
+        finally:
+            injected = dict(faulty_gcs.proxy.injected)
+            faulty_gcs.proxy.disarm()
+        assert gen.returncode == 0, gen.stderr[-3000:]
+        assert_no_traceback(gen.stderr)
+        print(f"generate {name}: {injected}")
+        outputs[name] = f"{out}/resid_post.3"
+    assert sum(injected.values()) == 20, injected
+    clean, faulted = (ActivationDataset.open(outputs[n]) for n in ("clean", "faulted"))
+    assert clean.manifest.shards == faulted.manifest.shards  # same bytes: every CRC32 equal
+    faulted.validate(deep=True)
+
+    reference = _config(f"{faulty_gcs.bucket}/generate-runs-clean", outputs["clean"])
+    main(reference)
+    config = _config(f"{faulty_gcs.bucket}/generate-runs-faulted", outputs["faulted"])
+    faulty_gcs.proxy.arm(rate=0.2, kinds=FAULT_KINDS, max_faults=20)
+    try:
+        _train_preempted_at_4_then_resumed(config, monkeypatch)
+        injected = dict(faulty_gcs.proxy.injected)
+    finally:
+        faulty_gcs.proxy.disarm()
+    print(f"train on generated: {injected}")
+    assert sum(injected.values()) == 20, injected
+    assert_trees_equal(restore_final(config)[1].state, restore_final(reference)[1].state)
