@@ -8,7 +8,9 @@ which get one of
 - ``"429"``: a ``429 Too Many Requests`` JSON error (rate limiting);
 - ``"reset"``: the request is read and dropped and the connection closed with a TCP reset;
 - ``"reset-after"``: the request *is* forwarded (the upload or delete happens) and then the
-  connection is reset before the answer arrives: the client cannot know it succeeded.
+  connection is reset before the answer arrives: the client cannot know it succeeded. A retried
+  last chunk of a resumable upload that had finished gets the answer that finished it, as from GCS
+  (fake-gcs-server itself answers 404 there).
 
 Faults are bounded (``max_faults``), so a client that retries long enough always gets through;
 ``max_faults=None`` with ``rate=1.0`` is an outage, to test what happens when retries run out.
@@ -83,6 +85,8 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         """Faults injected, by kind, since the last :meth:`arm`."""
         self.faulted: list[str] = []
+        # upload_id -> the answer that finished that resumable upload (see `_proxy`).
+        self._finished_uploads: dict[str, tuple[int, str, list[tuple[str, str]], bytes]] = {}
         """``"METHOD path"`` of each faulted request, since the last :meth:`arm`."""
         self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -212,7 +216,19 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
-                status, reason, headers, data = self._forward(body)
+                upload_id = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get(
+                    "upload_id", [None]
+                )[0]
+                finished = proxy._finished_uploads.get(upload_id) if upload_id else None
+                if finished is not None and self.command in ("PUT", "POST"):
+                    # A client re-sending the last chunk (gcsfs: a POST) of an upload that finished
+                    # (its answer was lost to a "reset-after") gets what GCS answers: 200/201
+                    # with the object. fake-gcs-server answers 404, which real GCS never does.
+                    status, reason, headers, data = finished
+                else:
+                    status, reason, headers, data = self._forward(body)
+                    if upload_id and self.command in ("PUT", "POST") and status in (200, 201):
+                        proxy._finished_uploads[upload_id] = (status, reason, headers, data)
                 if kind == "reset-after":
                     self._reset()
                     return
