@@ -158,7 +158,12 @@ def test_checkpoint_write_on_a_full_disk(tmp_path: Path, async_save: bool) -> No
     data = tmp_path / "data"
     make_planted(data)
     config = tiny_config(
-        tmp_path, data, train={"steps": 8}, checkpoint={"every_steps": 4, "async_save": async_save}
+        tmp_path,
+        data,
+        train={"steps": 8},
+        checkpoint={"every_steps": 4, "async_save": async_save},
+        # No lr decay, so the 4-step run below may be extended to 8 steps on resume.
+        optimizer={"decay_fraction": 0.0},
     )
     main(with_overrides(config, "train.steps=4"))  # the checkpoint of step 4, on a roomy disk
     checkpoint_dir = f"{run_dir_of(config)}/checkpoints"
