@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -37,6 +38,27 @@ class CheckpointWriteFailed(WriteFailed):
 
 
 # tensorstore reports the OS error of a failed write as text inside a ValueError.
+
+
+class _RaisedAgainByWait(logging.Filter):
+    """Drops the tracebacks Orbax's background save threads log for a failed write.
+
+    The same error reaches :meth:`Checkpointer.wait` (and the next save), which raises it as one
+    :class:`CheckpointWriteFailed` line naming the step and the checkpoint left intact; the
+    threads' copies (two or three tracebacks per failed save) only bury that line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.exc_info
+            and record.levelno >= logging.ERROR
+            and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in record.pathname
+        )
+
+
+# Orbax logs through absl, whose logger reports the calling Orbax module as the record's path.
+logging.getLogger("absl").addFilter(_RaisedAgainByWait())
+
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
