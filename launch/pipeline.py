@@ -323,6 +323,8 @@ def plan_stages(config: PipelineConfig) -> dict[str, StagePlan]:
 
 
 def _plan_train(config: PipelineConfig, hook: str, gen_version: str, gen_dir: str) -> StagePlan:
+    # `hook` and `hook_workers` are the pipeline's own (which hook, where each hook's group
+    # runs), not TrainConfig fields; hook_workers is marked EXECUTION too, for the field tables.
     train_dict = config.train.model_dump(mode="json", exclude={"hook", "hook_workers"})
     inputs = {"generate": gen_version, "hook": hook}
     hashed = without_fields(train_dict, TRAIN_EXECUTION_FIELDS)
