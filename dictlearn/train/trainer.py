@@ -124,10 +124,12 @@ def _log_default_lr(config: TrainConfig) -> None:
         return
     n, d = config.sae.n_features, config.tokens
     log.info(
-        "optimizer.lr unset: %.3g, the fitted law's at N=%d, D=%d (dictlearn.train.lr_law)",
+        "optimizer.lr unset: %.3g, the fitted law's at N=%d, D=%d, batch %d "
+        "(dictlearn.train.lr_law)",
         config.resolved_optimizer.lr,
         n,
         d,
+        config.train.batch_size,
     )
     note = extrapolation_note(n, d)
     if note is not None:
