@@ -69,8 +69,8 @@ class OptimizerConfig(StrictModel):
         json_schema_extra=RECOVERY,
         description=(
             "Peak learning rate; null: the law fitted to a sweep (dictlearn.train.lr_law: "
-            "6.25·N^-0.166·D'^-0.483·sqrt(B/1024) for N latents, batch size B and D' = "
-            "D·1024/B for D training tokens; TopK, Adam)."
+            "6.25·N^-0.166·D'^-0.483·sqrt(640/d) for N latents, input width d and D' = D·1024/B "
+            "for D training tokens at batch size B; TopK, Adam)."
         ),
     )
     b1: float = Field(
@@ -306,14 +306,13 @@ class TrainConfig(StrictModel):
         """Training tokens D: ``train.steps × train.batch_size``."""
         return self.train.steps * self.train.batch_size
 
-    @property
-    def resolved_optimizer(self) -> OptimizerConfig:
+    def resolved_optimizer(self, d_model: int) -> OptimizerConfig:
         """``optimizer`` with its peak lr filled in: ``optimizer.lr``, or, when that is null,
-        the fitted law's (:func:`dictlearn.train.lr_law.default_lr`) at this run's N, D and
-        batch size."""
+        the fitted law's (:func:`dictlearn.train.lr_law.default_lr`) at this run's N, D, batch
+        size and input width ``d_model`` (the dataset's)."""
         if self.optimizer.lr is not None:
             return self.optimizer
-        lr = default_lr(self.sae.n_features, self.tokens, self.train.batch_size)
+        lr = default_lr(self.sae.n_features, self.tokens, self.train.batch_size, d_model)
         return self.optimizer.model_copy(update={"lr": lr})
 
 
