@@ -121,7 +121,7 @@ def load_run_sae(
             ) from None
         program = TrainProgram(
             _architecture(config, dataset.d_model),
-            config.resolved_optimizer,
+            config.resolved_optimizer(dataset.d_model),
             total_steps=config.train.steps,
             global_batch=config.train.batch_size,
             mesh=make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1]),

@@ -5,8 +5,10 @@ backward pass touch only those ``k`` latents (``dictlearn.sae.sparse``); the onl
 the encoder's forward matmul and the top-k itself.
 
 AuxK: latents that have not fired for ``dead_window_tokens`` are "dead"; the ``k_aux`` largest
-dead pre-activations of each token reconstruct the main model's residual error, and
-``aux_coef`` times that (variance-normalised) error joins the loss, pulling dead latents back.
+dead pre-activations of each token reconstruct the main model's residual error, and ``aux_coef``
+times that squared error, in the reconstruction loss's units (summed over d_model, averaged over
+tokens), joins the loss, pulling dead latents back. The logged ``aux_loss`` is the same error
+divided by the residual's variance (1: the dead latents explain none of it).
 """
 
 from __future__ import annotations
@@ -161,19 +163,31 @@ class TopK(Architecture):
         )
         fire_counts = global_sum(fire)
 
-        aux = (
+        aux, aux_normalised = (
             self._aux_loss(
                 params, x, x_hat, select_shard_winners(*candidates[1], k=self.k_aux), ctx
             )
             if with_aux
-            else 0.0
+            else (0.0, 0.0)
         )
         loss = recon + cfg.aux_coef * aux
-        metrics |= {"aux_loss": jnp.asarray(aux, jnp.float32), "loss": loss}
+        metrics |= {"aux_loss": jnp.asarray(aux_normalised, jnp.float32), "loss": loss}
         return loss, LocalOutputs(metrics=metrics, fire_counts=fire_counts, state_stats={})
 
-    def _aux_loss(self, params, x, x_hat, selection: Selection, ctx: LossContext) -> jax.Array:
-        """Variance-normalised error of reconstructing the residual from dead latents only."""
+    def _aux_loss(
+        self, params, x, x_hat, selection: Selection, ctx: LossContext
+    ) -> tuple[jax.Array, jax.Array]:
+        """Error of reconstructing the residual from dead latents only: in the reconstruction
+        loss's units (what the loss adds), and divided by the residual's variance (the metric).
+
+        The loss term is in the main loss's units, so that ``aux_coef`` weighs the same against
+        the reconstruction at any d_model and input scale (sparsify adds ``auxk_alpha`` x this
+        error / the batch's total variance to its FVU: the same ratio). Divided by the residual's
+        variance, as before, the term was ~1 while the reconstruction loss is the residual's
+        variance per token (~40 on the planted proxy at d_model 160, more at 640): latents that
+        died mid-run under Adam, whose second moments still remembered their live gradients,
+        got almost no pull back (bench/planted_quality.py; QUALITY_FINDINGS.md).
+        """
         residual = jax.lax.stop_gradient(x - x_hat)
         # Fewer than k_aux dead latents on a shard: the -inf picks are not dead, drop them.
         selection = selection._replace(mask=selection.mask & jnp.isfinite(selection.values))
@@ -182,7 +196,7 @@ class TopK(Architecture):
         err = global_sum(jnp.sum((aux_hat - residual) ** 2))
         mean_res = global_sum(jnp.sum(residual, axis=0)) / ctx.global_batch
         var = global_sum(jnp.sum((residual - mean_res) ** 2))
-        return err / jnp.maximum(var, 1e-12)
+        return err / ctx.global_batch, err / jnp.maximum(var, 1e-12)
 
 
 __all__ = ["TopK", "TopKConfig", "local_top_k_candidates", "sparse_topk_forward"]

@@ -117,16 +117,19 @@ def open_dataset(config: TrainConfig) -> ActivationDataset:
     return dataset
 
 
-def _log_default_lr(config: TrainConfig) -> None:
+def _log_default_lr(config: TrainConfig, d_model: int) -> None:
     """Say which lr a run with ``optimizer.lr`` unset trains at, and when that is a stretch."""
     if config.optimizer.lr is not None:
         return
     n, d = config.sae.n_features, config.tokens
     log.info(
-        "optimizer.lr unset: %.3g, the fitted law's at N=%d, D=%d (dictlearn.train.lr_law)",
-        config.resolved_optimizer.lr,
+        "optimizer.lr unset: %.3g, the fitted law's at N=%d, D=%d, batch %d, d_model %d "
+        "(dictlearn.train.lr_law)",
+        config.resolved_optimizer(d_model).lr,
         n,
         d,
+        config.train.batch_size,
+        d_model,
     )
     note = extrapolation_note(n, d)
     if note is not None:
@@ -137,7 +140,7 @@ def build_program(config: TrainConfig, dataset: ActivationDataset, mesh=None) ->
     arch = get_architecture(config.sae, dataset.d_model)
     return TrainProgram(
         arch,
-        config.resolved_optimizer,
+        config.resolved_optimizer(dataset.d_model),
         total_steps=config.train.steps,
         global_batch=config.train.batch_size,
         mesh=mesh if mesh is not None else make_mesh(config.mesh),
@@ -313,7 +316,7 @@ def main(config: TrainConfig) -> TrainResult:
     """Train (or resume) the run described by ``config``; see the module docstring."""
     dataset = open_dataset(config)
     program = build_program(config, dataset)
-    _log_default_lr(config)
+    _log_default_lr(config, dataset.d_model)
     run_dir = run_dir_of(config)
     ckpt_dir = checkpoint_dir_of(config)
     is_lead = jax.process_index() == 0

@@ -9,6 +9,8 @@ import pytest
 from dictlearn.config import validate
 from dictlearn.train.config import GroupTrainConfig, TrainConfig
 from dictlearn.train.lr_law import (
+    FITTED_BATCH_SIZE,
+    FITTED_D_MODEL,
     LR_LAW_C,
     LR_LAW_DELTA,
     LR_LAW_GAMMA,
@@ -33,6 +35,24 @@ def test_law_matches_its_constants_and_falls_with_width_and_tokens() -> None:
         default_lr(0, 100)
 
 
+def test_rule_reads_the_law_in_steps_and_scales_with_width() -> None:
+    """At the fitted batch and width the rule is the law; at 4x the batch, the law at the tokens
+    of the same number of steps; at a quarter of the width, twice the lr (the planted evidence:
+    7.6e-3 on the proxy, 3.0e-3 at full size, both at 1M tokens and batch 4,096)."""
+    n, tokens = 4096, 1 << 20
+    assert default_lr(n, tokens, FITTED_BATCH_SIZE, FITTED_D_MODEL) == default_lr(n, tokens)
+    assert default_lr(n, tokens, 4 * FITTED_BATCH_SIZE) == pytest.approx(
+        default_lr(n, tokens // 4), rel=1e-12
+    )
+    assert default_lr(n, tokens, d_model=FITTED_D_MODEL // 4) == pytest.approx(
+        2 * default_lr(n, tokens), rel=1e-12
+    )
+    assert default_lr(n, tokens, 4096, 160) == pytest.approx(7.6e-3, rel=0.01)
+    assert default_lr(16384, tokens, 4096, 640) == pytest.approx(3.0e-3, rel=0.01)
+    with pytest.raises(ValueError):
+        default_lr(n, tokens, 0)
+
+
 def test_unset_lr_resolves_from_n_and_tokens_and_an_explicit_one_wins() -> None:
     cfg = validate(
         TrainConfig,
@@ -43,11 +63,11 @@ def test_unset_lr_resolves_from_n_and_tokens_and_an_explicit_one_wins() -> None:
         ),
     )
     assert cfg.optimizer.lr is None  # the config (and its hash) records "the law"
-    assert cfg.resolved_optimizer.lr == pytest.approx(default_lr(2048, 51_200))
-    schedule = learning_rate_schedule(cfg.resolved_optimizer, 100)
-    assert math.isclose(float(schedule(50)), default_lr(2048, 51_200), rel_tol=1e-6)
+    assert cfg.resolved_optimizer(16).lr == pytest.approx(default_lr(2048, 51_200, 512, 16))
+    schedule = learning_rate_schedule(cfg.resolved_optimizer(16), 100)
+    assert math.isclose(float(schedule(50)), default_lr(2048, 51_200, 512, 16), rel_tol=1e-6)
     explicit = validate(TrainConfig, _config(optimizer={"lr": 1e-3}))
-    assert explicit.resolved_optimizer.lr == 1e-3
+    assert explicit.resolved_optimizer(16).lr == 1e-3
     with pytest.raises(ValueError, match="resolved_optimizer"):
         learning_rate_schedule(cfg.optimizer, 100)
 
@@ -64,7 +84,7 @@ def test_group_members_each_get_their_own_widths_lr() -> None:
             ],
         ),
     )
-    small, large, fixed = (m.resolved_optimizer.lr for m in group.members())
+    small, large, fixed = (m.resolved_optimizer(640).lr for m in group.members())
     assert small == pytest.approx(default_lr(1024, 65_536))
     assert large == pytest.approx(default_lr(16384, 65_536))
     assert fixed == 0.01
