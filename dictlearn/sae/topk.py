@@ -186,7 +186,7 @@ class TopK(Architecture):
         variance, as before, the term was ~1 while the reconstruction loss is the residual's
         variance per token (~40 on the planted proxy at d_model 160, more at 640): latents that
         died mid-run under Adam, whose second moments still remembered their live gradients,
-        got almost no pull back (bench/planted_quality.py; QUALITY_FINDINGS.md).
+        got almost no pull back (bench/planted_quality.py; docs/planted_quality.md).
         """
         residual = jax.lax.stop_gradient(x - x_hat)
         # Fewer than k_aux dead latents on a shard: the -inf picks are not dead, drop them.
