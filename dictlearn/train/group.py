@@ -35,7 +35,7 @@ from dictlearn.errors import UserError
 from dictlearn.tracking import Tracker
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import GroupTrainConfig, TrainConfig
-from dictlearn.train.inflight import DeferredMetrics, PreemptionVote
+from dictlearn.train.inflight import DeferredMetrics, PreemptionVote, StepSchedule
 from dictlearn.train.step import TrainProgram, TrainState
 from dictlearn.train.trainer import (
     TrainResult,
@@ -164,6 +164,7 @@ class _Member:
             self.ckpt_dir,
             keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save,
+            keep_steps=tuple(config.checkpoint.keep_steps),
             writer=True,
         )
         self.tracker: Tracker | None = None
@@ -304,6 +305,7 @@ def main(config: GroupTrainConfig) -> GroupResult:
         metrics: list[dict[str, float]] = [{} for _ in members]
         eval_metrics: list[dict[str, float]] = [{} for _ in members]
         last_saved = start_step or None
+        schedule = StepSchedule.of(config)
         preempted = False
         with _stream(config, dataset, "train", position) as stream, _PreemptionFlag() as stop:
             bar = tqdm(
@@ -330,7 +332,7 @@ def main(config: GroupTrainConfig) -> GroupResult:
                         f"{diverged.step}",
                     )
                 host = list(host)
-                if upto % config.train.log_every == 0 or upto == steps:
+                if schedule.logs(upto):
                     rate = throughput.rate()
                     for member, m in zip(members, host, strict=True):
                         m["tokens_per_s"] = rate
@@ -348,23 +350,17 @@ def main(config: GroupTrainConfig) -> GroupResult:
                     metrics = read_and_log(log_due)
                     log_due = None
                 bar.update(1)
-                evaluating = bool(config.train.eval_every) and done % config.train.eval_every == 0
-                stopping = vote(done, stop.raised)
-                saving = (
-                    done % config.checkpoint.every_steps == 0
-                    or done == steps
-                    or (stopping and last_saved != done)
-                )
-                if saving or evaluating or stopping:
+                actions = schedule.after(done, vote(done, stop.raised), last_saved)
+                if actions.read_now:
                     metrics = read_and_log(done)
-                elif done % config.train.log_every == 0:
+                elif actions.read_next_step:
                     log_due = done
-                if evaluating:
+                if actions.evaluate:
                     with throughput.paused():
                         eval_metrics = evaluate_group(group, states, config, dataset)
                     for member, e in zip(members, eval_metrics, strict=True):
                         member.tracker.log(done, e, prefix="eval/")
-                if saving:
+                if actions.save:
                     for member, s in zip(members, states, strict=True):
                         if not _all_finite(s):
                             raise _diverged(
@@ -379,7 +375,7 @@ def main(config: GroupTrainConfig) -> GroupResult:
                     for member in members:
                         log_save(done, member.checkpointer, config.checkpoint.async_save)
                     last_saved = done
-                if stopping:
+                if actions.stop:
                     preempted = True
                     break
             bar.close()

@@ -10,6 +10,8 @@ device idle for the host's turn-around every step. Here:
   It also bounds how far the host runs ahead (each queued step holds a batch on the device).
 * :class:`PreemptionVote` agrees on a preemption across processes every ``every`` steps with a
   collective that is dispatched like a step and read one step later.
+* :class:`StepSchedule` says what the loop does after each step (evaluate, save, stop, read the
+  metrics now or one step late), the same for a single run and a group.
 
 Neither changes what is computed, so a resumed run stays bit-identical to an uninterrupted one.
 """
@@ -25,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from dictlearn.train.config import TrainConfig
 from sharding import BATCH, DATA, named_sharding, replicated
 
 MAX_STEPS_AHEAD = 2
@@ -122,3 +125,68 @@ class PreemptionVote:
             votes = jax.make_array_from_process_local_data(self._sharding, local, (self._rows,))
             self._pending = self._any(votes)
         return stop
+
+
+@dataclass(frozen=True)
+class StepActions:
+    """What the training loop does after dispatching a step."""
+
+    evaluate: bool
+    save: bool
+    stop: bool
+    read_now: bool
+    """Read (and log) the metrics up to this step before going on: a save, an evaluation or a
+    stop must follow a check of every loss so far."""
+    read_next_step: bool
+    """A log step with nothing else due: read it after the next step is dispatched."""
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """When a run logs, evaluates and saves; :meth:`after` turns that into a step's actions.
+
+    Args:
+        steps: the run's last step.
+        log_every / eval_every / checkpoint_every: intervals in steps (``eval_every`` 0: never).
+        keep_steps: steps that are saved (and kept) besides the interval's.
+    """
+
+    steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    keep_steps: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> StepSchedule:
+        """The schedule of ``config``'s ``train`` and ``checkpoint`` sections."""
+        return cls(
+            steps=config.train.steps,
+            log_every=config.train.log_every,
+            eval_every=config.train.eval_every,
+            checkpoint_every=config.checkpoint.every_steps,
+            keep_steps=frozenset(config.checkpoint.keep_steps),
+        )
+
+    def logs(self, step: int) -> bool:
+        """Whether ``step``'s metrics are logged."""
+        return step % self.log_every == 0 or step == self.steps
+
+    def after(self, done: int, stopping: bool, last_saved: int | None) -> StepActions:
+        """The actions after step ``done`` (1-based) was dispatched; ``stopping``: the
+        preemption vote's answer; ``last_saved``: the newest step checkpointed."""
+        evaluate = bool(self.eval_every) and done % self.eval_every == 0
+        save = (
+            done % self.checkpoint_every == 0
+            or done == self.steps
+            or done in self.keep_steps
+            or (stopping and last_saved != done)
+        )
+        read_now = save or evaluate or stopping
+        return StepActions(
+            evaluate=evaluate,
+            save=save,
+            stop=stopping,
+            read_now=read_now,
+            read_next_step=not read_now and done % self.log_every == 0,
+        )

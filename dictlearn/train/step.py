@@ -133,10 +133,6 @@ class TrainProgram:
         reach = (self.total_steps - 1) * self.global_batch
         return self.arch.uses_dead_latents and reach >= self.dead_window
 
-    def any_dead(self, state: TrainState) -> bool:
-        """Whether some latent of ``state`` is dead (one small device->host read)."""
-        return bool(jax.device_get(jnp.any(self._dead(state))))
-
     # --- layout ------------------------------------------------------------------------------
     def _check_divisible(self) -> None:
         data, model = self.mesh.shape["data"], self.mesh.shape["model"]

@@ -41,7 +41,7 @@ from dictlearn.sae import get_architecture
 from dictlearn.tracking import Tracker, has_metrics, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import OptimizerConfig, TrainConfig
-from dictlearn.train.inflight import DeferredMetrics, PreemptionVote
+from dictlearn.train.inflight import DeferredMetrics, PreemptionVote, StepSchedule
 from dictlearn.train.lr_law import extrapolation_note
 from dictlearn.train.optimizer import decay_start_step
 from dictlearn.train.step import TrainProgram, TrainState
@@ -358,7 +358,7 @@ def main(config: TrainConfig) -> TrainResult:
         enabled=is_lead,
     )
     last_saved = checkpointer.latest_step()
-    keep_steps = set(config.checkpoint.keep_steps)
+    schedule = StepSchedule.of(config)
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     preempted = False
@@ -386,7 +386,7 @@ def main(config: TrainConfig) -> TrainResult:
                     raise _diverged(
                         checkpointer, f"loss became {diverged.loss} at step {diverged.step}"
                     )
-                if upto % config.train.log_every == 0 or upto == config.train.steps:
+                if schedule.logs(upto):
                     host["tokens_per_s"] = throughput.rate()
                     tracker.log(upto, host | {"tokens": upto * config.train.batch_size})
                     bar.set_postfix(
@@ -406,24 +406,17 @@ def main(config: TrainConfig) -> TrainResult:
                     metrics = read_and_log(log_due)
                     log_due = None
                 bar.update(1)
-                evaluating = bool(config.train.eval_every) and done % config.train.eval_every == 0
-                stopping = vote(done, stop.raised)
-                saving = (
-                    done % config.checkpoint.every_steps == 0
-                    or done == config.train.steps
-                    or done in keep_steps
-                    or (stopping and last_saved != done)
-                )
-                if saving or evaluating or stopping:
+                actions = schedule.after(done, vote(done, stop.raised), last_saved)
+                if actions.read_now:
                     # Every loss up to here checked (and this step logged) before a save.
                     metrics = read_and_log(done)
-                elif done % config.train.log_every == 0:
+                elif actions.read_next_step:
                     log_due = done
-                if evaluating:
+                if actions.evaluate:
                     with throughput.paused():
                         eval_metrics = evaluate(program, state, config, dataset)
                     tracker.log(done, eval_metrics, prefix="eval/")
-                if saving:
+                if actions.save:
                     # The loss above was computed before this step's update: check the state
                     # itself, so a NaN/Inf update never becomes the "last good" checkpoint.
                     if not _all_finite(state):
@@ -435,7 +428,7 @@ def main(config: TrainConfig) -> TrainResult:
                         checkpointer.save(done, state, stream.position, config_dict)
                     log_save(done, checkpointer, config.checkpoint.async_save)
                     last_saved = done
-                if stopping:
+                if actions.stop:
                     preempted = True
                     break
             bar.close()

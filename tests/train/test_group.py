@@ -126,10 +126,15 @@ def test_group_equals_each_member_trained_alone(tmp_path: Path, planted_url: str
 
 def test_resumed_group_is_bit_identical(tmp_path: Path, planted_url: str) -> None:
     config = _group_config(
-        tmp_path, planted_url, checkpoint={"every_steps": 4, "keep": 5}, train={"steps": 8}
+        tmp_path,
+        planted_url,
+        checkpoint={"every_steps": 4, "keep": 2, "keep_steps": [3]},
+        train={"steps": 8},
     )
     group_trainer.main(config)
     expected = {m.run_name: restore_final(m)[1] for m in config.members()}
+    for member in config.members():  # a kept step is saved and kept by every member
+        assert committed_steps(Path(run_dir_of(member)) / "checkpoints") == [3, 4, 8]
 
     # Stop after step 4: drop every later checkpoint, leaving what a run stopped there leaves.
     # One member keeps its step-8 checkpoint, as when a stop lands between members' saves:

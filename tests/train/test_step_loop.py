@@ -59,3 +59,26 @@ def test_metrics_are_read_only_at_log_steps_one_step_late(
     rows = [r for r in read_metrics(run_dir_of(config)) if "loss" in r]
     assert [r["step"] for r in rows] == [4, 8, 12]
     assert rows[-1]["dead_fraction"] > 0 and rows[-1]["aux_loss"] > 0
+
+
+def test_step_schedule_reads_before_every_save_eval_and_stop() -> None:
+    """The decision both loops (single run and group) make after each step."""
+    schedule = inflight.StepSchedule(
+        steps=20, log_every=4, eval_every=10, checkpoint_every=6, keep_steps=frozenset({7})
+    )
+
+    def due(done: int, stopping: bool = False, last_saved: int | None = None) -> set[str]:
+        actions = schedule.after(done, stopping, last_saved)
+        return {name for name, on in vars(actions).items() if on}
+
+    assert due(1) == set()
+    assert due(4) == {"read_next_step"}  # a log step alone is read one step late
+    assert due(6) == {"save", "read_now"}
+    assert due(7) == {"save", "read_now"}  # a kept step is saved
+    assert due(10) == {"evaluate", "read_now"}
+    assert due(12) == {"save", "read_now"}  # logged and saved: read at once
+    assert due(20) == {"evaluate", "save", "read_now"}
+    assert due(3, stopping=True) == {"save", "stop", "read_now"}
+    assert due(6, stopping=True, last_saved=6) == {"save", "stop", "read_now"}
+    assert due(9, stopping=True, last_saved=9) == {"stop", "read_now"}  # no second save
+    assert [s for s in range(1, 21) if schedule.logs(s)] == [4, 8, 12, 16, 20]
