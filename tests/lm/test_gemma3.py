@@ -215,6 +215,30 @@ def test_gguf_max_layer_and_config_checks():
         lm.load_gguf(config=lm.get_config("1b"), max_layer=0)
 
 
+def test_dequantized_tensors_are_cached_exactly(tmp_path, monkeypatch):
+    """A tensor is dequantized once; later loads read the same values from the cache, a
+    damaged cache file is replaced, and ``off`` caches nothing."""
+    from dictlearn.lm.weights import read_gguf
+
+    gguf_file = read_gguf(lm.default_gguf_path())
+    name = "blk.0.ffn_down.weight"
+    fresh = gguf_file._dequantize(name)
+    monkeypatch.setenv("DICTLEARN_GGUF_CACHE", str(tmp_path / "cache"))
+    first = gguf_file.tensor(name)
+    (entry,) = (tmp_path / "cache").iterdir()
+    again = gguf_file.tensor(name)
+    assert isinstance(again, np.memmap)  # read from the cache, not dequantized again
+    np.testing.assert_array_equal(first, fresh)
+    np.testing.assert_array_equal(again, fresh)
+    entry.write_bytes(entry.read_bytes()[:200])  # truncated
+    np.testing.assert_array_equal(gguf_file.tensor(name), fresh)
+    assert isinstance(gguf_file.tensor(name), np.memmap)
+    monkeypatch.setenv("DICTLEARN_GGUF_CACHE", "off")
+    entry.unlink()
+    np.testing.assert_array_equal(gguf_file.tensor(name), fresh)
+    assert not entry.exists()
+
+
 def test_gguf_layout():
     params, _ = gemma_270m()
     layer = params["layers"][0]
