@@ -35,7 +35,12 @@ from dictlearn.errors import UserError
 from dictlearn.tracking import Tracker
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import GroupTrainConfig, TrainConfig
-from dictlearn.train.inflight import DeferredMetrics, PreemptionVote, StepSchedule
+from dictlearn.train.inflight import (
+    DeferredMetrics,
+    MetricReads,
+    PreemptionVote,
+    StepSchedule,
+)
 from dictlearn.train.step import TrainProgram, TrainState
 from dictlearn.train.trainer import (
     TrainResult,
@@ -319,7 +324,6 @@ def main(config: GroupTrainConfig) -> GroupResult:
             # As in ``trainer.main``: metrics read at log steps, one step late.
             deferred = DeferredMetrics(lambda ms: [m["loss"] for m in ms])
             vote = PreemptionVote(group.mesh)
-            log_due: int | None = None
 
             def read_and_log(upto: int) -> list[dict[str, float]]:
                 host, diverged = deferred.read(upto)
@@ -340,21 +344,18 @@ def main(config: GroupTrainConfig) -> GroupResult:
                     bar.set_postfix(tok_s=f"{rate:.0f}", members=len(members))
                 return host
 
+            reads = MetricReads(read_and_log)
             for step in range(start_step, steps):
                 batch = group.global_batch_array(next(stream))
                 states, device_metrics = group.step_fn()(tuple(states), batch)
                 done = step + 1
                 deferred.add(done, device_metrics)
                 throughput.add(batch_size)
-                if log_due is not None:
-                    metrics = read_and_log(log_due)
-                    log_due = None
                 bar.update(1)
                 actions = schedule.after(done, vote(done, stop.raised), last_saved)
-                if actions.read_now:
-                    metrics = read_and_log(done)
-                elif actions.read_next_step:
-                    log_due = done
+                # Every loss up to here is checked (and this step logged) before a save.
+                read = reads.after_step(done, actions)
+                metrics = metrics if read is None else read
                 if actions.evaluate:
                     with throughput.paused():
                         eval_metrics = evaluate_group(group, states, config, dataset)

@@ -11,7 +11,8 @@ device idle for the host's turn-around every step. Here:
 * :class:`PreemptionVote` agrees on a preemption across processes every ``every`` steps with a
   collective that is dispatched like a step and read one step later.
 * :class:`StepSchedule` says what the loop does after each step (evaluate, save, stop, read the
-  metrics now or one step late), the same for a single run and a group.
+  metrics now or one step late), the same for a single run and a group; :class:`MetricReads`
+  carries out the reads it asks for.
 
 Neither changes what is computed, so a resumed run stays bit-identical to an uninterrupted one.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jax
 import numpy as np
@@ -190,3 +191,31 @@ class StepSchedule:
             read_now=read_now,
             read_next_step=not read_now and done % self.log_every == 0,
         )
+
+
+Host = TypeVar("Host")
+
+
+class MetricReads(Generic[Host]):
+    """Reads (and logs) metrics when a :class:`StepSchedule` asks: at once, or a log step's
+    after the next step has been dispatched.
+
+    Args:
+        read_and_log: reads the metrics up to a step (checking every loss), logs them if it is a
+            log step, and returns them on the host.
+    """
+
+    def __init__(self, read_and_log: Callable[[int], Host]):
+        self._read_and_log = read_and_log
+        self._due: int | None = None
+
+    def after_step(self, done: int, actions: StepActions) -> Host | None:
+        """The reads due after step ``done`` was dispatched; the newest metrics read, if any."""
+        read = None
+        if self._due is not None:
+            read, self._due = self._read_and_log(self._due), None
+        if actions.read_now:
+            read = self._read_and_log(done)
+        elif actions.read_next_step:
+            self._due = done
+        return read

@@ -41,7 +41,12 @@ from dictlearn.sae import get_architecture
 from dictlearn.tracking import Tracker, has_metrics, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
 from dictlearn.train.config import OptimizerConfig, TrainConfig
-from dictlearn.train.inflight import DeferredMetrics, PreemptionVote, StepSchedule
+from dictlearn.train.inflight import (
+    DeferredMetrics,
+    MetricReads,
+    PreemptionVote,
+    StepSchedule,
+)
 from dictlearn.train.lr_law import extrapolation_note
 from dictlearn.train.optimizer import decay_start_step
 from dictlearn.train.step import TrainProgram, TrainState
@@ -377,7 +382,6 @@ def main(config: TrainConfig) -> TrainResult:
             # step is already queued); checkpoints, evals and stops read at once.
             deferred = DeferredMetrics(lambda m: [m["loss"]])
             vote = PreemptionVote(program.mesh)
-            log_due: int | None = None
 
             def read_and_log(upto: int) -> dict[str, float]:
                 host, diverged = deferred.read(upto)
@@ -396,22 +400,18 @@ def main(config: TrainConfig) -> TrainResult:
                     )
                 return host
 
+            reads = MetricReads(read_and_log)
             for step in range(start_step, config.train.steps):
                 batch = program.global_batch_array(next(stream))
                 state, device_metrics = program.step_fn()(state, batch)
                 done = step + 1
                 deferred.add(done, device_metrics)
                 throughput.add(config.train.batch_size)
-                if log_due is not None:
-                    metrics = read_and_log(log_due)
-                    log_due = None
                 bar.update(1)
                 actions = schedule.after(done, vote(done, stop.raised), last_saved)
-                if actions.read_now:
-                    # Every loss up to here checked (and this step logged) before a save.
-                    metrics = read_and_log(done)
-                elif actions.read_next_step:
-                    log_due = done
+                # Every loss up to here is checked (and this step logged) before a save.
+                read = reads.after_step(done, actions)
+                metrics = metrics if read is None else read
                 if actions.evaluate:
                     with throughput.paused():
                         eval_metrics = evaluate(program, state, config, dataset)
