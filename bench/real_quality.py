@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--no-defaults", action="store_true", help="skip ours at defaults")
     parser.add_argument("--no-sparsify", action="store_true")
     parser.add_argument("--results", help="append every row as JSON to this file")
+    parser.add_argument(
+        "--keep", help="keep our runs under KEEP/<name>-<tokens> (for `dictlearn eval`)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -128,7 +131,8 @@ def main() -> None:
     for budget in args.budgets:
         for name, overrides in runs:
             with tempfile.TemporaryDirectory() as tmp:
-                trained = train_ours(args.data, args, budget, split + overrides, tmp)
+                out = f"{args.keep}/{name}-{budget}" if args.keep else tmp
+                trained = train_ours(args.data, args, budget, split + overrides, out)
             _report(name, budget, trained, " ".join(overrides), x, args)
         if not args.no_sparsify:
             with tempfile.TemporaryDirectory() as tmp:
