@@ -219,10 +219,18 @@ def train_sparsify(data_url: str, args, budget: int, out_dir: str) -> tuple[Trai
             break
         shards.append(dataset.shard_url(i))
         rows += dataset.shard_n_tokens(i)
+    return run_sparsify(shards, dataset.d_model, args, budget, out_dir)
+
+
+def run_sparsify(
+    shards: list[str], d_model: int, args, budget: int, out_dir: str
+) -> tuple[Trained, str]:
+    """sparsify's defaults on the first ``budget`` rows of ``shards`` (raw float32 row files,
+    read in order) at ``args.features`` latents, ``args.k``, ``args.batch``; also its versions."""
     out = f"{out_dir}/sparsify.npz"
     spec = {
         "shards": shards,
-        "d_model": args.d_model,
+        "d_model": d_model,
         "batch": args.batch,
         "steps": budget // args.batch,
         "n_latents": args.features,
@@ -276,19 +284,21 @@ def alignment(decoder: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(jnp.concatenate(learned_best).mean()), float(true_best.mean())
 
 
-def score(sae: InferenceSAE, x: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Held-out FVE, L0, dead fraction and both alignments of a TopK SAE."""
+def reconstruction_scores(sae: InferenceSAE, x: np.ndarray) -> dict[str, float]:
+    """Held-out FVE, L0 and dead fraction (active on no row of ``x``) of a TopK SAE."""
     weights = [jnp.asarray(a, jnp.float32) for a in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
     sq, active, fired = 0.0, 0, jnp.zeros(sae.d_sae, jnp.bool_)
     for i in range(0, x.shape[0], _SCORE_CHUNK):
         s, a, f = _chunk_stats(*weights, jnp.asarray(x[i : i + _SCORE_CHUNK]), k=sae.k)
         sq, active, fired = sq + float(s), active + int(a), fired | f
     total = float(np.sum((x - x.mean(axis=0)) ** 2))
+    return {"fve": 1 - sq / total, "l0": active / x.shape[0], "dead": 1 - float(jnp.mean(fired))}
+
+
+def score(sae: InferenceSAE, x: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Held-out FVE, L0, dead fraction and both alignments of a TopK SAE."""
     to_true, from_true = alignment(sae.W_dec, truth)
-    return {
-        "fve": 1 - sq / total,
-        "l0": active / x.shape[0],
-        "dead": 1 - float(jnp.mean(fired)),
+    return reconstruction_scores(sae, x) | {
         "learned_to_true": to_true,
         "true_to_learned": from_true,
     }
