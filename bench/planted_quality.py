@@ -313,6 +313,19 @@ def _row(name: str, budget: int, m: dict[str, float]) -> str:
     )
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both quality benchmarks share: which runs to make, where rows go."""
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help='"NAME key=value ...": also train ours with these dotted overrides',
+    )
+    parser.add_argument("--no-defaults", action="store_true", help="skip ours at defaults")
+    parser.add_argument("--no-sparsify", action="store_true")
+    parser.add_argument("--results", help="append every row as JSON to this file")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=int, nargs="+", default=[262_144, 1_048_576, 4_194_304])
@@ -325,15 +338,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.01)
     parser.add_argument("--heldout", type=int, default=32768, help="held-out rows scored")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        help='"NAME key=value ...": also train ours with these dotted overrides',
-    )
-    parser.add_argument("--no-defaults", action="store_true", help="skip ours at defaults")
-    parser.add_argument("--no-sparsify", action="store_true")
-    parser.add_argument("--results", help="append every row as JSON to this file")
+    add_run_arguments(parser)
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")  # one table line per run, not progress bars
 

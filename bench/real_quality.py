@@ -34,7 +34,13 @@ import tempfile
 
 import jax
 import numpy as np
-from planted_quality import Trained, reconstruction_scores, run_sparsify, train_ours
+from planted_quality import (
+    Trained,
+    add_run_arguments,
+    reconstruction_scores,
+    run_sparsify,
+    train_ours,
+)
 
 from dictlearn.data import ActivationDataset, BatchStream
 from dictlearn.data.reader import split_blocks
@@ -93,15 +99,7 @@ def main() -> None:
     )
     parser.add_argument("--heldout", type=int, default=65536, help="held-out rows scored (max)")
     parser.add_argument("--seed", type=int, default=0, help="train.seed of every run")
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        help='"NAME key=value ...": also train ours with these dotted overrides',
-    )
-    parser.add_argument("--no-defaults", action="store_true", help="skip ours at defaults")
-    parser.add_argument("--no-sparsify", action="store_true")
-    parser.add_argument("--results", help="append every row as JSON to this file")
+    add_run_arguments(parser)
     parser.add_argument(
         "--keep", help="keep our runs under KEEP/<name>-<tokens> (for `dictlearn eval`)"
     )
