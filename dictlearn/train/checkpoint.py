@@ -20,13 +20,16 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from dictlearn.data.storage import WriteFailed, describe_os_error
 from dictlearn.errors import MissingInputError
+
+if TYPE_CHECKING:
+    from dictlearn.train.config import CheckpointConfig
 
 STATE = "state"
 DATA = "data"
@@ -101,6 +104,17 @@ class Checkpointer:
             leftovers on start. Readers (export, status) must not, or they could delete a
             save in progress.
     """
+
+    @classmethod
+    def run_writer(cls, directory: str, settings: CheckpointConfig) -> Checkpointer:
+        """The checkpointer a training run writes with, from its ``checkpoint`` settings."""
+        return cls(
+            directory,
+            keep=settings.keep,
+            async_save=settings.async_save,
+            keep_steps=tuple(settings.keep_steps),
+            writer=True,
+        )
 
     def __init__(
         self,

@@ -165,13 +165,7 @@ class _Member:
         self.ckpt_dir = checkpoint_dir_of(config)
         self.config_dict = config.model_dump(mode="json")
         self.group_name = group_name
-        self.checkpointer = Checkpointer(
-            self.ckpt_dir,
-            keep=config.checkpoint.keep,
-            async_save=config.checkpoint.async_save,
-            keep_steps=tuple(config.checkpoint.keep_steps),
-            writer=True,
-        )
+        self.checkpointer = Checkpointer.run_writer(self.ckpt_dir, config.checkpoint)
         self.tracker: Tracker | None = None
 
     def start_tracking(self, is_lead: bool, start_step: int) -> None:

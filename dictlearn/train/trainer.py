@@ -327,13 +327,7 @@ def main(config: TrainConfig) -> TrainResult:
     is_lead = jax.process_index() == 0
     config_dict = config.model_dump(mode="json")
 
-    checkpointer = Checkpointer(
-        ckpt_dir,
-        keep=config.checkpoint.keep,
-        async_save=config.checkpoint.async_save,
-        keep_steps=tuple(config.checkpoint.keep_steps),
-        writer=True,
-    )
+    checkpointer = Checkpointer.run_writer(ckpt_dir, config.checkpoint)
     # Both refuse (before anything in the run directory changes) a directory of another run.
     try:
         prepare_run_dir(config, checkpointer)
