@@ -49,6 +49,13 @@ class BaseSAEConfig(StrictModel):
     init_b_dec_to_mean: bool = Field(
         True, description="Initialise b_dec at the (normalised) data mean."
     )
+    learn_b_dec: bool = Field(
+        True,
+        # Left out of dumps when True (what every run did before the field existed), so those
+        # runs' configs and version hashes stay what they were.
+        exclude_if=lambda v: v is True,
+        description="Train b_dec (False: keep it where it was initialised, the data mean).",
+    )
     dead_window_tokens: int = Field(
         65_536,
         gt=0,

@@ -223,6 +223,7 @@ def topk_values_and_decode(
     b_enc: jax.Array,
     w_dec: jax.Array,
     indices: jax.Array,
+    straight_through: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Latent values and this shard's partial reconstruction, with sparse gradients.
 
@@ -233,35 +234,42 @@ def topk_values_and_decode(
         mask: ``[batch, k]`` bool, the slots this shard owns.
         x, b_dec, w_enc, b_enc, w_dec: the input and this shard's parameters.
         indices: ``[batch, k]`` int32 local latent of each slot.
+        straight_through: differentiate the ReLU as the identity, so that a negative
+            pre-activation gets the gradient it would have if it were positive (AuxK's variant
+            for latents whose pre-activations are all below 0). The values are unchanged.
 
     Returns:
         ``values`` ``[batch, k]`` (``relu(pre_selected)``, 0 where not owned) and the partial
         reconstruction ``[batch, d_model]`` (without ``b_dec``; sum it over the shards).
     """
     return _topk_values_and_decode(
-        *_unify(pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices)
+        straight_through, *_unify(pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices)
     )
 
 
-@jax.custom_vjp
-def _topk_values_and_decode(pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _topk_values_and_decode(
+    straight_through, pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices
+):
+    del straight_through  # only the backward pass differs
     values = jnp.where(mask, jax.nn.relu(pre_selected), 0.0)
     return values, gather_sum(values, indices, w_dec)
 
 
-def _topk_fwd(pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices):
+def _topk_fwd(straight_through, pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices):
     values, partial = _topk_values_and_decode(
-        pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices
+        straight_through, pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices
     )
     residuals = (pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices, values)
     return (values, partial), residuals
 
 
-def _topk_bwd(residuals, cotangents):
+def _topk_bwd(straight_through, residuals, cotangents):
     pre_selected, mask, x, b_dec, w_enc, b_enc, w_dec, indices, values = residuals
     g_values, g_partial = cotangents
-    # Pairs with a gradient: owned and past the ReLU (its derivative at 0 is 0, as in jax.nn).
-    active = mask & (pre_selected > 0)
+    # Pairs with a gradient: owned and past the ReLU (its derivative at 0 is 0, as in jax.nn);
+    # straight through, every owned pair (a value of 0 still gives W_dec no gradient).
+    active = mask if straight_through else mask & (pre_selected > 0)
     grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec = active_pair_grads(
         g_partial, g_values, x, b_dec, w_enc, w_dec, values, indices, active
     )

@@ -252,6 +252,10 @@ class TrainProgram:
         else:
             out = loss_and_grads(bool(any_dead))(*operands)
         (_, (metrics, fire_counts, stats)), grads = out
+        if not self.arch.config.learn_b_dec:
+            # No gradient, so b_dec neither counts in the clip norm nor fills optimizer moments;
+            # it is also carried over below, as schedule-free's average would round it.
+            grads = grads | {"b_dec": jnp.zeros_like(grads["b_dec"])}
         if self.arch.unit_norm_decoder:
             grads = grads | {"W_dec": remove_parallel_component(grads["W_dec"], point["W_dec"])}
         grad_norm = optax.tree.norm(grads)
@@ -261,6 +265,8 @@ class TrainProgram:
             params = schedule_free_average(opt_state, params)
         elif self.arch.unit_norm_decoder:
             params = params | {"W_dec": renormalise_rows(params["W_dec"])}
+        if not self.arch.config.learn_b_dec:
+            params = params | {"b_dec": state.params["b_dec"]}
         tokens_since_fired = jnp.where(
             fire_counts > 0,
             0,

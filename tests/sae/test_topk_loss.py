@@ -17,8 +17,10 @@ from sharding import MeshConfig, make_mesh
 D_MODEL, N_FEATURES, BATCH, K, K_AUX = 16, 64, 40, 4, 8
 
 
-def _params_and_batch():
-    arch = get_architecture(TopKConfig(n_features=N_FEATURES, k=K, k_aux=K_AUX), D_MODEL)
+def _params_and_batch(aux_gradient: str = "relu"):
+    arch = get_architecture(
+        TopKConfig(n_features=N_FEATURES, k=K, k_aux=K_AUX, aux_gradient=aux_gradient), D_MODEL
+    )
     params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
     # A spread-out b_enc, so the top-k really depends on it.
     params["b_enc"] = jnp.linspace(-0.5, 0.5, N_FEATURES, dtype=jnp.float32)
@@ -47,20 +49,24 @@ def test_chunked_candidates_equal_one_dense_top_k(chunk_tokens: int) -> None:
         np.testing.assert_allclose(values, ref_values, rtol=1e-6, atol=1e-6)
 
 
-def _dense_topk_loss(params, x, dead):
-    """TopK + AuxK written densely, as the paper states it: the reference for the sparse path."""
+def _dense_topk_loss(params, x, dead, aux_gradient="relu"):
+    """TopK + AuxK written densely, as the paper states it: the reference for the sparse path.
+    ``aux_gradient="straight_through"``: AuxK's ReLU passes the gradient as the identity."""
     pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
     rows = jnp.arange(x.shape[0])[:, None]
 
-    def keep_top(scores, k):
+    def keep_top(scores, k, activation):
         values, idx = jax.lax.top_k(jax.lax.stop_gradient(scores), k)
         keep = jnp.zeros(scores.shape, bool).at[rows, idx].set(jnp.isfinite(values))
-        return jnp.where(keep, jax.nn.relu(pre), 0.0)
+        return jnp.where(keep, activation, 0.0)
 
-    x_hat = keep_top(pre, K) @ params["W_dec"] + params["b_dec"]
+    x_hat = keep_top(pre, K, jax.nn.relu(pre)) @ params["W_dec"] + params["b_dec"]
     recon = jnp.sum((x_hat - x) ** 2) / x.shape[0]
     residual = jax.lax.stop_gradient(x - x_hat)
-    aux_hat = keep_top(jnp.where(dead, pre, -jnp.inf), K_AUX) @ params["W_dec"]
+    aux_activation = jax.nn.relu(pre)
+    if aux_gradient == "straight_through":
+        aux_activation = pre + jax.lax.stop_gradient(aux_activation - pre)
+    aux_hat = keep_top(jnp.where(dead, pre, -jnp.inf), K_AUX, aux_activation) @ params["W_dec"]
     centred = residual - residual.mean(0)
     aux_err = jnp.sum((aux_hat - residual) ** 2)
     # The loss adds the error in the reconstruction's units; the metric divides it by the
@@ -68,12 +74,24 @@ def _dense_topk_loss(params, x, dead):
     return recon, aux_err / x.shape[0], aux_err / jnp.sum(centred**2)
 
 
-@pytest.mark.parametrize(("mesh_shape", "chunk_tokens"), [((1, 1), 1024), ((1, 1), 8), ((2, 4), 8)])
+@pytest.mark.parametrize(
+    ("mesh_shape", "chunk_tokens", "aux_gradient"),
+    [
+        ((1, 1), 1024, "relu"),
+        ((1, 1), 8, "relu"),
+        ((2, 4), 8, "relu"),
+        ((1, 1), 8, "straight_through"),
+        ((2, 4), 8, "straight_through"),
+    ],
+)
 def test_topk_loss_and_gradients_equal_the_dense_reference(
-    monkeypatch: pytest.MonkeyPatch, mesh_shape: tuple[int, int], chunk_tokens: int
+    monkeypatch: pytest.MonkeyPatch,
+    mesh_shape: tuple[int, int],
+    chunk_tokens: int,
+    aux_gradient: str,
 ) -> None:
     monkeypatch.setattr(topk_module, "ENCODE_CHUNK_TOKENS", chunk_tokens)
-    arch, params, x, dead = _params_and_batch()
+    arch, params, x, dead = _params_and_batch(aux_gradient)
     data, model = mesh_shape
     mesh = make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
     program = TrainProgram(arch, OptimizerConfig(lr=4e-4), 10, BATCH, mesh, norm_scale=1.0)
@@ -88,12 +106,16 @@ def test_topk_loss_and_gradients_equal_the_dense_reference(
         sharded_params
     )
 
-    def dense_loss(p):
-        recon, aux, aux_metric = _dense_topk_loss(p, x, dead)
+    def dense_loss(p, gradient=aux_gradient):
+        recon, aux, aux_metric = _dense_topk_loss(p, x, dead, gradient)
         return recon + arch.config.aux_coef * aux, aux_metric
 
     (ref_loss, ref_aux), ref_grads = jax.jit(jax.value_and_grad(dense_loss, has_aux=True))(params)
     assert ref_aux > 0
+    if aux_gradient == "straight_through":
+        # Some picked dead latents are below 0 here, so the two AuxK gradients really differ.
+        relu_grads = jax.grad(lambda p: dense_loss(p, "relu")[0])(params)
+        assert not np.allclose(relu_grads["W_enc"], ref_grads["W_enc"])
     np.testing.assert_allclose(metrics["aux_loss"], ref_aux, rtol=1e-5)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     grads = unsharded_copy(grads)

@@ -130,3 +130,31 @@ def test_new_optimizers_train_and_resume_bit_identical(name: str, tmp_path) -> N
     _, expected = restore_final(whole)
     _, actual = restore_final(with_overrides(halves, "train.steps=20"))
     assert_trees_equal(actual.state, expected.state)
+
+
+@pytest.mark.parametrize("name", ["adam", "lion", "schedule_free_sign"])
+def test_b_dec_stays_at_the_data_mean_when_not_learned(name: str, tmp_path) -> None:
+    """``sae.learn_b_dec=false`` keeps b_dec exactly at its initial value (the normalised data
+    mean) under every optimizer kind, while the other parameters train; learned, it moves."""
+    from dictlearn.data import ActivationDataset
+
+    data = tmp_path / "data"
+    make_planted(data)
+    dataset = ActivationDataset.open(str(data))
+    initial = np.asarray(jnp.asarray(dataset.mean) * dataset.norm_scale)
+    moved = {}
+    for learn in (False, True):
+        config = tiny_config(
+            tmp_path / f"{name}-{learn}",
+            data,
+            train={"steps": 8},
+            optimizer={"name": name, "lr": 1e-2},
+            sae={"learn_b_dec": learn},
+        )
+        main(config)
+        _, restored = restore_final(config)
+        params = jax.device_get(restored.state.params)
+        moved[learn] = float(np.max(np.abs(params["b_dec"] - initial)))
+        assert np.all(np.isfinite(params["W_enc"]))
+    assert moved[False] == 0.0
+    assert moved[True] > 1e-3
