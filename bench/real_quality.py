@@ -27,6 +27,7 @@ The lr the defaults train at (``dictlearn.train.lr_law.default_lr``) is printed 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +45,8 @@ from planted_quality import (
 
 from dictlearn.data import ActivationDataset, BatchStream
 from dictlearn.data.reader import split_blocks
+from dictlearn.export.formats import write_export
+from dictlearn.export.model import InferenceSAE
 from dictlearn.train.config import DataConfig
 from dictlearn.train.lr_law import default_lr
 
@@ -101,7 +104,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="train.seed of every run")
     add_run_arguments(parser)
     parser.add_argument(
-        "--keep", help="keep our runs under KEEP/<name>-<tokens> (for `dictlearn eval`)"
+        "--keep",
+        help="keep our runs under KEEP/<name>-<tokens> and sparsify's SAE as a SAELens export "
+        "under KEEP/sparsify-<tokens> (for `dictlearn eval`)",
     )
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -137,7 +142,22 @@ def main() -> None:
                 write_training_rows(dataset, args, budget, f"{tmp}/rows.f32")
                 rows = [f"{tmp}/rows.f32"]
                 trained, versions = run_sparsify(rows, dataset.d_model, args, budget, tmp)
+            if args.keep:
+                _keep_as_saelens(trained.sae, dataset, f"{args.keep}/sparsify-{budget}")
             _report("sparsify (defaults)", budget, trained, versions, x, args)
+
+
+def _keep_as_saelens(sae: InferenceSAE, dataset: ActivationDataset, out: str) -> None:
+    """sparsify's SAE as a SAELens export that names the dataset's model and hook, so that
+    ``dictlearn eval`` splices it in exactly as it does ours."""
+    manifest = dataset.manifest
+    metadata = {
+        "model_name": manifest.source_model,
+        "hook_name": manifest.hook,
+        "hook_layer": manifest.layer,
+        "trained_architecture": "topk (sparsify)",
+    }
+    write_export(dataclasses.replace(sae, metadata=metadata), out, "saelens")
 
 
 def _report(name: str, budget: int, trained: Trained, note: str, x: np.ndarray, args) -> None:
