@@ -61,15 +61,16 @@ class TopKConfig(BaseSAEConfig):
         ),
     )
     aux_gradient: Literal["relu", "straight_through"] = Field(
-        "relu",
-        # Left out of dumps at its default: configs (and version hashes) from before the field
-        # existed stay what they were.
+        "straight_through",
+        # Dumped unless "relu" (what every run did before the field existed), so those runs'
+        # configs and version hashes stay what they were when they set it.
         exclude_if=lambda v: v == "relu",
         description=(
             "How AuxK's loss reaches a picked dead latent's encoder: through its ReLU as in Gao "
             "et al. (no gradient where the pre-activation is below 0), or straight through "
-            "(the gradient it would get if it fired, so latents that never fire are pulled up "
-            "on the tokens whose error their decoder row would reduce)."
+            "(the gradient it would get if it fired). On Gemma 3 270M activations at 1M tokens "
+            "straight through left 12.8 % of the latents dead instead of 35.4 %, at the same "
+            "FVU and spliced loss (docs/real_quality.md)."
         ),
     )
 
