@@ -166,6 +166,23 @@ def without_fields(data: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, A
     return out
 
 
+def without_values_from_before(data: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` without the dotted fields of ``before`` that hold the value ``before``
+    gives: the value every config had before the field existed. Version hashes and run
+    comparisons go through this, so that a config written before a field was added and one that
+    sets the field to that value are the same run (a config dump still holds every field)."""
+    out = dict(data)
+    for dotted, value in before.items():
+        head, _, rest = dotted.partition(".")
+        if head not in out:
+            continue
+        if rest and isinstance(out[head], dict):
+            out[head] = without_values_from_before(out[head], {rest: value})
+        elif not rest and out[head] == value:
+            del out[head]
+    return out
+
+
 def differences(
     saved: dict[str, Any], current: dict[str, Any], saved_as: str = "checkpoint", prefix: str = ""
 ) -> list[str]:

@@ -48,10 +48,16 @@ from dictlearn.config import (
     to_yaml,
     validate,
     without_fields,
+    without_values_from_before,
 )
 from dictlearn.data import storage
 from dictlearn.inspect.evaluate import EvalConfig
-from dictlearn.train.config import DataConfig, GroupTrainConfig, TrainConfig
+from dictlearn.train.config import (
+    FIELDS_ADDED_LATER,
+    DataConfig,
+    GroupTrainConfig,
+    TrainConfig,
+)
 from launch.hook_workers import (
     HookWorkersConfig,
     WorkerJob,
@@ -331,6 +337,7 @@ def _plan_train(config: PipelineConfig, hook: str, gen_version: str, gen_dir: st
     if hashed.get("init") is None:
         # Added to TrainConfig after pipelines had versions: unset, it leaves them unchanged.
         hashed.pop("init", None)
+    hashed = without_values_from_before(hashed, FIELDS_ADDED_LATER)
     train_version = version_hash({"stage": "train", "config": hashed, "inputs": inputs})
     directory = f"{config.root}/train-{train_version}"
     train_dict["data"]["path"] = f"{gen_dir}/{hook}"

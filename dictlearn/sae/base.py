@@ -51,9 +51,6 @@ class BaseSAEConfig(StrictModel):
     )
     learn_b_dec: bool = Field(
         True,
-        # Left out of dumps when True (what every run did before the field existed), so those
-        # runs' configs and version hashes stay what they were.
-        exclude_if=lambda v: v is True,
         description="Train b_dec (False: keep it where it was initialised, the data mean).",
     )
     dead_window_tokens: int = Field(

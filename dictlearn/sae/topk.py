@@ -50,9 +50,6 @@ class TopKConfig(BaseSAEConfig):
     aux_coef: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss.")
     learn_b_dec: bool = Field(
         False,
-        # Dumped when False: a run from before the field existed (b_dec learned) is refused
-        # with this field named rather than resumed under another rule; True is left out.
-        exclude_if=lambda v: v is True,
         description=(
             "Train b_dec (False: keep it at its initial value, the data mean). On Gemma 3 270M "
             "activations a learned b_dec left 62 % of the latents dead at 1M tokens, a fixed "
@@ -62,9 +59,6 @@ class TopKConfig(BaseSAEConfig):
     )
     aux_gradient: Literal["relu", "straight_through"] = Field(
         "straight_through",
-        # Dumped unless "relu" (what every run did before the field existed), so those runs'
-        # configs and version hashes stay what they were when they set it.
-        exclude_if=lambda v: v == "relu",
         description=(
             "How AuxK's loss reaches a picked dead latent's encoder: through its ReLU as in Gao "
             "et al. (no gradient where the pre-activation is below 0), or straight through "

@@ -32,7 +32,14 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from dictlearn.config import Effect, differences, fields_with, to_yaml, without_fields
+from dictlearn.config import (
+    Effect,
+    differences,
+    fields_with,
+    to_yaml,
+    without_fields,
+    without_values_from_before,
+)
 from dictlearn.data import ActivationDataset, BatchStream, DatasetError
 from dictlearn.data.planted import load_planted_truth, recovery_score
 from dictlearn.data.storage import write_bytes_atomic
@@ -40,7 +47,7 @@ from dictlearn.errors import UserError
 from dictlearn.sae import get_architecture
 from dictlearn.tracking import Tracker, has_metrics, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
-from dictlearn.train.config import OptimizerConfig, TrainConfig
+from dictlearn.train.config import FIELDS_ADDED_LATER, OptimizerConfig, TrainConfig
 from dictlearn.train.inflight import (
     DeferredMetrics,
     MetricReads,
@@ -153,11 +160,17 @@ def build_program(config: TrainConfig, dataset: ActivationDataset, mesh=None) ->
     )
 
 
+def _compared(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """What a resume compares: the config without RESUMABLE_CHANGES, and without fields that
+    hold the value they had before they existed (FIELDS_ADDED_LATER)."""
+    return without_values_from_before(
+        without_fields(config_dict, RESUMABLE_CHANGES), FIELDS_ADDED_LATER
+    )
+
+
 def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Fields (dotted) where a checkpoint's config and this one differ, RESUMABLE_CHANGES aside."""
-    return differences(
-        without_fields(saved, RESUMABLE_CHANGES), without_fields(current, RESUMABLE_CHANGES)
-    )
+    return differences(_compared(saved), _compared(current))
 
 
 def prepare_run_dir(config: TrainConfig, checkpointer: Checkpointer) -> None:
@@ -201,9 +214,7 @@ def prepare_run_dir(config: TrainConfig, checkpointer: Checkpointer) -> None:
         with fs.open(saved_yaml, "r") as f:
             saved = yaml.safe_load(f) or {}
         diffs = differences(
-            without_fields(saved, RESUMABLE_CHANGES),
-            without_fields(config.model_dump(mode="json"), RESUMABLE_CHANGES),
-            saved_as="config.yaml",
+            _compared(saved), _compared(config.model_dump(mode="json")), saved_as="config.yaml"
         )
         if diffs:
             raise UserError(

@@ -19,6 +19,7 @@ from dictlearn.config import (
     differences,
     effect_of,
     iter_fields,
+    validate,
     without_fields,
 )
 from dictlearn.train.config import TrainConfig
@@ -206,7 +207,9 @@ def test_derived_lists() -> None:
 
 # Version hashes of finished pipelines on disk: the pipeline skips a stage by them, so deriving
 # the hashed fields from the marking must not change them (values from before the marking).
-# Each case sets the lr those pipelines ran with (1e-3; the default is now the fitted law).
+# Each case sets the lr those pipelines ran with (1e-3; the default is now the fitted law), and
+# TopK's b_dec and AuxK gradient as they ran (learned, through the ReLU; now kept and straight
+# through).
 PINNED_VERSIONS = {
     (): {"generate": "51bf5611a2df", "train": "2c4865d42c8e", "eval": "d187addc8b5a"},
     ("mesh.model=2", "train.train.eval_batches=9"): {
@@ -235,6 +238,30 @@ PINNED_VERSIONS = {
 
 @pytest.mark.parametrize("overrides", list(PINNED_VERSIONS))
 def test_version_hashes_are_unchanged(overrides: tuple[str, ...]) -> None:
-    config = load_pipeline_config(None, ["train.optimizer.lr=0.001", *overrides])
+    ran_with = ["train.optimizer.lr=0.001", "train.sae.learn_b_dec=true"]
+    ran_with.append("train.sae.aux_gradient=relu")
+    config = load_pipeline_config(None, [*ran_with, *overrides])
     plans = plan_stages(config)
     assert {name: plan.version for name, plan in plans.items()} == PINNED_VERSIONS[overrides]
+
+
+def test_a_run_from_before_new_fields_resumes_only_with_their_old_values() -> None:
+    """A checkpoint's config written before ``sae.learn_b_dec`` / ``sae.aux_gradient`` existed
+    (no such keys) equals a config that sets their old values, and differs, by those two fields,
+    from today's defaults; a config dump round-trips the non-default values."""
+    current = validate(TrainConfig, {"data": {"path": "/d"}}).model_dump(mode="json")
+    before = {**current, "sae": dict(current["sae"])}
+    del before["sae"]["learn_b_dec"], before["sae"]["aux_gradient"]
+    old_values = validate(
+        TrainConfig,
+        {
+            "data": {"path": "/d"},
+            "sae": {"architecture": "topk", "learn_b_dec": True, "aux_gradient": "relu"},
+        },
+    )
+    assert _config_differences(before, old_values.model_dump(mode="json")) == []
+    assert [d.split(":")[0] for d in _config_differences(before, current)] == [
+        "sae.aux_gradient",
+        "sae.learn_b_dec",
+    ]
+    assert validate(TrainConfig, old_values.model_dump(mode="json")) == old_values
