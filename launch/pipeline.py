@@ -334,9 +334,8 @@ def _plan_train(config: PipelineConfig, hook: str, gen_version: str, gen_dir: st
     train_dict = config.train.model_dump(mode="json", exclude={"hook", "hook_workers"})
     inputs = {"generate": gen_version, "hook": hook}
     hashed = without_fields(train_dict, TRAIN_EXECUTION_FIELDS)
-    if hashed.get("init") is None:
-        # Added to TrainConfig after pipelines had versions: unset, it leaves them unchanged.
-        hashed.pop("init", None)
+    # Fields added to TrainConfig after pipelines had versions leave them unchanged at the value
+    # those pipelines ran with (an unset `init`, TopK's learned b_dec, ...).
     hashed = without_values_from_before(hashed, FIELDS_ADDED_LATER)
     train_version = version_hash({"stage": "train", "config": hashed, "inputs": inputs})
     directory = f"{config.root}/train-{train_version}"

@@ -263,11 +263,16 @@ class ClusterConfig(StrictModel):
         return self.hosts > 1 or bool(self.resources_per_host)
 
 
-FIELDS_ADDED_LATER: dict[str, Any] = {"sae.learn_b_dec": True, "sae.aux_gradient": "relu"}
-"""Train-config fields added after runs existed, with the value every earlier run had (TopK
-learned b_dec and sent AuxK through the ReLU). Version hashes and resume checks leave a field out
-when it holds this value (``dictlearn.config.without_values_from_before``), so an earlier run
-compares equal to a config that sets these values; the new defaults make another run."""
+FIELDS_ADDED_LATER: dict[str, Any] = {
+    "init": None,
+    "sae.learn_b_dec": True,
+    "sae.aux_gradient": "relu",
+}
+"""Train-config fields added after runs existed, with the value every earlier run had (no
+branch; TopK learned b_dec and sent AuxK through the ReLU). Version hashes and resume checks
+(of runs and of sweeps) leave a field out when it holds this value
+(``dictlearn.config.without_values_from_before``), so an earlier run compares equal to a config
+that sets these values; the new defaults make another run."""
 
 
 class TrainConfig(StrictModel):

@@ -238,8 +238,11 @@ PINNED_VERSIONS = {
 
 @pytest.mark.parametrize("overrides", list(PINNED_VERSIONS))
 def test_version_hashes_are_unchanged(overrides: tuple[str, ...]) -> None:
-    ran_with = ["train.optimizer.lr=0.001", "train.sae.learn_b_dec=true"]
-    ran_with.append("train.sae.aux_gradient=relu")
+    ran_with = [
+        "train.optimizer.lr=0.001",
+        "train.sae.learn_b_dec=true",
+        "train.sae.aux_gradient=relu",
+    ]
     config = load_pipeline_config(None, [*ran_with, *overrides])
     plans = plan_stages(config)
     assert {name: plan.version for name, plan in plans.items()} == PINNED_VERSIONS[overrides]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dictlearn.config import ConfigError
 from dictlearn.ray_cluster import local_ray_cluster
 from dictlearn.tracking import read_metrics
 from launch.cli import main as cli_main
@@ -241,3 +242,28 @@ def test_sweep_trials_report_the_spliced_evaluation(
         result = record["result"]
         assert result["spliced/ce_clean"] < result["spliced/ce_zero_ablated"]
         assert f"loss recovered {result['spliced/loss_recovered']:.4f}" in out, (name, out)
+
+
+def test_a_sweep_from_before_new_fields_continues_only_with_their_old_values(
+    tmp_path: Path, planted_url: str
+) -> None:
+    """A ``sweep.yaml`` written before ``sae.learn_b_dec`` / ``sae.aux_gradient`` existed is
+    the same sweep as a config that sets their old values, and another sweep than today's
+    defaults (the refusal names both fields), as for a single run's resume."""
+    from launch.sweep import SWEEP_FILE, check_sweep_dir, load_sweep_config
+
+    path = _sweep_file(tmp_path / "sweep.yaml", planted_url, tmp_path / "out")
+    old_values = load_sweep_config(
+        str(path), ["base.sae.learn_b_dec=true", "base.sae.aux_gradient=relu"]
+    )
+    check_sweep_dir(old_values)
+    written = Path(old_values.root) / SWEEP_FILE
+    before = yaml.safe_load(written.read_text())
+    del before["base"]["sae"]["learn_b_dec"], before["base"]["sae"]["aux_gradient"]
+    written.write_text(yaml.safe_dump(before))
+
+    with pytest.raises(ConfigError) as refused:
+        check_sweep_dir(load_sweep_config(str(path), []))
+    assert "base.sae.aux_gradient: sweep.yaml has None" in str(refused.value)
+    assert "base.sae.learn_b_dec: sweep.yaml has None" in str(refused.value)
+    check_sweep_dir(old_values)
