@@ -326,6 +326,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", help="append every row as JSON to this file")
 
 
+def requested_runs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """``(name, dotted overrides)`` of each of our runs the options of ``add_run_arguments``
+    ask for: the defaults (unless ``--no-defaults``), then each ``--variant``."""
+    runs = [] if args.no_defaults else [("ours (defaults)", [])]
+    return runs + [(v.split()[0], v.split()[1:]) for v in args.variant]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=int, nargs="+", default=[262_144, 1_048_576, 4_194_304])
@@ -346,8 +353,7 @@ def main() -> None:
     data_url = ensure_dataset(cfg)
     truth = np.load(f"{data_url}/truth.npy")
     x = heldout_rows(cfg, args.heldout)
-    runs = [] if args.no_defaults else [("ours (defaults)", [])]
-    runs += [(v.split()[0], v.split()[1:]) for v in args.variant]
+    runs = requested_runs(args)
 
     print(
         f"planted: d_model {cfg.d_model}, {cfg.n_features} true directions, mean active "

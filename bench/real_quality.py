@@ -39,6 +39,7 @@ from planted_quality import (
     Trained,
     add_run_arguments,
     reconstruction_scores,
+    requested_runs,
     run_sparsify,
     train_ours,
 )
@@ -116,8 +117,7 @@ def main() -> None:
     # Every run reads only the train split; no evaluation inside the trainer (scored here).
     split = [f"data.eval_fraction={args.eval_fraction}", "train.eval_batches=0"]
     split += [f"train.seed={args.seed}"]
-    runs = [] if args.no_defaults else [("ours (defaults)", [])]
-    runs += [(v.split()[0], v.split()[1:]) for v in args.variant]
+    runs = requested_runs(args)
     print(
         f"{args.data}: d_model {dataset.d_model}, {dataset.n_tokens} rows, {dataset.num_shards} "
         f"shards; {x.shape[0]} held-out rows (eval_fraction {args.eval_fraction:g}); SAE: "
