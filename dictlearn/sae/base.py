@@ -33,6 +33,10 @@ ArchState = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+EncoderDtype = Literal["float32", "bfloat16"]
+"""Input dtype of the encoder's forward matmul (``BaseSAEConfig.encoder_dtype``)."""
+
+
 class BaseSAEConfig(StrictModel):
     """Fields every architecture has. Subclasses add their own and a literal ``architecture``."""
 
@@ -52,6 +56,16 @@ class BaseSAEConfig(StrictModel):
     learn_b_dec: bool = Field(
         True,
         description="Train b_dec (False: keep it where it was initialised, the data mean).",
+    )
+    encoder_dtype: EncoderDtype = Field(
+        "float32",
+        description=(
+            "Input dtype of the encoder's dense forward matmul, the step's one dense matmul "
+            "(it picks the active latents and their values); it accumulates in float32, and "
+            "the sparse decoder, the backward pass, the optimizer and evaluation stay float32. "
+            "bfloat16 runs it on bf16 matrix units: on an H200 at 1.3-1.8x the TF32 rate, a "
+            "1M-latent TopK step 23 % shorter (docs/gpu.md); on CPUs with AMX the matmul 3-4x."
+        ),
     )
     dead_window_tokens: int = Field(
         65_536,
@@ -225,8 +239,25 @@ def finish_reconstruction(partial: jax.Array, b_dec: jax.Array) -> jax.Array:
 
 
 def encoder_matmul(params: Params, x: jax.Array) -> jax.Array:
-    """``(x - b_dec) @ W_enc`` for this device's feature slice (pre-activations less b_enc)."""
-    return (x - params["b_dec"]) @ params["W_enc"]
+    """``(x - b_dec) @ W_enc`` for this device's feature slice (pre-activations less b_enc).
+
+    The product takes ``W_enc``'s dtype for its inputs and accumulates in float32: with a
+    bfloat16 ``W_enc`` (``with_encoder_dtype``) it runs on bf16 tensor cores.
+    """
+    w_enc = params["W_enc"]
+    centered = x - params["b_dec"]
+    if w_enc.dtype == jnp.float32:
+        return centered @ w_enc
+    return jnp.matmul(centered.astype(w_enc.dtype), w_enc, preferred_element_type=jnp.float32)
+
+
+def with_encoder_dtype(params: Params, dtype: EncoderDtype) -> Params:
+    """``params`` with ``W_enc`` cast to ``dtype`` for ``encoder_matmul``: done once per step,
+    outside the token-chunk loop, so the cast is not repeated per chunk. Only for the
+    no-gradient selection pass (the cast has no useful gradient)."""
+    if dtype == "float32":
+        return params
+    return params | {"W_enc": params["W_enc"].astype(jnp.dtype(dtype))}
 
 
 def preactivations(params: Params, x: jax.Array) -> jax.Array:

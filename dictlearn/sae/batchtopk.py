@@ -177,7 +177,9 @@ class BatchTopK(Architecture):
             return self._inference_loss(params, x, state, ctx)
         n_local = params["b_enc"].shape[0]
         m = self._candidates(n_local)
-        pre, indices = local_top_k_candidates(params, x, [(m, params["b_enc"])])[0]
+        pre, indices = local_top_k_candidates(
+            params, x, [(m, params["b_enc"])], encoder_dtype=self.config.encoder_dtype
+        )[0]
         n_select = self.config.k * ctx.global_batch
         cutoff, overflow = candidate_cutoff(jax.nn.relu(pre), n_select, m == n_local)
         diff = tuple(as_varying(params[k]) for k in ("b_dec", "W_enc", "b_enc", "W_dec"))
@@ -208,7 +210,9 @@ class BatchTopK(Architecture):
         n_local = params["b_enc"].shape[0]
         threshold = jnp.full((n_local,), state["threshold"], jnp.float32)
         # No gradient is taken here, so the estimator's bandwidth plays no part.
-        out = jumprelu_forward(params, x, threshold, 0.0, self._candidates(n_local))
+        out = jumprelu_forward(
+            params, x, threshold, 0.0, self._candidates(n_local), self.config.encoder_dtype
+        )
         x_hat = jax.lax.psum(out.partial, mesh_axis(FEATURES)) + params["b_dec"]
         recon, metrics = reconstruction_metrics(x, x_hat, out.l0_per_token, ctx.global_batch)
         metrics |= {

@@ -20,6 +20,7 @@ from dictlearn.sae.base import (
     Architecture,
     ArchState,
     BaseSAEConfig,
+    EncoderDtype,
     LocalOutputs,
     LossContext,
     Params,
@@ -178,13 +179,19 @@ class _JumpReLUPath(NamedTuple):
 
 
 def jumprelu_forward(
-    params: Params, x: jax.Array, threshold: jax.Array, bandwidth: float, bound: int
+    params: Params,
+    x: jax.Array,
+    threshold: jax.Array,
+    bandwidth: float,
+    bound: int,
+    encoder_dtype: EncoderDtype = "float32",
 ) -> JumpOutputs:
     """JumpReLU latents decoded, on this shard, over at most ``bound`` slots per token.
 
     Call inside ``shard_map``. ``threshold`` is ``[n_local]``; it and the parameters get the
     dense formulas' gradients exactly (``jumprelu`` and ``step`` above), ``x`` none (it is data).
     A step where any token on any shard has more than ``bound`` candidates runs densely.
+    ``encoder_dtype`` is the selection matmul's input dtype (the dense path stays float32).
     """
     n_local = params["b_enc"].shape[0]
     bound = min(bound, n_local)
@@ -198,7 +205,12 @@ def jumprelu_forward(
         return JumpOutputs(*path.dense(diff, (x,)), overflow=jnp.bool_(True))
     margin = bandwidth + SELECTION_MARGIN * (1.0 + jnp.abs(threshold))
     slots = select_slots(
-        params, x, bound, params["b_enc"] - threshold + margin, ENCODE_CHUNK_TOKENS
+        params,
+        x,
+        bound,
+        params["b_enc"] - threshold + margin,
+        ENCODE_CHUNK_TOKENS,
+        encoder_dtype,
     )
     overflow = any_over_mesh(jnp.any(slots.count > bound))
     outputs = sparse_or_dense(path, overflow, diff, (x, slots.pre, slots.indices))
@@ -228,7 +240,9 @@ class JumpReLU(Architecture):
     def local_loss(self, params, x, state, dead, ctx: LossContext):
         cfg = self.config
         threshold = jnp.exp(params["log_threshold"])
-        out = jumprelu_forward(params, x, threshold, cfg.bandwidth, cfg.sparse_l0_bound)
+        out = jumprelu_forward(
+            params, x, threshold, cfg.bandwidth, cfg.sparse_l0_bound, cfg.encoder_dtype
+        )
         x_hat = jax.lax.psum(out.partial, mesh_axis(FEATURES)) + params["b_dec"]
         recon, metrics = reconstruction_metrics(x, x_hat, out.l0_per_token, ctx.global_batch)
         l0 = jax.lax.psum(global_sum(out.l0), mesh_axis(FEATURES)) / ctx.global_batch

@@ -130,7 +130,9 @@ class ReLUL1(Architecture):
             outputs = path.dense(diff, (data,))
         else:
             # Ranked by the pre-activation itself: candidates are exactly the positive ones.
-            slots = select_slots(params, x, bound, params["b_enc"], ENCODE_CHUNK_TOKENS)
+            slots = select_slots(
+                params, x, bound, params["b_enc"], ENCODE_CHUNK_TOKENS, cfg.encoder_dtype
+            )
             overflow = any_over_mesh(jnp.any(slots.count > bound))
             outputs = sparse_or_dense(path, overflow, diff, (data, slots.pre, slots.indices))
         partial, l1_local, per_token, fire = outputs

@@ -24,6 +24,7 @@ from dictlearn.sae.base import (
     Architecture,
     ArchState,
     BaseSAEConfig,
+    EncoderDtype,
     LocalOutputs,
     LossContext,
     Params,
@@ -33,6 +34,7 @@ from dictlearn.sae.base import (
     preactivations,
     reconstruction_metrics,
     register,
+    with_encoder_dtype,
 )
 from dictlearn.sae.sparse import topk_values_and_decode
 from dictlearn.sae.topk_select import Selection, select_shard_winners, top_k
@@ -89,6 +91,7 @@ def local_top_k_candidates(
     x: jax.Array,
     biased_k: Sequence[tuple[int, jax.Array]],
     chunk_tokens: int | None = None,
+    encoder_dtype: EncoderDtype = "float32",
 ) -> list[tuple[jax.Array, jax.Array]]:
     """This shard's top-k of ``(x - b_dec) @ W_enc + bias`` for each ``(k, bias)``, chunk by chunk.
 
@@ -96,11 +99,12 @@ def local_top_k_candidates(
     pre-activations (``bias = b_enc``) and, when AuxK runs, the ``k_aux`` largest among dead
     latents (``bias = where(dead, b_enc, -inf)``). The ``[batch, n_local]`` matmul is never
     stored whole. Returns ``(values, local indices)``, each ``[batch, k]``, per request; no
-    gradient flows through them. ``chunk_tokens`` defaults to ``ENCODE_CHUNK_TOKENS``.
+    gradient flows through them. ``chunk_tokens`` defaults to ``ENCODE_CHUNK_TOKENS``;
+    ``encoder_dtype`` is the matmul's input dtype (``BaseSAEConfig.encoder_dtype``).
     """
     if chunk_tokens is None:
         chunk_tokens = ENCODE_CHUNK_TOKENS
-    params = jax.lax.stop_gradient(params)
+    params = with_encoder_dtype(jax.lax.stop_gradient(params), encoder_dtype)
     requests = [(k, jax.lax.stop_gradient(bias)) for k, bias in biased_k]
 
     def select(x_chunk: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
@@ -171,7 +175,7 @@ class TopK(Architecture):
             # -inf bias: a live latent's pre-activation becomes -inf, so it can only be picked
             # when fewer than k_aux latents are dead (and is then dropped in _aux_loss).
             requests.append((min(cfg.k_aux, n_local), jnp.where(dead, params["b_enc"], -jnp.inf)))
-        candidates = local_top_k_candidates(params, x, requests)
+        candidates = local_top_k_candidates(params, x, requests, encoder_dtype=cfg.encoder_dtype)
         selection = select_shard_winners(*candidates[0], k=cfg.k)
         values, partial = sparse_topk_forward(params, x, selection)
         x_hat = jax.lax.psum(partial, mesh_axis(FEATURES)) + params["b_dec"]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dictlearn.sae import cpu_kernels
-from dictlearn.sae.base import Params, encoder_matmul
+from dictlearn.sae.base import EncoderDtype, Params, encoder_matmul, with_encoder_dtype
 from dictlearn.sae.sparse import gather_sum
 from dictlearn.sae.topk_select import top_k
 from sharding import BATCH, FEATURES, mesh_axis
@@ -58,7 +58,12 @@ def map_token_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk_tokens:
 
 
 def select_slots(
-    params: Params, x: jax.Array, bound: int, rank_bias: jax.Array, chunk_tokens: int
+    params: Params,
+    x: jax.Array,
+    bound: int,
+    rank_bias: jax.Array,
+    chunk_tokens: int,
+    encoder_dtype: EncoderDtype = "float32",
 ) -> Slots:
     """Per token, the local latents with ``(x - b_dec) @ W_enc + rank_bias > 0``, up to ``bound``.
 
@@ -66,9 +71,10 @@ def select_slots(
     b_enc - threshold + margin`` the candidates are the latents at most ``margin`` below their
     threshold. No gradient flows through the result. On CPU one native pass per row
     (``cpu_kernels.select_above``) collects them in index order; elsewhere a top-``bound`` by
-    rank value keeps the best ones (the same set whenever no token overflows).
+    rank value keeps the best ones (the same set whenever no token overflows). The matmul's
+    inputs are ``encoder_dtype`` (``BaseSAEConfig.encoder_dtype``).
     """
-    params = jax.lax.stop_gradient(params)
+    params = with_encoder_dtype(jax.lax.stop_gradient(params), encoder_dtype)
     rank_bias = jax.lax.stop_gradient(rank_bias)
     b_enc = params["b_enc"]
 

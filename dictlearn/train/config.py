@@ -267,6 +267,7 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
     "init": None,
     "sae.learn_b_dec": True,
     "sae.aux_gradient": "relu",
+    "sae.encoder_dtype": "float32",
 }
 """Train-config fields added after runs existed, with the value every earlier run had (no
 branch; TopK learned b_dec and sent AuxK through the ReLU). Version hashes and resume checks

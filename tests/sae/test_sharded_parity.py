@@ -26,6 +26,12 @@ CONFIGS = {
     "batchtopk": BatchTopKConfig(n_features=N_FEATURES, k=4),
     "jumprelu": JumpReLUConfig(n_features=N_FEATURES, init_threshold=0.5, bandwidth=0.5),
     "relu_l1": ReLUL1Config(n_features=N_FEATURES),
+    "topk_bf16": TopKConfig(
+        n_features=N_FEATURES, k=4, k_aux=8, dead_window_tokens=BATCH, encoder_dtype="bfloat16"
+    ),
+    "jumprelu_bf16": JumpReLUConfig(
+        n_features=N_FEATURES, init_threshold=0.5, bandwidth=0.5, encoder_dtype="bfloat16"
+    ),
 }
 MESHES = {"1x1": (MeshConfig(data=1, model=1), 1), "2x4": (MeshConfig(data=2, model=4), 8)}
 
@@ -62,7 +68,7 @@ def _loss_and_grads(program: TrainProgram, dead: np.ndarray, any_dead: bool):
 def test_loss_metrics_and_gradients_match_single_device(name: str) -> None:
     dead = np.zeros(N_FEATURES, bool)
     dead[::5] = True  # exercises AuxK for topk
-    any_dead = name == "topk"
+    any_dead = name.startswith("topk")
     ref = _loss_and_grads(_program(name, "1x1"), dead, any_dead)
     sharded = _loss_and_grads(_program(name, "2x4"), dead, any_dead)
     ref_loss, ref_metrics, ref_fire, ref_grads = ref
@@ -77,8 +83,35 @@ def test_loss_metrics_and_gradients_match_single_device(name: str) -> None:
         scale = np.max(np.abs(ref_grad))
         assert scale > 0, f"gradient of {key} is identically zero"
         np.testing.assert_allclose(grads[key], ref_grad, rtol=0, atol=1e-5 * scale, err_msg=key)
-    if name == "topk":
+    if name.startswith("topk"):
         assert ref_metrics["aux_loss"] > 0
+
+
+@pytest.mark.parametrize("name", ["topk", "jumprelu", "batchtopk", "relu_l1"])
+def test_bfloat16_encoder_matmul_is_what_the_step_runs(name: str) -> None:
+    """``encoder_dtype: bfloat16`` puts a bf16 x bf16 -> f32 matmul of the encoder's shape into
+    the step (the float32 default has none), and changes the loss only by bf16 rounding."""
+    config = CONFIGS[name]
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        mesh = make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
+        arch = get_architecture(config.model_copy(update={"encoder_dtype": dtype}), D_MODEL)
+        program = TrainProgram(arch, OptimizerConfig(lr=4e-4), 10, BATCH, mesh, norm_scale=0.7)
+        text = (
+            program.step_fn(any_dead=False)
+            .lower(program.abstract_state(), program.abstract_batch())
+            .as_text()
+        )
+        bf16_dots = [
+            line
+            for line in text.splitlines()
+            if "dot_general" in line and f"tensor<{D_MODEL}x{N_FEATURES}xbf16>" in line
+        ]
+        assert bool(bf16_dots) == (dtype == "bfloat16"), bf16_dots
+        results[dtype] = _loss_and_grads(program, np.zeros(N_FEATURES, bool), any_dead=False)
+    loss32, loss16 = results["float32"][0], results["bfloat16"][0]
+    assert loss16 != loss32
+    np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
 
 
 @pytest.mark.parametrize("gathered_max", [None, 1])  # 1: the threshold-search merge

@@ -17,10 +17,15 @@ from sharding import MeshConfig, make_mesh
 D_MODEL, N_FEATURES, BATCH, K, K_AUX = 16, 64, 40, 4, 8
 
 
-def _params_and_batch(aux_gradient: str = "relu"):
-    arch = get_architecture(
-        TopKConfig(n_features=N_FEATURES, k=K, k_aux=K_AUX, aux_gradient=aux_gradient), D_MODEL
+def _params_and_batch(aux_gradient: str = "relu", encoder_dtype: str = "float32"):
+    config = TopKConfig(
+        n_features=N_FEATURES,
+        k=K,
+        k_aux=K_AUX,
+        aux_gradient=aux_gradient,
+        encoder_dtype=encoder_dtype,
     )
+    arch = get_architecture(config, D_MODEL)
     params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
     # A spread-out b_enc, so the top-k really depends on it.
     params["b_enc"] = jnp.linspace(-0.5, 0.5, N_FEATURES, dtype=jnp.float32)
@@ -49,10 +54,19 @@ def test_chunked_candidates_equal_one_dense_top_k(chunk_tokens: int) -> None:
         np.testing.assert_allclose(values, ref_values, rtol=1e-6, atol=1e-6)
 
 
-def _dense_topk_loss(params, x, dead, aux_gradient="relu"):
+def _dense_topk_loss(params, x, dead, aux_gradient="relu", encoder_dtype="float32"):
     """TopK + AuxK written densely, as the paper states it: the reference for the sparse path.
-    ``aux_gradient="straight_through"``: AuxK's ReLU passes the gradient as the identity."""
+    ``aux_gradient="straight_through"``: AuxK's ReLU passes the gradient as the identity.
+    ``encoder_dtype="bfloat16"``: the pre-activations take the bf16 matmul's values (inputs
+    rounded to bf16, float32 sums) and the float32 formula's gradient."""
     pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    if encoder_dtype == "bfloat16":
+        low = jnp.matmul(
+            (x - params["b_dec"]).astype(jnp.bfloat16),
+            params["W_enc"].astype(jnp.bfloat16),
+            preferred_element_type=jnp.float32,
+        )
+        pre = pre + jax.lax.stop_gradient(low + params["b_enc"] - pre)
     rows = jnp.arange(x.shape[0])[:, None]
 
     def keep_top(scores, k, activation):
@@ -75,13 +89,15 @@ def _dense_topk_loss(params, x, dead, aux_gradient="relu"):
 
 
 @pytest.mark.parametrize(
-    ("mesh_shape", "chunk_tokens", "aux_gradient"),
+    ("mesh_shape", "chunk_tokens", "aux_gradient", "encoder_dtype"),
     [
-        ((1, 1), 1024, "relu"),
-        ((1, 1), 8, "relu"),
-        ((2, 4), 8, "relu"),
-        ((1, 1), 8, "straight_through"),
-        ((2, 4), 8, "straight_through"),
+        ((1, 1), 1024, "relu", "float32"),
+        ((1, 1), 8, "relu", "float32"),
+        ((2, 4), 8, "relu", "float32"),
+        ((1, 1), 8, "straight_through", "float32"),
+        ((2, 4), 8, "straight_through", "float32"),
+        ((1, 1), 8, "straight_through", "bfloat16"),
+        ((2, 4), 8, "relu", "bfloat16"),
     ],
 )
 def test_topk_loss_and_gradients_equal_the_dense_reference(
@@ -89,9 +105,10 @@ def test_topk_loss_and_gradients_equal_the_dense_reference(
     mesh_shape: tuple[int, int],
     chunk_tokens: int,
     aux_gradient: str,
+    encoder_dtype: str,
 ) -> None:
     monkeypatch.setattr(topk_module, "ENCODE_CHUNK_TOKENS", chunk_tokens)
-    arch, params, x, dead = _params_and_batch(aux_gradient)
+    arch, params, x, dead = _params_and_batch(aux_gradient, encoder_dtype)
     data, model = mesh_shape
     mesh = make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
     program = TrainProgram(arch, OptimizerConfig(lr=4e-4), 10, BATCH, mesh, norm_scale=1.0)
@@ -106,12 +123,16 @@ def test_topk_loss_and_gradients_equal_the_dense_reference(
         sharded_params
     )
 
-    def dense_loss(p, gradient=aux_gradient):
-        recon, aux, aux_metric = _dense_topk_loss(p, x, dead, gradient)
+    def dense_loss(p, gradient=aux_gradient, dtype=encoder_dtype):
+        recon, aux, aux_metric = _dense_topk_loss(p, x, dead, gradient, dtype)
         return recon + arch.config.aux_coef * aux, aux_metric
 
     (ref_loss, ref_aux), ref_grads = jax.jit(jax.value_and_grad(dense_loss, has_aux=True))(params)
     assert ref_aux > 0
+    if encoder_dtype == "bfloat16":
+        # The bf16 matmul really changes the loss (so the check cannot pass if it is ignored).
+        float32_loss = jax.jit(lambda p: dense_loss(p, dtype="float32")[0])(params)
+        assert abs(float32_loss - ref_loss) > 1e-4 * abs(ref_loss)
     if aux_gradient == "straight_through":
         # Some picked dead latents are below 0 here, so the two AuxK gradients really differ.
         relu_grads = jax.grad(lambda p: dense_loss(p, "relu")[0])(params)
