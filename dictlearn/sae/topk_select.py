@@ -55,8 +55,15 @@ BLOCK = 8
 fusing the producer into the 16 strided reads and materialises it)."""
 
 MAX_BLOCK_K = 64
-"""Largest ``k`` for which ``blockwise_top_k`` goes blockwise. XLA's TopK slows with ``k`` and the blockwise
+"""Largest ``k`` for which ``blockwise_top_k`` goes blockwise on CPU. XLA's TopK slows with ``k`` and the blockwise
 path runs two of them: at [4096, 16384] it was ~1.5x faster at k 32, even at 128, slower at 256."""
+
+ACCELERATOR_MAX_BLOCK_K = 1024
+"""The same bound on GPU and TPU, where every XLA top-k over a long row is a sort: there the
+blockwise path's two short sorts beat one long one at any ``k`` whose blocks fit (``n / block
+>= 2 k``). It carries the variable-L0 slot selection (``k`` = ``sparse_l0_bound``, 256) and
+AuxK (``k_aux``, 256), which fell back to a full-row sort before: on an H200 that selection took
+40 of a JumpReLU step's 51 ms at 65,536 latents and 8,192 tokens (docs/gpu.md)."""
 
 
 def _flip(bits: jax.Array) -> jax.Array:
@@ -100,14 +107,19 @@ def accelerator_block(n: int, k: int) -> int:
 
 
 def _xla_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``blockwise_top_k`` with the block width for the platform it is lowered for."""
+    """``blockwise_top_k`` with the block width and ``k`` bound for the platform it is
+    lowered for."""
     wide = accelerator_block(x.shape[-1], k)
     return jax.lax.platform_dependent(
-        x, cpu=lambda x: blockwise_top_k(x, k), default=lambda x: blockwise_top_k(x, k, wide)
+        x,
+        cpu=lambda x: blockwise_top_k(x, k),
+        default=lambda x: blockwise_top_k(x, k, wide, ACCELERATOR_MAX_BLOCK_K),
     )
 
 
-def blockwise_top_k(x: jax.Array, k: int, block: int = BLOCK) -> tuple[jax.Array, jax.Array]:
+def blockwise_top_k(
+    x: jax.Array, k: int, block: int = BLOCK, max_k: int = MAX_BLOCK_K
+) -> tuple[jax.Array, jax.Array]:
     """Exactly ``lax.top_k(x, k)`` for 2-D ``x``, in XLA ops, faster than it for small ``k``.
 
     Split each row into contiguous blocks of ``block`` columns. The k-th largest block maximum
@@ -116,9 +128,10 @@ def blockwise_top_k(x: jax.Array, k: int, block: int = BLOCK) -> tuple[jax.Array
     ``t`` come first in index order and each holds a ``t``, enough for every slot ``t`` can fill.
     So the winners are the top-k of the ``k`` picked blocks' columns, taken in index order.
     Block maxima use the TopK comparator's total order, so signed zeros and NaNs agree too.
+    Above ``max_k``, or where the blocks do not fit, this is ``lax.top_k`` itself.
     """
     rows, n = x.shape
-    if n % block or n // block < 2 * k or k > MAX_BLOCK_K:
+    if n % block or n // block < 2 * k or k > max_k:
         values, indices = jax.lax.top_k(x, k)
         return values, indices  # a tuple, like the other branch (lax.top_k returns a list)
     keys = _order_key(x)

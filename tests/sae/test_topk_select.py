@@ -14,6 +14,7 @@ import dictlearn.sae.topk_select as topk_select
 from dictlearn.sae import TopKConfig, get_architecture
 from dictlearn.sae.topk import sparse_topk_forward
 from dictlearn.sae.topk_select import (
+    ACCELERATOR_MAX_BLOCK_K,
     BLOCK,
     accelerator_block,
     batch_threshold,
@@ -208,10 +209,17 @@ def _blockwise_cases() -> list[tuple[int, int, int]]:
     ]
 
 
-@pytest.mark.parametrize(("case", "k", "block"), _blockwise_cases())
+@pytest.mark.parametrize(
+    ("case", "k", "block"),
+    # Large k (the variable-L0 slot bound, AuxK) goes blockwise on accelerators only.
+    [*_blockwise_cases(), (0, 128, 4), (1, 64, 4), (2, 128, 4), (3, 64, 4)],
+)
 def test_blockwise_top_k_is_bitwise_lax_top_k(case: int, k: int, block: int) -> None:
     x = jnp.asarray(top_k_cases()[case], jnp.float32)
-    values, indices = jax.jit(blockwise_top_k, static_argnums=(1, 2))(x, k, block)
+    assert x.shape[1] // block >= 2 * k  # the blockwise path, not its lax.top_k fallback
+    values, indices = jax.jit(blockwise_top_k, static_argnums=(1, 2, 3))(
+        x, k, block, ACCELERATOR_MAX_BLOCK_K
+    )
     ref_values, ref_indices = jax.lax.top_k(x, k)
     np.testing.assert_array_equal(indices, ref_indices)
     np.testing.assert_array_equal(
