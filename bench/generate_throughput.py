@@ -34,6 +34,13 @@ on disk, see ``dictlearn.lm.weights``: the first run on a machine pays the dequa
 later ones read the cache), ``after start`` is the run's tokens/s from then on, and ``vs
 forward`` divides the run's tokens/s (and tokens per worker CPU-second) by the bare JAX
 forward's above.
+
+On an accelerator host without the weights package (``docs/gpu.md``): ``--weights random
+--model 1b --dtype bfloat16`` runs a preset's real shapes with random weights on random token
+ids (time does not depend on the values), the floor's matmul rate in that dtype; ``--mfu``
+adds the model FLOP utilisation: achieved matmul FLOP/s over the dense rate of an
+8192 x 8192 x 8192 matmul in the same dtype measured in this run, and over ``--peak-tflops``
+(the chip's data-sheet rate) when given.
 """
 
 from __future__ import annotations
@@ -135,22 +142,34 @@ def bench_torch(gguf: Path, tokens: np.ndarray, layer: int, reps: int) -> dict:
     }
 
 
-def bench_jax(gguf: Path, tokens: np.ndarray, layer: int, reps: int) -> dict:
-    """Our jitted forward to ``resid_post.layer``, fp32, alternating with a jitted matmul on
-    the model's largest matmul shape."""
+def bench_jax(
+    gguf: Path | None,
+    tokens: np.ndarray,
+    layer: int,
+    reps: int,
+    model: str = "270m",
+    dtype: str = "float32",
+) -> dict:
+    """Our jitted forward to ``resid_post.layer`` in ``dtype``, alternating with a jitted matmul
+    on the model's largest matmul shape; ``gguf`` None: random weights of preset ``model``."""
     import jax
     import jax.numpy as jnp
 
     from dictlearn import lm
 
-    params, config = lm.load_gguf(gguf, max_layer=layer)
+    jdtype = jnp.dtype(dtype)
+    if gguf is None:
+        config = lm.get_config(model)
+        params = lm.init_params(jax.random.key(0), config, jdtype)
+    else:
+        params, config = lm.load_gguf(gguf, max_layer=layer, dtype=jdtype)
     fwd = jax.jit(lm.forward, static_argnames=("config", "hooks"))
     batch = jnp.asarray(tokens)
     hooks = (f"resid_post.{layer}",)
     key = jax.random.key(0)
-    a = jax.random.normal(key, (tokens.size, config.d_model), jnp.float32)
-    b = jax.random.normal(key, (config.d_model, config.ffn_dim), jnp.float32)
-    mm = jax.jit(jnp.matmul)
+    a = jax.random.normal(key, (tokens.size, config.d_model), jdtype)
+    b = jax.random.normal(key, (config.d_model, config.ffn_dim), jdtype)
+    mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
 
     def run():
         jax.block_until_ready(fwd(params, config, batch, hooks=hooks))
@@ -168,6 +187,32 @@ def bench_jax(gguf: Path, tokens: np.ndarray, layer: int, reps: int) -> dict:
         "threads": f"{_threads()} (XLA CPU pool = cores)",
         "config": config,
     }
+
+
+def dense_peak_flops(dtype: str, size: int = 8192, reps: int = 5) -> float:
+    """Best FLOP/s of a jitted ``size``-cubed matmul in ``dtype`` (float32 accumulation)."""
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.key(2)
+    a = jax.random.normal(key, (size, size), jnp.dtype(dtype))
+    mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    mm(a, a).block_until_ready()
+    best = min(_time(lambda: mm(a, a).block_until_ready()) for _ in range(reps))
+    return 2 * size**3 / best
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def random_tokens(batch: int, seq: int, vocab_size: int, bos_id: int) -> np.ndarray:
+    """``[batch, seq]`` uniform random token ids, BOS first (for random weights)."""
+    tokens = np.random.default_rng(0).integers(3, vocab_size, (batch, seq), dtype=np.int32)
+    tokens[:, 0] = bos_id
+    return tokens
 
 
 def make_tokens(batch: int, seq: int) -> np.ndarray:
@@ -229,6 +274,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--torch-python", help="a Python with torch + transformers")
     parser.add_argument("--gguf", type=Path, help="default: the Gemma 3 270M package's file")
+    parser.add_argument("--weights", choices=("package", "random"), default="package")
+    parser.add_argument("--model", default="270m", help="preset for --weights random")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--mfu", action="store_true", help="also report MFU (docstring)")
+    parser.add_argument("--peak-tflops", type=float, help="the chip's data-sheet dense rate")
     parser.add_argument(
         "--generate-tokens",
         type=int,
@@ -247,9 +297,16 @@ def main() -> None:
 
     from dictlearn import lm
 
-    gguf = args.gguf or lm.default_gguf_path()
-    tokens = make_tokens(args.batch, args.seq)
-    jax_row = bench_jax(gguf, tokens, args.layer, args.reps)
+    if args.weights == "random":
+        if args.torch_python or args.generate_tokens:
+            parser.error("--weights random times our forward alone (no transformers, no generate)")
+        gguf = None
+        preset = lm.get_config(args.model)
+        tokens = random_tokens(args.batch, args.seq, preset.vocab_size, preset.bos_id)
+    else:
+        gguf = args.gguf or lm.default_gguf_path()
+        tokens = make_tokens(args.batch, args.seq)
+    jax_row = bench_jax(gguf, tokens, args.layer, args.reps, args.model, args.dtype)
     rows = {"jax (dictlearn)": jax_row}
     if args.torch_python:
         with tempfile.TemporaryDirectory() as tmp:
@@ -269,13 +326,14 @@ def main() -> None:
     best = max(rates, key=rates.get)
     floor_s = flops / rates[best]
     print(
-        f"forward to resid_post.{args.layer}, batch {args.batch} x {args.seq} tokens, fp32, "
-        f"best of {args.reps}; {flops / n / 1e6:.1f} MFLOP/token of matmuls"
+        f"{config.name} ({args.weights} weights) forward to resid_post.{args.layer}, batch "
+        f"{args.batch} x {args.seq} tokens, {args.dtype}, best of {args.reps}; "
+        f"{flops / n / 1e6:.1f} MFLOP/token of matmuls"
     )
     for name, r in rows.items():
         print(f"  {name}: {r['versions']}; threads {r['threads']}")
     print(
-        f"dense fp32 matmul [{n}x{config.d_model}]x[{config.d_model}x{config.ffn_dim}]: "
+        f"dense {args.dtype} matmul [{n}x{config.d_model}]x[{config.d_model}x{config.ffn_dim}]: "
         + ", ".join(f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in rates.items())
         + f"; floor = {flops / 1e9:.1f} GFLOP at {rates[best] / 1e9:.0f} GFLOP/s "
         f"({best}) = {floor_s * 1e3:.1f} ms"
@@ -293,6 +351,17 @@ def main() -> None:
             f"{r['wall_s'] / floor_s:>7.2f}x {r['wall_s'] * rates[name] / flops:>11.2f}x"
         )
     print(f"{'floor':<22} {floor_s * 1e3:>9.1f} {n / floor_s:>10.0f}")
+    if args.mfu:
+        peak = dense_peak_flops(args.dtype)
+        achieved = flops / jax_row["wall_s"]
+        line = (
+            f"MFU: {achieved / 1e12:.1f} TFLOP/s of model matmuls = {100 * achieved / peak:.1f} % "
+            f"of this run's dense {args.dtype} 8192^3 matmul ({peak / 1e12:.1f} TFLOP/s)"
+        )
+        if args.peak_tflops:
+            line += f", {100 * achieved / (args.peak_tflops * 1e12):.1f} % of {args.peak_tflops:g}"
+            line += " TFLOP/s (data sheet)"
+        print(line)
     if len(rows) == 2:
         jax_r, torch_r = rows.values()
         print(f"transformers / ours (wall): {torch_r['wall_s'] / jax_r['wall_s']:.2f}x")

@@ -13,6 +13,9 @@ Two numbers, measured in the same process on the same compiled step:
 
 ``loop / floor`` is the overhead ratio; ``gap`` is loop - floor per step. CPU-seconds per step of
 the whole ``main`` call are printed too (the machine is shared: wall times move with its load).
+Two host costs per step are timed alone to say where a gap comes from: ``stream``, one global
+batch from the run's ``BatchStream`` read synchronously (block reads, CRC checks, shuffle
+gather), and ``to device``, that batch's ``global_batch_array`` until it is on the device.
 To compare with another version of the trainer, run this script with that version first on
 ``PYTHONPATH``; the numbers are only comparable within one machine and load.
 """
@@ -36,7 +39,7 @@ from dictlearn.config import validate
 from dictlearn.data import PlantedConfig, write_planted_dataset
 from dictlearn.tracking import read_metrics
 from dictlearn.train.config import TrainConfig
-from dictlearn.train.trainer import build_program, main, open_dataset, run_dir_of
+from dictlearn.train.trainer import _stream, build_program, main, open_dataset, run_dir_of
 
 
 def _config(root: str, data: str, args: argparse.Namespace) -> TrainConfig:
@@ -44,7 +47,14 @@ def _config(root: str, data: str, args: argparse.Namespace) -> TrainConfig:
         TrainConfig,
         {
             "data": {"path": data},
-            "sae": {"architecture": "topk", "n_features": args.n_features, "k": 8},
+            "sae": {
+                "architecture": "topk",
+                "n_features": args.n_features,
+                "k": 8,
+                # No latent can die within the run, so the loop compiles no AuxK branch and runs
+                # the very program the floor times (AuxK's own cost is not a host gap).
+                "dead_window_tokens": args.batch * (args.steps + 1),
+            },
             "mesh": {"data": 1, "model": 1},
             "train": {"batch_size": args.batch, "steps": args.steps, "log_every": 10},
             "checkpoint": {"every_steps": args.steps, "async_save": False},
@@ -58,7 +68,7 @@ def floor_ms(config: TrainConfig, steps: int) -> float:
     """ms per step of the compiled step dispatched back to back, nothing read in between."""
     dataset = open_dataset(config)
     program = build_program(config, dataset)
-    step = program.step_fn(False)  # the variant the loop runs (no latent can die this short)
+    step = program.step_fn(False)  # the variant the loop runs (no latent can die)
     rng = np.random.default_rng(0)
     batches = [
         program.global_batch_array(rng.normal(size=(config.train.batch_size, dataset.d_model)))
@@ -72,6 +82,23 @@ def floor_ms(config: TrainConfig, steps: int) -> float:
         state, _ = step(state, batches[i % len(batches)])
     jax.block_until_ready(state)
     return (time.perf_counter() - start) / steps * 1e3
+
+
+def host_ms(config: TrainConfig, batches: int = 20) -> tuple[float, float]:
+    """ms per global batch read synchronously from the run's stream, and per transfer."""
+    dataset = open_dataset(config)
+    program = build_program(config, dataset)
+    stream = _stream(config, dataset, "train", position=0)
+    stream.prefetch = 0  # read on this thread: the time is the read's alone
+    rows = [next(stream)]  # opens the shards
+    start = time.perf_counter()
+    rows += [next(stream) for _ in range(batches)]
+    read = (time.perf_counter() - start) / batches * 1e3
+    jax.block_until_ready(program.global_batch_array(rows[0]))
+    start = time.perf_counter()
+    for r in rows[1:]:
+        jax.block_until_ready(program.global_batch_array(r))
+    return read, (time.perf_counter() - start) / batches * 1e3
 
 
 def loop_ms(config: TrainConfig) -> tuple[float, float]:
@@ -101,6 +128,7 @@ def main_cli() -> None:
         config = _config(root, data, args)
         loop, cpu = loop_ms(config)
         floor = floor_ms(config, args.steps)
+        read, transfer = host_ms(config)
     print(
         f"TopK {args.n_features} latents, d_model {args.d_model}, batch {args.batch}, "
         f"{args.steps} steps, {jax.devices()[0].platform}; trainer from "
@@ -108,8 +136,12 @@ def main_cli() -> None:
     )
     print(
         f"{'floor ms':>9} {'loop ms':>8} {'gap ms':>7} {'loop/floor':>10} {'main CPU ms/step':>17}"
+        f" {'stream ms':>10} {'to device ms':>13}"
     )
-    print(f"{floor:9.2f} {loop:8.2f} {loop - floor:7.2f} {loop / floor:10.2f} {cpu:17.2f}")
+    print(
+        f"{floor:9.2f} {loop:8.2f} {loop - floor:7.2f} {loop / floor:10.2f} {cpu:17.2f}"
+        f" {read:10.2f} {transfer:13.2f}"
+    )
 
 
 if __name__ == "__main__":
