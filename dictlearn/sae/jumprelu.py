@@ -35,6 +35,7 @@ from dictlearn.sae.topk import ENCODE_CHUNK_TOKENS
 from dictlearn.sae.variable_l0 import (
     any_over_mesh,
     decode_slots,
+    dense_in_chunks,
     pair_dots,
     per_device,
     scatter_per_latent,
@@ -136,6 +137,7 @@ class _JumpReLUPath(NamedTuple):
     """
 
     bandwidth: float
+    dense_combine = ("tokens", "sum", "tokens", "sum")
 
     def dense(self, diff, aux):
         b_dec, w_enc, b_enc, w_dec, threshold = diff
@@ -202,7 +204,7 @@ def jumprelu_forward(
     )
     path = _JumpReLUPath(float(bandwidth))
     if bound == 0:
-        return JumpOutputs(*path.dense(diff, (x,)), overflow=jnp.bool_(True))
+        return JumpOutputs(*dense_in_chunks(path, diff, (x,)), overflow=jnp.bool_(True))
     margin = bandwidth + SELECTION_MARGIN * (1.0 + jnp.abs(threshold))
     slots = select_slots(
         params,

@@ -37,6 +37,7 @@ from dictlearn.sae.topk import ENCODE_CHUNK_TOKENS
 from dictlearn.sae.variable_l0 import (
     any_over_mesh,
     decode_slots,
+    dense_in_chunks,
     per_device,
     scatter_per_latent,
     select_slots,
@@ -70,6 +71,8 @@ class _ReLUL1Path(NamedTuple):
     partial reconstruction, ``sum f * ||W_dec||`` over this shard, active latents per token and
     per latent.
     """
+
+    dense_combine = ("tokens", "sum", "tokens", "sum")
 
     def dense(self, diff, aux):
         b_dec, w_enc, b_enc, w_dec = diff
@@ -127,7 +130,7 @@ class ReLUL1(Architecture):
         path = _ReLUL1Path()
         if bound == 0:
             overflow = jnp.bool_(True)
-            outputs = path.dense(diff, (data,))
+            outputs = dense_in_chunks(path, diff, (data,))
         else:
             # Ranked by the pre-activation itself: candidates are exactly the positive ones.
             slots = select_slots(

@@ -161,6 +161,11 @@ class SparsePath(Protocol):
     Implementations are hashable, static objects (NamedTuples of config values). ``diff`` is a
     tuple of differentiable per-device arrays, ``aux`` one of slot arrays with no gradient.
     Both ``dense`` and ``sparse`` return the same tuple of float arrays, typed ``per_device``.
+
+    ``dense_combine`` (optional) says that ``dense`` is token-separable, so that it may run in
+    token chunks (``dense_in_chunks``): it reads only ``aux[0]``, the ``[batch, d_model]``
+    input, and for each output how chunks combine: ``"tokens"`` (a per-token array, chunks
+    concatenated) or ``"sum"`` (a sum over tokens).
     """
 
     def dense(self, diff: tuple, aux: tuple) -> tuple: ...
@@ -180,9 +185,42 @@ def sparse_or_dense(path: SparsePath, overflow: jax.Array, diff: tuple, aux: tup
     return _sparse_or_dense(path, overflow, diff, aux)
 
 
+DENSE_CHUNK_TOKENS = 1024
+"""Tokens per pass of a token-separable dense path (``dense_in_chunks``).
+
+Unchunked, the dense formulas hold several ``[batch, n_local]`` float32 buffers at once, and
+the dense branch is compiled into every step (a ``lax.cond``): a JumpReLU step at 65,536
+latents and 4,096 tokens planned 5.2 GiB of temporaries on one device, and at 1M latents and
+32,768 tokens it did not fit an H200 (docs/gpu.md)."""
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return next(d for d in range(min(n, max(limit, 1)), 0, -1) if n % d == 0)
+
+
+def dense_in_chunks(path: SparsePath, diff: tuple, aux: tuple) -> tuple:
+    """``path.dense(diff, aux)``, over chunks of at most ``DENSE_CHUNK_TOKENS`` tokens when the
+    path is token-separable (``dense_combine``); each chunk is recomputed in the backward pass
+    (``jax.checkpoint``), so neither pass holds more than a chunk's ``[chunk, n_local]``
+    buffers. Equal to the unchunked result up to float rounding of the sums."""
+    combine = getattr(path, "dense_combine", None)
+    x = aux[0]
+    chunk = _largest_divisor_at_most(x.shape[0], DENSE_CHUNK_TOKENS)
+    if combine is None or chunk == x.shape[0]:
+        return path.dense(diff, aux)
+    chunk_dense = jax.checkpoint(lambda d, x_chunk: path.dense(d, (x_chunk,)))
+    stacked = jax.lax.map(
+        lambda x_chunk: chunk_dense(diff, x_chunk), x.reshape(-1, chunk, x.shape[1])
+    )
+    return tuple(
+        out.reshape(-1, *out.shape[2:]) if how == "tokens" else jnp.sum(out, axis=0)
+        for how, out in zip(combine, stacked, strict=True)
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sparse_or_dense(path, overflow, diff, aux):
-    return jax.lax.cond(overflow, path.dense, path.sparse, diff, aux)
+    return jax.lax.cond(overflow, functools.partial(dense_in_chunks, path), path.sparse, diff, aux)
 
 
 def _sparse_or_dense_fwd(path, overflow, diff, aux):
@@ -195,7 +233,7 @@ def _sparse_or_dense_bwd(path, residuals, cotangents):
     overflow, diff, aux = residuals
 
     def dense_grads(diff, aux, cotangents):
-        _, vjp = jax.vjp(lambda d: path.dense(d, aux), diff)
+        _, vjp = jax.vjp(lambda d: dense_in_chunks(path, d, aux), diff)
         return vjp(cotangents)[0]
 
     grads = jax.lax.cond(overflow, dense_grads, path.sparse_grads, diff, aux, cotangents)

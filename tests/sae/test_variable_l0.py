@@ -13,6 +13,7 @@ from dictlearn.sae import (
     ReLUL1Config,
     cpu_kernels,
     get_architecture,
+    variable_l0,
 )
 from dictlearn.sae.jumprelu import jumprelu, step
 from dictlearn.sae.variable_l0 import select_slots
@@ -69,13 +70,16 @@ def _assert_grads_equal(grads, ref_grads):
 
 
 @pytest.mark.parametrize(
-    ("mesh_shape", "bound", "overflows", "kernels"),
+    ("mesh_shape", "bound", "overflows", "kernels", "dense_chunk"),
     [
-        ((1, 1), 64, False, "1"),
-        ((2, 4), 24, False, "1"),
-        ((2, 4), 24, False, "0"),  # the XLA path GPUs and TPUs run
-        ((1, 1), 4, True, "1"),
-        ((2, 4), 4, True, "1"),
+        ((1, 1), 64, False, "1", 1024),
+        ((2, 4), 24, False, "1", 1024),
+        ((2, 4), 24, False, "0", 1024),  # the XLA path GPUs and TPUs run
+        ((1, 1), 4, True, "1", 1024),
+        ((2, 4), 4, True, "1", 1024),
+        ((1, 1), 4, True, "1", 8),  # the dense fallback in token chunks
+        ((2, 4), 4, True, "1", 8),
+        ((1, 1), 0, True, "1", 8),  # always dense, chunked
     ],
 )
 def test_jumprelu_loss_and_gradients_equal_the_dense_reference(
@@ -84,8 +88,10 @@ def test_jumprelu_loss_and_gradients_equal_the_dense_reference(
     bound: int,
     overflows: bool,
     kernels: str,
+    dense_chunk: int,
 ) -> None:
     monkeypatch.setenv(cpu_kernels.DISABLE_ENV, kernels)
+    monkeypatch.setattr(variable_l0, "DENSE_CHUNK_TOKENS", dense_chunk)
     arch, params, x = _jumprelu_setup(bound)
     loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape)
 
@@ -222,12 +228,23 @@ def _dense_relu_l1_loss(params, x, l1_coef):
 
 
 @pytest.mark.parametrize(
-    ("mesh_shape", "bound", "overflows"),
-    [((1, 1), 64, False), ((2, 4), 24, False), ((1, 1), 4, True), ((2, 4), 4, True)],
+    ("mesh_shape", "bound", "overflows", "dense_chunk"),
+    [
+        ((1, 1), 64, False, 1024),
+        ((2, 4), 24, False, 1024),
+        ((1, 1), 4, True, 1024),
+        ((2, 4), 4, True, 1024),
+        ((2, 4), 4, True, 8),  # the dense fallback in token chunks
+    ],
 )
 def test_relu_l1_loss_and_gradients_equal_the_dense_reference(
-    mesh_shape: tuple[int, int], bound: int, overflows: bool
+    monkeypatch: pytest.MonkeyPatch,
+    mesh_shape: tuple[int, int],
+    bound: int,
+    overflows: bool,
+    dense_chunk: int,
 ) -> None:
+    monkeypatch.setattr(variable_l0, "DENSE_CHUNK_TOKENS", dense_chunk)
     arch = get_architecture(ReLUL1Config(n_features=N_FEATURES, sparse_l0_bound=bound), D_MODEL)
     params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
     # A trained ReLU SAE's sparsity: most pre-activations negative.
@@ -246,3 +263,29 @@ def test_relu_l1_loss_and_gradients_equal_the_dense_reference(
     np.testing.assert_allclose(metrics["l0"], active.sum(1).mean(), rtol=1e-6)
     np.testing.assert_array_equal(fire, active.sum(0))
     _assert_grads_equal(grads, ref_grads)
+
+
+@pytest.mark.parametrize("name", ["jumprelu", "relu_l1"])
+def test_dense_fallback_memory_does_not_grow_with_the_batch(name: str) -> None:
+    """The dense fallback is compiled into every step; in token chunks its buffers are
+    ``[chunk, n_local]``, so the step's planned temporaries barely change from 1,024 to 8,192
+    tokens (unchunked, JumpReLU's grew by ~5 ``[batch, n_local]`` float32 buffers)."""
+    n_features = 8192
+    configs = {
+        "jumprelu": JumpReLUConfig(n_features=n_features, init_threshold=2.0),
+        "relu_l1": ReLUL1Config(n_features=n_features),
+    }
+    mesh = make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
+    temp = {}
+    for batch in (1024, 8192):
+        program = TrainProgram(
+            get_architecture(configs[name], D_MODEL), OptimizerConfig(lr=1e-4), 10, batch, mesh, 1.0
+        )
+        compiled = (
+            program.step_fn(any_dead=False)
+            .lower(program.abstract_state(), program.abstract_batch())
+            .compile()
+        )
+        temp[batch] = compiled.memory_analysis().temp_size_in_bytes
+    buffer = (8192 - 1024) * n_features * 4  # one [batch, n_features] float32 buffer's growth
+    assert temp[8192] - temp[1024] < buffer / 2, temp
