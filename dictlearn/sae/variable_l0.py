@@ -205,8 +205,11 @@ def dense_in_chunks(path: SparsePath, diff: tuple, aux: tuple) -> tuple:
     buffers. Equal to the unchunked result up to float rounding of the sums."""
     combine = getattr(path, "dense_combine", None)
     x = aux[0]
-    chunk = _largest_divisor_at_most(x.shape[0], DENSE_CHUNK_TOKENS)
-    if combine is None or chunk == x.shape[0]:
+    rows = x.shape[0]
+    chunk = _largest_divisor_at_most(rows, DENSE_CHUNK_TOKENS)
+    # Chunks divide the batch exactly (padding rows would count in the sums). A batch with no
+    # divisor near the chunk size (a large prime) runs unchunked rather than in tiny chunks.
+    if combine is None or chunk == rows or chunk < min(rows, DENSE_CHUNK_TOKENS) // 4:
         return path.dense(diff, aux)
     chunk_dense = jax.checkpoint(lambda d, x_chunk: path.dense(d, (x_chunk,)))
     stacked = jax.lax.map(
