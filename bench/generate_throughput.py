@@ -198,14 +198,8 @@ def dense_peak_flops(dtype: str, size: int = 8192, reps: int = 5) -> float:
     a = jax.random.normal(key, (size, size), jnp.dtype(dtype))
     mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     mm(a, a).block_until_ready()
-    best = min(_time(lambda: mm(a, a).block_until_ready()) for _ in range(reps))
+    best, _ = _best_alternating({"matmul": lambda: mm(a, a).block_until_ready()}, reps)["matmul"]
     return 2 * size**3 / best
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def random_tokens(batch: int, seq: int, vocab_size: int, bos_id: int) -> np.ndarray:

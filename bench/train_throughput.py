@@ -54,7 +54,7 @@ from dictlearn.sae import jumprelu as jumprelu_module
 from dictlearn.sae import relu_l1 as relu_l1_module
 from dictlearn.sae import topk as topk_module
 from dictlearn.sae.base import renormalise_rows
-from dictlearn.sae.jumprelu import SELECTION_MARGIN
+from dictlearn.sae.jumprelu import candidate_rank_bias
 from dictlearn.sae.topk import ENCODE_CHUNK_TOKENS, local_top_k_candidates
 from dictlearn.sae.variable_l0 import select_slots
 from dictlearn.train.config import OptimizerConfig
@@ -102,9 +102,9 @@ def _selection_fn(arch, program: TrainProgram) -> Callable:
     bound = min(cfg.sparse_l0_bound, cfg.n_features)
     if isinstance(cfg, JumpReLUConfig):
 
-        def rank_bias(p):  # as jumprelu_forward ranks the candidates
+        def rank_bias(p):
             threshold = jnp.exp(p["log_threshold"])
-            return p["b_enc"] - threshold + cfg.bandwidth + SELECTION_MARGIN * (1 + threshold)
+            return candidate_rank_bias(p["b_enc"], threshold, cfg.bandwidth)
 
     else:
 

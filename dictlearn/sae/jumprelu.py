@@ -115,6 +115,14 @@ differently from ``pre - threshold``, and the slack keeps every pair within half
 the threshold (the estimator's window) a candidate however it rounds."""
 
 
+def candidate_rank_bias(b_enc: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """``select_slots``'s ``rank_bias`` for JumpReLU: ``b_enc - threshold + margin``, so the
+    candidates are the latents within the bandwidth (plus ``SELECTION_MARGIN``) below their
+    threshold."""
+    margin = bandwidth + SELECTION_MARGIN * (1.0 + jnp.abs(threshold))
+    return b_enc - threshold + margin
+
+
 class JumpOutputs(NamedTuple):
     """This shard's part of a JumpReLU forward pass."""
 
@@ -205,12 +213,11 @@ def jumprelu_forward(
     path = _JumpReLUPath(float(bandwidth))
     if bound == 0:
         return JumpOutputs(*dense_in_chunks(path, diff, (x,)), overflow=jnp.bool_(True))
-    margin = bandwidth + SELECTION_MARGIN * (1.0 + jnp.abs(threshold))
     slots = select_slots(
         params,
         x,
         bound,
-        params["b_enc"] - threshold + margin,
+        candidate_rank_bias(params["b_enc"], threshold, bandwidth),
         ENCODE_CHUNK_TOKENS,
         encoder_dtype,
     )
