@@ -8,6 +8,8 @@
 #
 # Each part writes OUT_DIR/<part>.txt and has its own time limit, so one slow part does not
 # cost the others. PEAK_TFLOPS is the chip's data-sheet dense bf16 rate (989 for H100/H200 SXM).
+# ONLY="step_gap lm_1b" runs just the named parts (a short lease); LIMIT_SCALE=2 doubles every
+# part's time limit.
 set -u
 out=${1:?usage: gpu_tables.sh OUT_DIR}
 mkdir -p "$out"
@@ -18,19 +20,20 @@ platform=cuda  # bench/step_gap.py picks the CPU unless told otherwise
 if [ -n "${SMALL:-}" ]; then
   widths="2048 4096"; batches="256 512"; wide=8192; wide_batch=512
   parts_widths="4096"; parts_batches="512"
-  gap_args="--n-features 2048 --d-model 64 --batch 256 --steps 40"
+  gap_args="--n-features 2048 --d-model 64 --batch 256 --steps 40 --read-threads 1,0"
   lm_small="--batch 1 --seq 64 --layer 1"; lm_large="--batch 1 --seq 64 --layer 1"; reps=2
   platform=cpu
 else
   widths="16384 65536 262144"; batches="4096 8192 16384"; wide=1048576; wide_batch=32768
   parts_widths="65536"; parts_batches="8192"
-  gap_args="--n-features 16384 --d-model 640 --batch 4096 --steps 60"
+  gap_args="--n-features 16384 --d-model 640 --batch 4096 --steps 120 --read-threads 1,0,16"
   lm_small="--batch 256 --seq 1024 --layer 17"; lm_large="--batch 32 --seq 1024 --layer 25"; reps=3
 fi
 
 run() {  # run NAME SECONDS COMMAND...: output to the terminal and OUT_DIR/NAME.txt
-  local name=$1 limit=$2
+  local name=$1 limit=$(( $2 * ${LIMIT_SCALE:-1} ))
   shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "== $name: $*"
   timeout "$limit" "$@" 2>&1 | grep -v -E "^(W|I|E)[0-9]{4} |absl::InitializeLog" | tee "$out/$name.txt"
 }
@@ -46,9 +49,9 @@ run train 150 python3 bench/train_throughput.py --features $widths --batches $ba
 run train_1m 90 python3 bench/train_throughput.py --features $wide --batches $wide_batch \
   --archs topk --encoder-dtypes float32 bfloat16 --parts --repeats $reps
 # shellcheck disable=SC2086
-run step_gap 50 env JAX_PLATFORMS=$platform python3 bench/step_gap.py $gap_args
+run step_gap 120 env JAX_PLATFORMS=$platform python3 bench/step_gap.py $gap_args
 # shellcheck disable=SC2086
-run lm_1b 90 python3 bench/generate_throughput.py --weights random --model 1b \
+run lm_1b 200 python3 bench/generate_throughput.py --weights random --model 1b \
   --dtype bfloat16 $lm_large --reps $reps --mfu --peak-tflops "$peak"
 # shellcheck disable=SC2086
 run parts 70 python3 bench/train_throughput.py --features $parts_widths --batches $parts_batches \
@@ -61,8 +64,8 @@ for block in 32 128; do
     --accelerator-block $block --repeats $reps
 done
 # JumpReLU at 1M: its dense overflow fallback holds [batch, F] buffers.
-run train_1m_jumprelu 40 python3 bench/train_throughput.py --features $wide \
-  --batches $wide_batch --archs jumprelu --repeats $reps
+run train_1m_jumprelu 150 python3 bench/train_throughput.py --features $wide \
+  --batches $wide_batch --archs jumprelu --encoder-dtypes float32 bfloat16 --repeats $reps
 run step_gap_small 30 env JAX_PLATFORMS=$platform python3 bench/step_gap.py
 # shellcheck disable=SC2086
 run lm_270m 45 python3 bench/generate_throughput.py --weights random --model 270m \

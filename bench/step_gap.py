@@ -1,6 +1,7 @@
 """Host gap between train steps: the real ``dictlearn train`` loop against back-to-back steps.
 
     uv run python bench/step_gap.py [--steps 300] [--n-features 256] [--d-model 64] [--batch 256]
+        [--read-threads 1,0]
 
 At a small width a step's device work is short and anything the host does between steps (reading
 metrics back, agreeing on preemption, picking the AuxK variant) shows up as idle device time.
@@ -16,6 +17,8 @@ the whole ``main`` call are printed too (the machine is shared: wall times move 
 Two host costs per step are timed alone to say where a gap comes from: ``stream``, one global
 batch from the run's ``BatchStream`` read synchronously (block reads, CRC checks, shuffle
 gather), and ``to device``, that batch's ``global_batch_array`` until it is on the device.
+``--read-threads`` gives one row per ``data.read_threads`` value (0: the default, one per core
+up to 8), the loop and the stream timed with it; the floor is shared.
 To compare with another version of the trainer, run this script with that version first on
 ``PYTHONPATH``; the numbers are only comparable within one machine and load.
 """
@@ -28,6 +31,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -37,16 +41,16 @@ import numpy as np
 
 from dictlearn.config import validate
 from dictlearn.data import PlantedConfig, write_planted_dataset
+from dictlearn.data.reader import default_read_threads
 from dictlearn.tracking import read_metrics
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.trainer import _stream, build_program, main, open_dataset, run_dir_of
 
 
-def _config(root: str, data: str, args: argparse.Namespace) -> TrainConfig:
+def _config(root: str, data: str, args: argparse.Namespace, read_threads: int) -> TrainConfig:
     return validate(
         TrainConfig,
         {
-            "data": {"path": data},
             "sae": {
                 "architecture": "topk",
                 "n_features": args.n_features,
@@ -56,6 +60,7 @@ def _config(root: str, data: str, args: argparse.Namespace) -> TrainConfig:
                 "dead_window_tokens": args.batch * (args.steps + 1),
             },
             "mesh": {"data": 1, "model": 1},
+            "data": {"path": data, "read_threads": read_threads},
             "train": {"batch_size": args.batch, "steps": args.steps, "log_every": 10},
             "checkpoint": {"every_steps": args.steps, "async_save": False},
             "tracker": {"wandb_mode": "disabled"},
@@ -89,7 +94,7 @@ def host_ms(config: TrainConfig, batches: int = 20) -> tuple[float, float]:
     dataset = open_dataset(config)
     program = build_program(config, dataset)
     stream = _stream(config, dataset, "train", position=0)
-    stream.prefetch = 0  # read on this thread: the time is the read's alone
+    stream.prefetch = 0  # no read-ahead: the time is the read's alone
     rows = [next(stream)]  # opens the shards
     start = time.perf_counter()
     rows += [next(stream) for _ in range(batches)]
@@ -117,7 +122,13 @@ def main_cli() -> None:
     parser.add_argument("--n-features", type=int, default=256)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument(
+        "--read-threads",
+        default="1,0",
+        help="comma-separated data.read_threads values, one row each (0: the default)",
+    )
     args = parser.parse_args()
+    thread_counts = [int(t) for t in args.read_threads.split(",")]
     with tempfile.TemporaryDirectory() as root:
         data = f"{root}/data"
         n_tokens = args.batch * (args.steps + 8)
@@ -125,23 +136,30 @@ def main_cli() -> None:
             data,
             PlantedConfig(d_model=args.d_model, n_features=64, n_tokens=n_tokens, mean_active=3.0),
         )
-        config = _config(root, data, args)
-        loop, cpu = loop_ms(config)
+        rows = []
+        for read_threads in thread_counts:
+            config = _config(root, data, args, read_threads)
+            loop, cpu = loop_ms(config)
+            read, transfer = host_ms(config)
+            effective = read_threads or default_read_threads()
+            rows.append((effective, loop, cpu, read, transfer))
+            # The next row's run starts fresh rather than resuming this one.
+            shutil.rmtree(run_dir_of(config))
         floor = floor_ms(config, args.steps)
-        read, transfer = host_ms(config)
     print(
         f"TopK {args.n_features} latents, d_model {args.d_model}, batch {args.batch}, "
         f"{args.steps} steps, {jax.devices()[0].platform}; trainer from "
         f"{os.path.dirname(os.path.dirname(os.path.abspath(main.__code__.co_filename)))}"
     )
     print(
-        f"{'floor ms':>9} {'loop ms':>8} {'gap ms':>7} {'loop/floor':>10} {'main CPU ms/step':>17}"
-        f" {'stream ms':>10} {'to device ms':>13}"
+        f"{'read threads':>12} {'floor ms':>9} {'loop ms':>8} {'gap ms':>7} {'loop/floor':>10}"
+        f" {'main CPU ms/step':>17} {'stream ms':>10} {'to device ms':>13}"
     )
-    print(
-        f"{floor:9.2f} {loop:8.2f} {loop - floor:7.2f} {loop / floor:10.2f} {cpu:17.2f}"
-        f" {read:10.2f} {transfer:13.2f}"
-    )
+    for read_threads, loop, cpu, read, transfer in rows:
+        print(
+            f"{read_threads:12d} {floor:9.2f} {loop:8.2f} {loop - floor:7.2f} {loop / floor:10.2f}"
+            f" {cpu:17.2f} {read:10.2f} {transfer:13.2f}"
+        )
 
 
 if __name__ == "__main__":

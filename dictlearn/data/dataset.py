@@ -198,7 +198,11 @@ class ActivationDataset:
         """
         return self.read_row_ranges([(shard_index, start, stop)])[0]
 
-    def read_row_ranges(self, ranges: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
+    def read_row_ranges(
+        self,
+        ranges: Sequence[tuple[int, int, int]],
+        out: Sequence[np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
         """Read several ``(shard_index, start, stop)`` row ranges in one concurrent request batch.
 
         On GCS the ranges are fetched in parallel (``fs.cat_ranges``), which is what keeps a
@@ -206,13 +210,20 @@ class ActivationDataset:
         Each range is widened to whole checksummed blocks (nothing to widen when its ends are
         multiples of the shard's ``checksum_rows``) and every block's CRC32 is checked.
 
+        Args:
+            ranges: ``(shard_index, start, stop)`` per range.
+            out: Optional float32 ``[stop - start, d_model]`` array per range to decode into
+                (saves a copy when the caller has a buffer waiting); allocated when None.
+
         Returns:
-            One float32 ``[stop - start, d_model]`` array per range, in order.
+            One float32 ``[stop - start, d_model]`` array per range, in order (``out`` if given).
 
         Raises:
             DatasetError: a range is out of bounds, or a block fails its checksum (version 2), or
                 rows hold NaN/Inf (version 1).
         """
+        if out is not None and len(out) != len(ranges):
+            raise ValueError(f"out has {len(out)} arrays for {len(ranges)} ranges")
         spans = []
         for shard_index, start, stop in ranges:
             if not 0 <= shard_index < self.num_shards:
@@ -229,8 +240,11 @@ class ActivationDataset:
             checksums = self._checksums[shard_index] if self._checksums else None
             spans.append(checksums.span(start, stop, n) if checksums else (start, stop))
         blobs = self._read_spans([r[0] for r in ranges], spans)
-        out = []
-        for (shard_index, start, stop), (lo, hi), blob in zip(ranges, spans, blobs, strict=True):
+        targets = out if out is not None else [None] * len(ranges)
+        decoded = []
+        for (shard_index, start, stop), (lo, hi), blob, target in zip(
+            ranges, spans, blobs, targets, strict=True
+        ):
             if self._checksums and self._checksums[shard_index].bad_blocks(
                 lo, blob, self._row_bytes
             ):
@@ -240,8 +254,8 @@ class ActivationDataset:
                 bad = self._checksums[shard_index].bad_blocks(lo, blob, self._row_bytes)
                 if bad:
                     raise self._corrupt_error(shard_index, bad)
-            out.append(self._decode(shard_index, lo, start, stop, blob))
-        return out
+            decoded.append(self._decode(shard_index, lo, start, stop, blob, target))
+        return decoded
 
     def _read_spans(self, shards: list[int], spans: list[tuple[int, int]]) -> list[bytes]:
         if not spans:
@@ -273,8 +287,17 @@ class ActivationDataset:
             "(generate redoes only that shard)"
         )
 
-    def _decode(self, shard_index: int, lo: int, start: int, stop: int, blob: bytes) -> np.ndarray:
-        """Rows ``[start, stop)`` of ``blob``, which holds rows ``[lo, ...)`` of the shard."""
+    def _decode(
+        self,
+        shard_index: int,
+        lo: int,
+        start: int,
+        stop: int,
+        blob: bytes,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``blob``, which holds rows ``[lo, ...)`` of the shard, as
+        float32 (written into ``out`` when given)."""
         rows = np.frombuffer(blob, self._dtype).reshape(-1, self.d_model)[start - lo : stop - lo]
         # With block checksums the bytes are exactly those write_shard stored, and it refused
         # NaN/Inf: only version 1 needs (and pays for) the scan.
@@ -284,8 +307,15 @@ class ActivationDataset:
                 f"{self.shard_url(shard_index)}: NaN/Inf in rows [{start}, {stop}) (first at row "
                 f"{bad}); the shard is corrupt, regenerate it"
             )
-        # astype always copies here, giving the caller a writable float32 array.
-        return rows.astype(np.float32)
+        if out is None:
+            # astype always copies here, giving the caller a writable float32 array.
+            return rows.astype(np.float32)
+        if out.shape != rows.shape or out.dtype != np.float32:
+            raise ValueError(
+                f"out is {out.dtype}{list(out.shape)}, rows are float32{list(rows.shape)}"
+            )
+        np.copyto(out, rows, casting="same_kind")
+        return out
 
     def validate(self, deep: bool = False) -> None:
         """Check the dataset's files against the manifest.

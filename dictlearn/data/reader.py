@@ -33,8 +33,12 @@ The order, in full (``R = block_rows``, ``S = shuffle_blocks``, ``B = global_bat
 
 from __future__ import annotations
 
+import itertools
+import os
 import queue
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -45,6 +49,14 @@ from dictlearn.data.dataset import ActivationDataset
 from dictlearn.data.format import DatasetError
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_MIN_GATHER_ROWS = 256  # below this a thread's share of the row gather costs more than it saves
+_MAX_DEFAULT_READ_THREADS = 8
+
+
+def default_read_threads() -> int:
+    """Read threads when none are asked for: one per core this process may use, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(_MAX_DEFAULT_READ_THREADS, cores or 1))
 
 
 def _unit_hash(ids: np.ndarray, seed: int) -> np.ndarray:
@@ -123,6 +135,10 @@ class BatchStream:
         position: Number of global batches already consumed (from a checkpoint); the stream
             starts at that batch without replaying the ones before.
         prefetch: Batches prepared ahead by a background thread; 0 reads synchronously.
+        read_threads: Threads that read, check and decode a batch's blocks and gather its
+            rows in parallel (file reads, CRC32 and numpy copies release the GIL); 0 picks
+            ``default_read_threads()``, 1 does it all on the producing thread. The rows are
+            the same for every value.
 
     Raises:
         DatasetError: bad arguments, or the split has fewer rows than one global batch.
@@ -143,6 +159,7 @@ class BatchStream:
         process_count: int = 1,
         position: int = 0,
         prefetch: int = 2,
+        read_threads: int = 0,
     ) -> None:
         if split not in ("train", "eval"):
             raise DatasetError(f"split must be 'train' or 'eval', got {split!r}")
@@ -168,6 +185,7 @@ class BatchStream:
             ("seed", seed, 0),
             ("position", position, 0),
             ("prefetch", prefetch, 0),
+            ("read_threads", read_threads, 0),
         ):
             if value < minimum:
                 raise DatasetError(f"{name} must be >= {minimum}, got {value}")
@@ -181,6 +199,7 @@ class BatchStream:
         self.process_index = process_index
         self.process_count = process_count
         self.prefetch = prefetch
+        self.read_threads = read_threads or default_read_threads()
         self.position = position
         """Global batches already yielded: save it in checkpoints, pass it back to resume."""
 
@@ -203,6 +222,7 @@ class BatchStream:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._closed = False
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -229,6 +249,18 @@ class BatchStream:
             self._windows[key] = _Window(blocks, row_perm, buffer)
         return self._windows[key]
 
+    def _parallel(self, tasks: list[Callable[[], None]]) -> None:
+        """Run ``tasks`` on the read pool (inline when there is one task or one thread) and
+        re-raise the first failure once all have finished."""
+        if len(tasks) == 1 or self.read_threads == 1:
+            for task in tasks:
+                task()
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="BatchStream")
+        for future in [self._pool.submit(task) for task in tasks]:
+            future.result()
+
     def _load(self, window: _Window, slots: np.ndarray) -> None:
         missing = slots[~window.loaded[slots]]
         if missing.size == 0:
@@ -238,9 +270,31 @@ class BatchStream:
             (int(shard), int(start), int(start) + self.block_rows)
             for shard, start in zip(self._shards[blocks], self._starts[blocks], strict=True)
         ]
-        for slot, rows in zip(missing, self.dataset.read_row_ranges(ranges), strict=True):
-            window.buffer[slot] = rows
+
+        def read(group: np.ndarray) -> Callable[[], None]:
+            def task() -> None:
+                # Each block decodes straight into its slot of the window's buffer.
+                self.dataset.read_row_ranges(
+                    [ranges[i] for i in group], [window.buffer[missing[i]] for i in group]
+                )
+
+            return task
+
+        groups = np.array_split(np.arange(missing.size), min(self.read_threads, missing.size))
+        self._parallel([read(group) for group in groups])
         window.loaded[missing] = True
+
+    def _gather(
+        self, out: np.ndarray, window: _Window, slots: np.ndarray, rows: np.ndarray
+    ) -> None:
+        """``out[:] = window.buffer[slots, rows]``, in row chunks on the read pool."""
+
+        def copy(part: slice) -> Callable[[], None]:
+            return lambda: np.copyto(out[part], window.buffer[slots[part], rows[part]])
+
+        chunks = min(self.read_threads, max(1, slots.size // _MIN_GATHER_ROWS))
+        bounds = np.linspace(0, slots.size, chunks + 1).astype(int)
+        self._parallel([copy(slice(a, b)) for a, b in itertools.pairwise(bounds)])
 
     def _produce(self, n: int) -> np.ndarray:
         """This process's slice of global batch ``n``."""
@@ -257,7 +311,7 @@ class BatchStream:
             window = self._window(epoch, w)
             slots, rows = np.divmod(window.row_perm[a:c], self.block_rows)
             self._load(window, np.unique(slots))
-            out[filled : filled + c - a] = window.buffer[slots, rows]
+            self._gather(out[filled : filled + c - a], window, slots, rows)
             filled += c - a
         # The next batch of this process starts at or after the last window touched here, so
         # earlier windows' blocks will never be needed again.
@@ -315,6 +369,9 @@ class BatchStream:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self._windows = {}
 
     def __enter__(self) -> BatchStream:

@@ -39,6 +39,15 @@ class DataConfig(StrictModel):
         json_schema_extra=EXECUTION,
         description="Batches read ahead in a background thread.",
     )
+    read_threads: int = Field(
+        0,
+        ge=0,
+        json_schema_extra=EXECUTION,
+        description=(
+            "Threads that read, check and shuffle each batch's blocks in parallel; 0: one per "
+            "CPU core, at most 8. The rows are the same for every value."
+        ),
+    )
 
 
 OptimizerName = Literal["adam", "lion", "schedule_free_adamw", "schedule_free_sign"]

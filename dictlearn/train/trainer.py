@@ -325,6 +325,7 @@ def _stream(config: TrainConfig, dataset: ActivationDataset, split: str, positio
         process_count=jax.process_count(),
         position=position,
         prefetch=config.data.prefetch,
+        read_threads=config.data.read_threads,
     )
 
 

@@ -113,16 +113,16 @@ def test_processes_read_only_their_blocks(
     counts: list[int] = []
     read = dataset.read_row_ranges
 
-    def counting(ranges: list[tuple[int, int, int]]) -> list[np.ndarray]:
+    def counting(ranges: list[tuple[int, int, int]], out: list[np.ndarray]) -> list[np.ndarray]:
         counts.append(len(ranges))
-        return read(ranges)
+        return read(ranges, out)
 
     monkeypatch.setattr(dataset, "read_row_ranges", counting)
     for processes in (1, 4):
         for p in range(processes):
             counts.clear()
             # prefetch=0: no read-ahead, so the reads are exactly those of the 10 batches.
-            kw = {"global_batch": 128, "shuffle_blocks": 1, "prefetch": 0}
+            kw = {"global_batch": 128, "shuffle_blocks": 1, "prefetch": 0, "read_threads": 3}
             _take(_stream(dataset, process_index=p, process_count=processes, **kw), 10)
             assert sum(counts) == 10 * 4 // processes
 
@@ -201,3 +201,61 @@ def test_error_in_prefetch_thread_reaches_consumer(tmp_path: Path) -> None:
     with stream, pytest.raises(DatasetError, match=r"shard-00000\.bin: block 0 .* CRC32"):
         next(stream)
     assert stream.position == 0
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_read_threads_are_invisible(dataset: ActivationDataset, threads: int) -> None:
+    # A 2-block window (64 rows) makes every 96-row batch span two windows; 40 batches cross
+    # the epoch end.
+    kw = {"shuffle_blocks": 2, "prefetch": 0}
+    serial = _take(_stream(dataset, read_threads=1, **kw), 40)
+    threaded_stream = _stream(dataset, read_threads=threads, **kw)
+    threaded = _take(threaded_stream, 40)
+    assert threaded_stream.read_threads == threads
+    for a, b in zip(serial, threaded, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_rows_decode_in_place_as_they_do_by_copy(tmp_path: Path) -> None:
+    url = str(tmp_path)
+    rows = np.random.default_rng(0).normal(size=(512, 8)).astype(np.float32)
+    commit_manifest(
+        url, [write_shard(url, 0, rows, "bfloat16")], source_model="m", hook="h", layer=None
+    )
+    ds = ActivationDataset.open(url)
+    copied = ds.read_row_ranges([(0, 0, 256), (0, 256, 512)])
+    buffers = [np.full((256, 8), np.nan, np.float32) for _ in range(2)]
+    in_place = ds.read_row_ranges([(0, 0, 256), (0, 256, 512)], buffers)
+    assert all(a is b for a, b in zip(in_place, buffers, strict=True))
+    for a, b in zip(copied, buffers, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(np.concatenate(buffers) - rows).max() < 1e-2  # bf16 rounding, not garbage
+    with pytest.raises(ValueError, match=r"out is float64\[256, 8\]"):
+        ds.read_row_ranges([(0, 0, 256)], [np.empty((256, 8))])
+    serial = _take(BatchStream(ds, global_batch=128, seed=0, block_rows=64, read_threads=1), 8)
+    pooled = _take(BatchStream(ds, global_batch=128, seed=0, block_rows=64, read_threads=4), 8)
+    for a, b in zip(serial, pooled, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_error_in_a_read_thread_reaches_consumer(tmp_path: Path) -> None:
+    url = str(tmp_path)
+    commit_manifest(
+        url,
+        [write_shard(url, 0, np.ones((1024, 4), np.float32), "float32")],
+        source_model="m",
+        hook="h",
+        layer=None,
+    )
+    ds = ActivationDataset.open(url)
+    path = tmp_path / "shards" / "shard-00000.bin"
+    data = bytearray(path.read_bytes())
+    row_bytes = 4 * 4
+    data[700 * row_bytes : 700 * row_bytes + 4] = np.float32(np.inf).tobytes()
+    path.write_bytes(bytes(data))
+    # Four 256-row blocks read by four threads; the one holding row 700 fails its check.
+    stream = BatchStream(ds, global_batch=1024, seed=0, block_rows=256, read_threads=4, prefetch=0)
+    with stream, pytest.raises(DatasetError, match=r"shard-00000\.bin: block \d+ .* CRC32"):
+        next(stream)
+    assert stream.position == 0
+    assert stream._pool is None  # close() shut the read pool down

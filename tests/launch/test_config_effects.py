@@ -191,17 +191,17 @@ def test_a_field_redefined_in_a_subclass_keeps_its_marking() -> None:
 
 def test_derived_lists() -> None:
     assert set(RESUMABLE_CHANGES) == {
-        "checkpoint", "data.prefetch", "mesh", "optimizer.decay_fraction", "optimizer.lr",
-        "optimizer.warmup_steps", "ray", "run", "tracker", "train.eval_batches",
+        "checkpoint", "data.prefetch", "data.read_threads", "mesh", "optimizer.decay_fraction",
+        "optimizer.lr", "optimizer.warmup_steps", "ray", "run", "tracker", "train.eval_batches",
         "train.eval_every", "train.log_every", "train.steps",
     }  # fmt: skip
     assert set(TRAIN_EXECUTION_FIELDS) == {
-        "checkpoint", "data.path", "data.prefetch", "hook_workers", "mesh", "ray", "run",
-        "tracker", "train.eval_batches", "train.eval_every", "train.log_every",
+        "checkpoint", "data.path", "data.prefetch", "data.read_threads", "hook_workers", "mesh",
+        "ray", "run", "tracker", "train.eval_batches", "train.eval_every", "train.log_every",
     }  # fmt: skip
     assert set(SWEEP_EXECUTION_FIELDS) == {
-        "ray", "retries", "base.checkpoint", "base.data.prefetch", "base.mesh", "base.ray",
-        "base.run", "base.tracker", "base.train.log_every",
+        "ray", "retries", "base.checkpoint", "base.data.prefetch", "base.data.read_threads",
+        "base.mesh", "base.ray", "base.run", "base.tracker", "base.train.log_every",
     }  # fmt: skip
 
 
