@@ -160,7 +160,11 @@ def bench_jax(
     jdtype = jnp.dtype(dtype)
     if gguf is None:
         config = lm.get_config(model)
-        params = lm.init_params(jax.random.key(0), config, jdtype)
+        # Drawn on the host's CPU backend and then moved: XLA's GPU compile of the one jitted
+        # draw-and-slice program took over 200 s for the 1B preset on an H200.
+        with jax.default_device(jax.devices("cpu")[0]):
+            params = lm.init_params(jax.random.key(0), config, jdtype)
+        params = jax.device_put(params, jax.devices()[0])
     else:
         params, config = lm.load_gguf(gguf, max_layer=layer, dtype=jdtype)
     fwd = jax.jit(lm.forward, static_argnames=("config", "hooks"))

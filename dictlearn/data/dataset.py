@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -92,6 +93,18 @@ def _warn_unchecked(url: str) -> None:
         )
 
 
+_thread_scratch = threading.local()
+
+
+def _scratch(nbytes: int) -> memoryview:
+    """This thread's reusable byte buffer for local reads, at least ``nbytes`` long."""
+    buffer = getattr(_thread_scratch, "buffer", None)
+    if buffer is None or buffer.size < nbytes:
+        buffer = np.empty(nbytes, np.uint8)
+        _thread_scratch.buffer = buffer
+    return memoryview(buffer)[:nbytes]
+
+
 class _Checksums:
     """One shard's block checksums: ``rows`` rows per block, ``crc32[k]`` for block ``k``."""
 
@@ -103,7 +116,7 @@ class _Checksums:
         """The smallest run of whole blocks holding rows ``[start, stop)``."""
         return (start // self.rows) * self.rows, min(n_tokens, -(-stop // self.rows) * self.rows)
 
-    def bad_blocks(self, first_row: int, blob: bytes, row_bytes: int) -> list[int]:
+    def bad_blocks(self, first_row: int, blob: bytes | memoryview, row_bytes: int) -> list[int]:
         """Blocks of ``blob`` (whole blocks from row ``first_row``) whose CRC32 differs."""
         view, step, first = memoryview(blob), self.rows * row_bytes, first_row // self.rows
         return [
@@ -239,7 +252,7 @@ class ActivationDataset:
                 )
             checksums = self._checksums[shard_index] if self._checksums else None
             spans.append(checksums.span(start, stop, n) if checksums else (start, stop))
-        blobs = self._read_spans([r[0] for r in ranges], spans)
+        blobs = self._span_reader([r[0] for r in ranges], spans)
         targets = out if out is not None else [None] * len(ranges)
         decoded = []
         for (shard_index, start, stop), (lo, hi), blob, target in zip(
@@ -257,6 +270,31 @@ class ActivationDataset:
             decoded.append(self._decode(shard_index, lo, start, stop, blob, target))
         return decoded
 
+    def _span_reader(
+        self, shards: list[int], spans: list[tuple[int, int]]
+    ) -> Iterator[bytes | memoryview]:
+        """The spans' bytes, one at a time. A local dataset reads each span into this thread's
+        scratch buffer, which the next span overwrites (callers copy what they keep: ``_decode``
+        does), so a shuffled reader allocates nothing per block; remote storage fetches all
+        spans concurrently in one request batch."""
+        if not storage.is_local(self._fs):
+            yield from self._read_spans(shards, spans)
+            return
+        for shard_index, (lo, hi) in zip(shards, spans, strict=True):
+            path = storage.join(self._root, self.manifest.shards[shard_index].path)
+            blob = _scratch((hi - lo) * self._row_bytes)
+            got = storage.read_range_into(self._fs, path, lo * self._row_bytes, blob)
+            self._check_read_size(shard_index, lo, hi, got)
+            yield blob
+
+    def _check_read_size(self, shard_index: int, lo: int, hi: int, got: int) -> None:
+        if got != (hi - lo) * self._row_bytes:
+            raise DatasetError(
+                f"{self.shard_url(shard_index)}: read {got} bytes for rows [{lo}, {hi}),"
+                f" expected {(hi - lo) * self._row_bytes} (file truncated since open?); "
+                "re-run generation for it"
+            )
+
     def _read_spans(self, shards: list[int], spans: list[tuple[int, int]]) -> list[bytes]:
         if not spans:
             return []
@@ -265,12 +303,7 @@ class ActivationDataset:
         ends = [hi * self._row_bytes for _, hi in spans]
         blobs = storage.read_ranges(self._fs, paths, starts, ends)
         for shard_index, (lo, hi), blob in zip(shards, spans, blobs, strict=True):
-            if len(blob) != (hi - lo) * self._row_bytes:
-                raise DatasetError(
-                    f"{self.shard_url(shard_index)}: read {len(blob)} bytes for rows [{lo}, {hi}),"
-                    f" expected {(hi - lo) * self._row_bytes} (file truncated since open?); "
-                    "re-run generation for it"
-                )
+            self._check_read_size(shard_index, lo, hi, len(blob))
         return blobs
 
     def _corrupt_error(self, shard_index: int, bad: list[int]) -> DatasetError:
@@ -293,7 +326,7 @@ class ActivationDataset:
         lo: int,
         start: int,
         stop: int,
-        blob: bytes,
+        blob: bytes | memoryview,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Rows ``[start, stop)`` of ``blob``, which holds rows ``[lo, ...)`` of the shard, as

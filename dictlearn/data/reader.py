@@ -51,6 +51,7 @@ from dictlearn.data.format import DatasetError
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _MIN_GATHER_ROWS = 256  # below this a thread's share of the row gather costs more than it saves
 _MAX_DEFAULT_READ_THREADS = 8
+_SPARE_WINDOW_BUFFERS = 2  # a batch spans at most a few windows; more would only hold memory
 
 
 def default_read_threads() -> int:
@@ -215,6 +216,7 @@ class BatchStream:
             )
         self._epoch_cache: tuple[int, np.ndarray] | None = None
         self._windows: dict[tuple[int, int], _Window] = {}
+        self._spare_buffers: list[np.ndarray] = []
         self._queue: queue.Queue[tuple[np.ndarray, None] | _Failure] = queue.Queue(
             maxsize=max(prefetch, 1)
         )
@@ -245,7 +247,11 @@ class BatchStream:
             row_perm = np.random.default_rng([self.seed, 2, epoch, window]).permutation(
                 blocks.size * self.block_rows
             )
-            buffer = np.empty((blocks.size, self.block_rows, self.dataset.d_model), np.float32)
+            shape = (blocks.size, self.block_rows, self.dataset.d_model)
+            spare = self._spare_buffers.pop() if self._spare_buffers else None
+            buffer = (
+                spare if spare is not None and spare.shape == shape else np.empty(shape, np.float32)
+            )
             self._windows[key] = _Window(blocks, row_perm, buffer)
         return self._windows[key]
 
@@ -314,8 +320,11 @@ class BatchStream:
             self._gather(out[filled : filled + c - a], window, slots, rows)
             filled += c - a
         # The next batch of this process starts at or after the last window touched here, so
-        # earlier windows' blocks will never be needed again.
-        self._windows = {k: v for k, v in self._windows.items() if k >= (epoch, last_window)}
+        # earlier windows' blocks will never be needed again. Their buffers are kept for the
+        # next windows: fresh ones would be page-faulted in again on every window.
+        done = [k for k in self._windows if k < (epoch, last_window)]
+        self._spare_buffers += [self._windows.pop(k).buffer for k in done]
+        del self._spare_buffers[_SPARE_WINDOW_BUFFERS:]
         return out
 
     # -- iteration and prefetching --------------------------------------------------------
@@ -373,6 +382,7 @@ class BatchStream:
             self._pool.shutdown()
             self._pool = None
         self._windows = {}
+        self._spare_buffers = []
 
     def __enter__(self) -> BatchStream:
         return self

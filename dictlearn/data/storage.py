@@ -234,6 +234,38 @@ def read_ranges(
     return retrying(fs, paths, lambda: fs.cat_ranges(paths, starts, ends, on_error="raise"))
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is this machine's own filesystem (where :func:`read_range_into` works)."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def read_range_into(fs: LocalFileSystem, path: str, start: int, out: memoryview) -> int:
+    """Read ``len(out)`` bytes of the local file ``path`` from byte ``start`` into ``out``.
+
+    For hot read loops: the caller reuses ``out``, so no fresh memory is allocated (and
+    page-faulted in) per read, as ``cat_ranges``' new ``bytes`` objects are.
+
+    Returns:
+        The number of bytes read: less than ``len(out)`` only where the file ends first.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+    """
+
+    def read() -> int:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            done = 0
+            while done < len(out):
+                got = f.readinto(out[done:])
+                if not got:
+                    break
+                done += got
+            return done
+
+    return retrying(fs, path, read)
+
+
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     """Whether ``path`` exists (retrying transient faults)."""
     return retrying(fs, path, lambda: fs.exists(path))

@@ -259,3 +259,25 @@ def test_error_in_a_read_thread_reaches_consumer(tmp_path: Path) -> None:
         next(stream)
     assert stream.position == 0
     assert stream._pool is None  # close() shut the read pool down
+
+
+def test_local_and_object_store_reads_agree_and_truncation_is_named(tmp_path: Path) -> None:
+    rows = np.random.default_rng(1).normal(size=(1024, 8)).astype(np.float32)
+    urls = [str(tmp_path / "local"), f"memory://{tmp_path.name}/remote"]  # reused scratch / bytes
+    for url in urls:
+        commit_manifest(
+            url, [write_shard(url, 0, rows, "float32")], source_model="m", hook="h", layer=None
+        )
+    local, remote = (ActivationDataset.open(url) for url in urls)
+    ranges = [(0, 512, 768), (0, 0, 256), (0, 256, 300)]
+    for a, b, (_, start, stop) in zip(
+        local.read_row_ranges(ranges), remote.read_row_ranges(ranges), ranges, strict=True
+    ):
+        np.testing.assert_array_equal(a, rows[start:stop])  # each a copy, not the scratch
+        np.testing.assert_array_equal(b, rows[start:stop])
+    path = tmp_path / "local" / "shards" / "shard-00000.bin"
+    path.write_bytes(path.read_bytes()[: 600 * 8 * 4])
+    with pytest.raises(
+        DatasetError, match=r"shard-00000\.bin: read .* bytes for rows \[512, 768\)"
+    ):
+        local.read_row_ranges([(0, 512, 768)])
