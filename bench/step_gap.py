@@ -1,7 +1,7 @@
 """Host gap between train steps: the real ``dictlearn train`` loop against back-to-back steps.
 
     uv run python bench/step_gap.py [--steps 300] [--n-features 256] [--d-model 64] [--batch 256]
-        [--read-threads 1,0]
+        [--read-threads 1,0] [--dtype float32|bfloat16]
 
 At a small width a step's device work is short and anything the host does between steps (reading
 metrics back, agreeing on preemption, picking the AuxK variant) shows up as idle device time.
@@ -18,7 +18,8 @@ Two host costs per step are timed alone to say where a gap comes from: ``stream`
 batch from the run's ``BatchStream`` read synchronously (block reads, CRC checks, shuffle
 gather), and ``to device``, that batch's ``global_batch_array`` until it is on the device.
 ``--read-threads`` gives one row per ``data.read_threads`` value (0: the default, one per core
-up to 8), the loop and the stream timed with it; the floor is shared.
+up to 8), the loop and the stream timed with it; the floor is shared. ``--dtype`` is the planted
+dataset's storage dtype (``dictlearn generate`` writes bfloat16 by default).
 To compare with another version of the trainer, run this script with that version first on
 ``PYTHONPATH``; the numbers are only comparable within one machine and load.
 """
@@ -127,6 +128,7 @@ def main_cli() -> None:
         default="1,0",
         help="comma-separated data.read_threads values, one row each (0: the default)",
     )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.read_threads.split(",")]
     with tempfile.TemporaryDirectory() as root:
@@ -134,7 +136,13 @@ def main_cli() -> None:
         n_tokens = args.batch * (args.steps + 8)
         write_planted_dataset(
             data,
-            PlantedConfig(d_model=args.d_model, n_features=64, n_tokens=n_tokens, mean_active=3.0),
+            PlantedConfig(
+                d_model=args.d_model,
+                n_features=64,
+                n_tokens=n_tokens,
+                mean_active=3.0,
+                dtype=args.dtype,
+            ),
         )
         rows = []
         for read_threads in thread_counts:
@@ -148,7 +156,7 @@ def main_cli() -> None:
         floor = floor_ms(config, args.steps)
     print(
         f"TopK {args.n_features} latents, d_model {args.d_model}, batch {args.batch}, "
-        f"{args.steps} steps, {jax.devices()[0].platform}; trainer from "
+        f"{args.steps} steps, {args.dtype} dataset, {jax.devices()[0].platform}; trainer from "
         f"{os.path.dirname(os.path.dirname(os.path.abspath(main.__code__.co_filename)))}"
     )
     print(

@@ -168,6 +168,11 @@ class ActivationDataset:
         return bool(self._checksums)
 
     @property
+    def storage_dtype(self) -> np.dtype:
+        """The rows' dtype in the shard files (float32 or bfloat16)."""
+        return self._dtype
+
+    @property
     def d_model(self) -> int:
         """Row width."""
         return self.manifest.d_model
@@ -225,8 +230,9 @@ class ActivationDataset:
 
         Args:
             ranges: ``(shard_index, start, stop)`` per range.
-            out: Optional float32 ``[stop - start, d_model]`` array per range to decode into
-                (saves a copy when the caller has a buffer waiting); allocated when None.
+            out: Optional ``[stop - start, d_model]`` array per range to decode into (saves a
+                copy when the caller has a buffer waiting), float32 or the storage dtype (then
+                the rows are copied as stored); float32 arrays are allocated when None.
 
         Returns:
             One float32 ``[stop - start, d_model]`` array per range, in order (``out`` if given).
@@ -343,9 +349,10 @@ class ActivationDataset:
         if out is None:
             # astype always copies here, giving the caller a writable float32 array.
             return rows.astype(np.float32)
-        if out.shape != rows.shape or out.dtype != np.float32:
+        if out.shape != rows.shape or out.dtype not in (np.float32, self._dtype):
             raise ValueError(
-                f"out is {out.dtype}{list(out.shape)}, rows are float32{list(rows.shape)}"
+                f"out is {out.dtype}{list(out.shape)}, rows are float32 or "
+                f"{self._dtype}{list(rows.shape)}"
             )
         np.copyto(out, rows, casting="same_kind")
         return out

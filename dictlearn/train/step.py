@@ -224,7 +224,7 @@ class TrainProgram:
         return state.tokens_since_fired >= self.dead_window
 
     def _train_step(self, state: TrainState, batch: jax.Array, any_dead: bool | None):
-        x = batch * self.norm_scale
+        x = batch.astype(jnp.float32) * self.norm_scale  # bf16 rows widen exactly
         dead = self._dead(state)
         scale = self.sparsity_schedule(state.step)
         # Gradients are taken at `point`: the parameters themselves, or for a schedule-free
@@ -289,7 +289,7 @@ class TrainProgram:
         return new_state, metrics
 
     def _eval_step(self, state: TrainState, batch: jax.Array):
-        x = batch * self.norm_scale
+        x = batch.astype(jnp.float32) * self.norm_scale
         _, (metrics, _, _) = self._loss(
             state.params, state.arch_state, self._dead(state), x, jnp.float32(1.0), inference=True
         )
@@ -297,10 +297,15 @@ class TrainProgram:
 
     # --- host helpers -----------------------------------------------------------------------
     def global_batch_array(self, local_rows: np.ndarray) -> jax.Array:
-        """Assemble this process's rows into the global, data-sharded batch array."""
+        """Assemble this process's rows into the global, data-sharded batch array.
+
+        bfloat16 rows (a bf16 dataset read as stored) travel to the devices as bf16, half the
+        bytes of float32, and the step widens them there, exactly; anything else is float32.
+        """
+        dtype = jnp.bfloat16 if local_rows.dtype == jnp.bfloat16 else np.float32
         return jax.make_array_from_process_local_data(
             self.batch_sharding,
-            np.ascontiguousarray(local_rows, dtype=np.float32),
+            np.ascontiguousarray(local_rows, dtype=dtype),
             (self.global_batch, self.arch.d_model),
         )
 

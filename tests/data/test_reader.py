@@ -234,8 +234,14 @@ def test_bfloat16_rows_decode_in_place_as_they_do_by_copy(tmp_path: Path) -> Non
         ds.read_row_ranges([(0, 0, 256)], [np.empty((256, 8))])
     serial = _take(BatchStream(ds, global_batch=128, seed=0, block_rows=64, read_threads=1), 8)
     pooled = _take(BatchStream(ds, global_batch=128, seed=0, block_rows=64, read_threads=4), 8)
-    for a, b in zip(serial, pooled, strict=True):
+    stored = _take(
+        BatchStream(ds, global_batch=128, seed=0, block_rows=64, read_threads=4, as_float32=False),
+        8,
+    )
+    for a, b, c in zip(serial, pooled, stored, strict=True):
         np.testing.assert_array_equal(a, b)
+        assert a.dtype == np.float32 and c.dtype == ds.storage_dtype != np.float32
+        np.testing.assert_array_equal(a, c.astype(np.float32))
 
 
 def test_error_in_a_read_thread_reaches_consumer(tmp_path: Path) -> None:
