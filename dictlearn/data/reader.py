@@ -38,7 +38,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -267,7 +267,9 @@ class BatchStream:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="BatchStream")
-        for future in [self._pool.submit(task) for task in tasks]:
+        futures = [self._pool.submit(task) for task in tasks]
+        wait(futures)  # none still writing into a buffer when a failure propagates
+        for future in futures:
             future.result()
 
     def _load(self, window: _Window, slots: np.ndarray) -> None:
