@@ -63,7 +63,8 @@ def _changed(value: Any) -> Any:
     if isinstance(value, int):
         return value + 1 if value != -1 else 2
     if isinstance(value, float):
-        return value * 0.5 + 0.25
+        changed = value * 0.5 + 0.25
+        return changed if changed != value else 0.75  # 0.5 is this map's fixed point
     if isinstance(value, str):
         return {"topk": "batchtopk", "offline": "disabled", "auto": "never"}.get(value, value + "x")
     if value is None:
@@ -208,8 +209,8 @@ def test_derived_lists() -> None:
 # Version hashes of finished pipelines on disk: the pipeline skips a stage by them, so deriving
 # the hashed fields from the marking must not change them (values from before the marking).
 # Each case sets the lr those pipelines ran with (1e-3; the default is now the fitted law), and
-# TopK's b_dec and AuxK gradient as they ran (learned, through the ReLU; now kept and straight
-# through).
+# TopK's b_dec, AuxK gradient and AuxK weight as they ran (learned, through the ReLU, 1/32; now
+# kept, straight through, 0.5).
 PINNED_VERSIONS = {
     (): {"generate": "51bf5611a2df", "train": "2c4865d42c8e", "eval": "d187addc8b5a"},
     ("mesh.model=2", "train.train.eval_batches=9"): {
@@ -242,6 +243,7 @@ def test_version_hashes_are_unchanged(overrides: tuple[str, ...]) -> None:
         "train.optimizer.lr=0.001",
         "train.sae.learn_b_dec=true",
         "train.sae.aux_gradient=relu",
+        "train.sae.aux_coef=0.03125",
     ]
     config = load_pipeline_config(None, [*ran_with, *overrides])
     plans = plan_stages(config)
