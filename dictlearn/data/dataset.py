@@ -235,7 +235,8 @@ class ActivationDataset:
                 the rows are copied as stored); float32 arrays are allocated when None.
 
         Returns:
-            One float32 ``[stop - start, d_model]`` array per range, in order (``out`` if given).
+            One ``[stop - start, d_model]`` array per range, in order: ``out`` if given, else
+            new float32 arrays.
 
         Raises:
             DatasetError: a range is out of bounds, or a block fails its checksum (version 2), or
