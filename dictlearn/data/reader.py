@@ -41,7 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -142,9 +142,6 @@ class BatchStream:
             the same for every value.
         as_float32: Yield float32 rows (True) or rows in the dataset's storage dtype (False:
             a bf16 dataset's rows stay bf16, half the bytes to copy, shuffle and transfer).
-        prepare: Applied to each batch on the producing thread, and its result yielded
-            instead (the trainer passes its host-to-device transfer, so the next batch is
-            already on the devices when a step is dispatched). None: the rows themselves.
 
     Raises:
         DatasetError: bad arguments, or the split has fewer rows than one global batch.
@@ -167,7 +164,6 @@ class BatchStream:
         prefetch: int = 2,
         read_threads: int = 0,
         as_float32: bool = True,
-        prepare: Callable[[np.ndarray], Any] | None = None,
     ) -> None:
         if split not in ("train", "eval"):
             raise DatasetError(f"split must be 'train' or 'eval', got {split!r}")
@@ -209,7 +205,6 @@ class BatchStream:
         self.prefetch = prefetch
         self.read_threads = read_threads or default_read_threads()
         self.row_dtype = np.dtype(np.float32) if as_float32 else dataset.storage_dtype
-        self._prepare = prepare
         self.position = position
         """Global batches already yielded: save it in checkpoints, pass it back to resume."""
 
@@ -226,7 +221,7 @@ class BatchStream:
         self._epoch_cache: tuple[int, np.ndarray] | None = None
         self._windows: dict[tuple[int, int], _Window] = {}
         self._spare_buffers: list[np.ndarray] = []
-        self._queue: queue.Queue[tuple[Any, None] | _Failure] = queue.Queue(
+        self._queue: queue.Queue[tuple[np.ndarray, None] | _Failure] = queue.Queue(
             maxsize=max(prefetch, 1)
         )
         self._stop = threading.Event()
@@ -339,20 +334,16 @@ class BatchStream:
 
     # -- iteration and prefetching --------------------------------------------------------
 
-    def _prepared(self, n: int) -> Any:
-        rows = self._produce(n)
-        return rows if self._prepare is None else self._prepare(rows)
-
     def _run(self, start: int) -> None:
         n = start
         try:
             while not self._stop.is_set():
-                self._put((self._prepared(n), None))
+                self._put((self._produce(n), None))
                 n += 1
         except BaseException as exc:  # handed to the consumer, which re-raises it
             self._put(_Failure(exc))
 
-    def _put(self, item: tuple[Any, None] | _Failure) -> None:
+    def _put(self, item: tuple[np.ndarray, None] | _Failure) -> None:
         # Time out so close() can stop a thread blocked on a full queue.
         while not self._stop.is_set():
             try:
@@ -364,13 +355,13 @@ class BatchStream:
     def __iter__(self) -> BatchStream:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> np.ndarray:
         if self._closed:
             raise RuntimeError("BatchStream is closed")
         if self._failure is not None:
             raise self._failure
         if self.prefetch == 0:
-            batch = self._prepared(self.position)
+            batch = self._produce(self.position)
         else:
             if self._thread is None:
                 self._thread = threading.Thread(

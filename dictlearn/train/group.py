@@ -267,9 +267,9 @@ def evaluate_group(
     if config.data.eval_fraction == 0 or config.train.eval_batches == 0:
         return [{} for _ in range(n)]
     totals: list[dict[str, float]] = [{} for _ in range(n)]
-    with _stream(config, dataset, "eval", 0, group.global_batch_array) as stream:
+    with _stream(config, dataset, "eval", position=0) as stream:
         for _ in range(config.train.eval_batches):
-            batch = next(stream)
+            batch = group.global_batch_array(next(stream))
             outs = jax.device_get(
                 [p.eval_step(s, batch) for p, s in zip(group.programs, states, strict=True)]
             )
@@ -306,10 +306,7 @@ def main(config: GroupTrainConfig) -> GroupResult:
         last_saved = start_step or None
         schedule = StepSchedule.of(config)
         preempted = False
-        with (
-            _stream(config, dataset, "train", position, group.global_batch_array) as stream,
-            _PreemptionFlag() as stop,
-        ):
+        with _stream(config, dataset, "train", position) as stream, _PreemptionFlag() as stop:
             bar = tqdm(
                 total=steps,
                 initial=start_step,
@@ -343,7 +340,7 @@ def main(config: GroupTrainConfig) -> GroupResult:
 
             reads = MetricReads(read_and_log)
             for step in range(start_step, steps):
-                batch = next(stream)
+                batch = group.global_batch_array(next(stream))
                 states, device_metrics = group.step_fn()(tuple(states), batch)
                 done = step + 1
                 deferred.add(done, device_metrics)

@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,23 +304,15 @@ def evaluate(
     if config.data.eval_fraction == 0 or config.train.eval_batches == 0:
         return {}
     totals: dict[str, float] = {}
-    with _stream(config, dataset, "eval", 0, program.global_batch_array) as stream:
+    with _stream(config, dataset, "eval", position=0) as stream:
         for _ in range(config.train.eval_batches):
-            m = _host_metrics(program.eval_step(state, next(stream)))
+            m = _host_metrics(program.eval_step(state, program.global_batch_array(next(stream))))
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + v
     return {k: v / config.train.eval_batches for k, v in totals.items()}
 
 
-def _stream(
-    config: TrainConfig,
-    dataset: ActivationDataset,
-    split: str,
-    position: int,
-    prepare: Callable[[np.ndarray], Any] | None = None,
-) -> BatchStream:
-    """The run's ``split`` stream from ``position``; ``prepare`` (the program's
-    ``global_batch_array``) runs on its prefetch thread, so batches arrive on the devices."""
+def _stream(config: TrainConfig, dataset: ActivationDataset, split: str, position: int):
     return BatchStream(
         dataset,
         global_batch=config.train.batch_size,
@@ -336,7 +328,6 @@ def _stream(
         read_threads=config.data.read_threads,
         # Rows stay in the dataset's dtype up to the device (bf16: half the host traffic).
         as_float32=False,
-        prepare=prepare,
     )
 
 
@@ -385,10 +376,7 @@ def main(config: TrainConfig) -> TrainResult:
     eval_metrics: dict[str, float] = {}
     preempted = False
     try:
-        with (
-            _stream(config, dataset, "train", position, program.global_batch_array) as stream,
-            _PreemptionFlag() as stop,
-        ):
+        with _stream(config, dataset, "train", position) as stream, _PreemptionFlag() as stop:
             bar = tqdm(
                 total=config.train.steps,
                 initial=start_step,
@@ -422,7 +410,8 @@ def main(config: TrainConfig) -> TrainResult:
 
             reads = MetricReads(read_and_log)
             for step in range(start_step, config.train.steps):
-                state, device_metrics = program.step_fn()(state, next(stream))
+                batch = program.global_batch_array(next(stream))
+                state, device_metrics = program.step_fn()(state, batch)
                 done = step + 1
                 deferred.add(done, device_metrics)
                 throughput.add(config.train.batch_size)

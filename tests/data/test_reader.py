@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -288,25 +287,3 @@ def test_local_and_object_store_reads_agree_and_truncation_is_named(tmp_path: Pa
         DatasetError, match=r"shard-00000\.bin: read .* bytes for rows \[512, 768\)"
     ):
         local.read_row_ranges([(0, 512, 768)])
-
-
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_prepare_runs_on_the_producer_and_position_counts_what_was_yielded(
-    dataset: ActivationDataset, prefetch: int
-) -> None:
-    threads: set[str] = set()
-
-    def prepare(rows: np.ndarray) -> tuple[str, np.ndarray]:
-        threads.add(threading.current_thread().name)
-        return "prepared", rows * 2
-
-    plain = _take(_stream(dataset), 4)
-    stream = _stream(dataset, prefetch=prefetch, prepare=prepare)
-    with stream:
-        prepared = [next(stream) for _ in range(4)]
-        assert stream.position == 4  # batches prepared ahead are not counted
-    for (tag, rows), expected in zip(prepared, plain, strict=True):
-        assert tag == "prepared"
-        np.testing.assert_array_equal(rows, expected * 2)
-    main = threading.current_thread().name
-    assert threads == ({main} if prefetch == 0 else {"BatchStream"})
