@@ -42,7 +42,6 @@ import numpy as np
 
 from dictlearn.config import validate
 from dictlearn.data import PlantedConfig, write_planted_dataset
-from dictlearn.data.reader import default_read_threads
 from dictlearn.tracking import read_metrics
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.trainer import _stream, build_program, main, open_dataset, run_dir_of
@@ -90,21 +89,22 @@ def floor_ms(config: TrainConfig, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def host_ms(config: TrainConfig, batches: int = 20) -> tuple[float, float]:
-    """ms per global batch read synchronously from the run's stream, and per transfer."""
+def host_ms(config: TrainConfig, batches: int = 20) -> tuple[float, float, int]:
+    """ms per global batch read synchronously from the run's stream, per transfer, and the
+    read threads the stream used."""
     dataset = open_dataset(config)
     program = build_program(config, dataset)
-    stream = _stream(config, dataset, "train", position=0)
-    stream.prefetch = 0  # no read-ahead: the time is the read's alone
-    rows = [next(stream)]  # opens the shards
-    start = time.perf_counter()
-    rows += [next(stream) for _ in range(batches)]
-    read = (time.perf_counter() - start) / batches * 1e3
+    with _stream(config, dataset, "train", position=0) as stream:  # closes its read pool
+        stream.prefetch = 0  # no read-ahead: the time is the read's alone
+        rows = [next(stream)]  # opens the shards
+        start = time.perf_counter()
+        rows += [next(stream) for _ in range(batches)]
+        read = (time.perf_counter() - start) / batches * 1e3
     jax.block_until_ready(program.global_batch_array(rows[0]))
     start = time.perf_counter()
     for r in rows[1:]:
         jax.block_until_ready(program.global_batch_array(r))
-    return read, (time.perf_counter() - start) / batches * 1e3
+    return read, (time.perf_counter() - start) / batches * 1e3, stream.read_threads
 
 
 def loop_ms(config: TrainConfig) -> tuple[float, float]:
@@ -148,9 +148,8 @@ def main_cli() -> None:
         for read_threads in thread_counts:
             config = _config(root, data, args, read_threads)
             loop, cpu = loop_ms(config)
-            read, transfer = host_ms(config)
-            effective = read_threads or default_read_threads()
-            rows.append((effective, loop, cpu, read, transfer))
+            read, transfer, threads_used = host_ms(config)
+            rows.append((threads_used, loop, cpu, read, transfer))
             # The next row's run starts fresh rather than resuming this one.
             shutil.rmtree(run_dir_of(config))
         floor = floor_ms(config, args.steps)
