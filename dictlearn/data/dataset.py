@@ -232,7 +232,8 @@ class ActivationDataset:
             ranges: ``(shard_index, start, stop)`` per range.
             out: Optional ``[stop - start, d_model]`` array per range to decode into (saves a
                 copy when the caller has a buffer waiting), float32 or the storage dtype (then
-                the rows are copied as stored); float32 arrays are allocated when None.
+                the rows are copied as stored; from local storage, a contiguous array is read
+                into directly); float32 arrays are allocated when None.
 
         Returns:
             One ``[stop - start, d_model]`` array per range, in order: ``out`` if given, else
@@ -259,11 +260,25 @@ class ActivationDataset:
                 )
             checksums = self._checksums[shard_index] if self._checksums else None
             spans.append(checksums.span(start, stop, n) if checksums else (start, stop))
-        blobs = self._span_reader([r[0] for r in ranges], spans)
-        targets = out if out is not None else [None] * len(ranges)
+        targets = list(out) if out is not None else [None] * len(ranges)
+        # On local storage, a target that holds exactly the span's bytes as stored is read
+        # into directly: no scratch buffer, no decoding copy.
+        local = storage.is_local(self._fs)
+        direct = [
+            target
+            if local
+            and target is not None
+            and target.dtype == self._dtype
+            and target.flags.c_contiguous
+            and span == (start, stop)
+            and target.shape == (stop - start, self.d_model)
+            else None
+            for (_, start, stop), span, target in zip(ranges, spans, targets, strict=True)
+        ]
+        blobs = self._span_reader([r[0] for r in ranges], spans, direct)
         decoded = []
-        for (shard_index, start, stop), (lo, hi), blob, target in zip(
-            ranges, spans, blobs, targets, strict=True
+        for (shard_index, start, stop), (lo, hi), blob, target, into in zip(
+            ranges, spans, blobs, targets, direct, strict=True
         ):
             if self._checksums and self._checksums[shard_index].bad_blocks(
                 lo, blob, self._row_bytes
@@ -274,22 +289,34 @@ class ActivationDataset:
                 bad = self._checksums[shard_index].bad_blocks(lo, blob, self._row_bytes)
                 if bad:
                     raise self._corrupt_error(shard_index, bad)
-            decoded.append(self._decode(shard_index, lo, start, stop, blob, target))
+                into = None  # the good bytes are in the re-read, not in the target
+            if into is not None:
+                self._check_finite(shard_index, start, stop, into)
+                decoded.append(into)
+            else:
+                decoded.append(self._decode(shard_index, lo, start, stop, blob, target))
         return decoded
 
     def _span_reader(
-        self, shards: list[int], spans: list[tuple[int, int]]
+        self,
+        shards: list[int],
+        spans: list[tuple[int, int]],
+        direct: list[np.ndarray | None],
     ) -> Iterator[bytes | memoryview]:
-        """The spans' bytes, one at a time. A local dataset reads each span into this thread's
-        scratch buffer, which the next span overwrites (callers copy what they keep: ``_decode``
-        does), so a shuffled reader allocates nothing per block; remote storage fetches all
-        spans concurrently in one request batch."""
+        """The spans' bytes, one at a time. A local dataset reads each span into its ``direct``
+        array where one is given, else into this thread's scratch buffer, which the next span
+        overwrites (callers copy what they keep: ``_decode`` does), so a shuffled reader
+        allocates nothing per block; remote storage fetches all spans concurrently in one
+        request batch."""
         if not storage.is_local(self._fs):
             yield from self._read_spans(shards, spans)
             return
-        for shard_index, (lo, hi) in zip(shards, spans, strict=True):
+        for shard_index, (lo, hi), into in zip(shards, spans, direct, strict=True):
             path = storage.join(self._root, self.manifest.shards[shard_index].path)
-            blob = _scratch((hi - lo) * self._row_bytes)
+            if into is not None:
+                blob = memoryview(into.reshape(-1).view(np.uint8))
+            else:
+                blob = _scratch((hi - lo) * self._row_bytes)
             got = storage.read_range_into(self._fs, path, lo * self._row_bytes, blob)
             self._check_read_size(shard_index, lo, hi, got)
             yield blob
@@ -327,6 +354,16 @@ class ActivationDataset:
             "(generate redoes only that shard)"
         )
 
+    def _check_finite(self, shard_index: int, start: int, stop: int, rows: np.ndarray) -> None:
+        # With block checksums the bytes are exactly those write_shard stored, and it refused
+        # NaN/Inf: only version 1 needs (and pays for) the scan.
+        if not self._checksums and not np.isfinite(rows).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+            raise DatasetError(
+                f"{self.shard_url(shard_index)}: NaN/Inf in rows [{start}, {stop}) (first at row "
+                f"{bad}); the shard is corrupt, regenerate it"
+            )
+
     def _decode(
         self,
         shard_index: int,
@@ -339,14 +376,7 @@ class ActivationDataset:
         """Rows ``[start, stop)`` of ``blob``, which holds rows ``[lo, ...)`` of the shard, as
         float32 (written into ``out`` when given)."""
         rows = np.frombuffer(blob, self._dtype).reshape(-1, self.d_model)[start - lo : stop - lo]
-        # With block checksums the bytes are exactly those write_shard stored, and it refused
-        # NaN/Inf: only version 1 needs (and pays for) the scan.
-        if not self._checksums and not np.isfinite(rows).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
-            raise DatasetError(
-                f"{self.shard_url(shard_index)}: NaN/Inf in rows [{start}, {stop}) (first at row "
-                f"{bad}); the shard is corrupt, regenerate it"
-            )
+        self._check_finite(shard_index, start, stop, rows)
         if out is None:
             # astype always copies here, giving the caller a writable float32 array.
             return rows.astype(np.float32)

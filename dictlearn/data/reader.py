@@ -299,12 +299,16 @@ class BatchStream:
         self, out: np.ndarray, window: _Window, slots: np.ndarray, rows: np.ndarray
     ) -> None:
         """``out[:] = window.buffer[slots, rows]``, in row chunks on the read pool."""
+        flat = window.buffer.reshape(-1, window.buffer.shape[-1])
+        indices = slots * self.block_rows + rows
 
         def copy(part: slice) -> Callable[[], None]:
-            return lambda: np.copyto(out[part], window.buffer[slots[part], rows[part]])
+            # mode="clip" writes straight into ``out`` ("raise" would gather into a temporary
+            # first); it clips nothing, as the indices come from a permutation of the window.
+            return lambda: np.take(flat, indices[part], axis=0, out=out[part], mode="clip")
 
-        chunks = min(self.read_threads, max(1, slots.size // _MIN_GATHER_ROWS))
-        bounds = np.linspace(0, slots.size, chunks + 1).astype(int)
+        chunks = min(self.read_threads, max(1, indices.size // _MIN_GATHER_ROWS))
+        bounds = np.linspace(0, indices.size, chunks + 1).astype(int)
         self._parallel([copy(slice(a, b)) for a, b in itertools.pairwise(bounds)])
 
     def _produce(self, n: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from dictlearn.data import (
     BatchStream,
     DatasetError,
     commit_manifest,
+    storage,
     write_shard,
 )
 
@@ -287,3 +288,38 @@ def test_local_and_object_store_reads_agree_and_truncation_is_named(tmp_path: Pa
         DatasetError, match=r"shard-00000\.bin: read .* bytes for rows \[512, 768\)"
     ):
         local.read_row_ranges([(0, 512, 768)])
+
+
+def test_a_block_read_straight_into_its_buffer_is_checked_and_re_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows in the storage dtype are read straight into the caller's buffer. A bit flipped on the
+    # way (injected here into the first read: a local disk cannot be made to do it) fails the
+    # block's CRC32; the re-read's good bytes must replace the bad ones in the buffer.
+    url = str(tmp_path)
+    rows = np.random.default_rng(2).normal(size=(512, 8)).astype(np.float32)
+    commit_manifest(
+        url, [write_shard(url, 0, rows, "float32")], source_model="m", hook="h", layer=None
+    )
+    ds = ActivationDataset.open(url)
+    read_range_into = storage.read_range_into
+    into: list[object] = []
+
+    def flip_the_first_read(fs: object, path: str, start: int, out: memoryview) -> int:
+        got = read_range_into(fs, path, start, out)  # type: ignore[arg-type]
+        into.append(out.obj)
+        if len(into) == 1:
+            out[5] ^= 0x10
+        return got
+
+    monkeypatch.setattr(storage, "read_range_into", flip_the_first_read)
+    buffers = [np.zeros((256, 8), np.float32) for _ in range(2)]
+    got = ds.read_row_ranges([(0, 256, 512), (0, 0, 256)], buffers)
+    assert all(a is b for a, b in zip(got, buffers, strict=True))
+    np.testing.assert_array_equal(buffers[0], rows[256:512])
+    np.testing.assert_array_equal(buffers[1], rows[:256])
+    # Both reads landed in the buffers' own memory, not in a scratch buffer.
+    assert [np.shares_memory(np.asarray(o), b) for o, b in zip(into, buffers, strict=True)] == [
+        True,
+        True,
+    ]
