@@ -90,8 +90,9 @@ class RayConfig(StrictModel):
         2,
         gt=0,
         description=(
-            "Shards queued on one worker at a time (backpressure); 2 keeps a worker busy "
-            "while the coordinator hands out the next shard."
+            "Shards queued on one worker at a time (backpressure); from 2 a worker runs the "
+            "next shard's forward passes while it writes the last one, and never waits for "
+            "the coordinator between shards."
         ),
     )
     cpus_per_worker: float = Field(1.0, ge=0, description="Ray CPUs each worker reserves.")

@@ -38,7 +38,13 @@ from tqdm.auto import tqdm
 
 from dictlearn.activations.config import GenerateConfig
 from dictlearn.activations.model import ResolvedModel, resolve_model
-from dictlearn.activations.worker import ShardOutcome, ShardWorker, WorkerSpec, parse_model_hooks
+from dictlearn.activations.worker import (
+    CONCURRENT_SHARDS,
+    ShardOutcome,
+    ShardWorker,
+    WorkerSpec,
+    parse_model_hooks,
+)
 from dictlearn.config import ConfigError, StrictModel
 from dictlearn.corpus import CorpusShard, plan_corpus_shards
 from dictlearn.data import DatasetError, ShardInfo, commit_manifest, read_shard_infos, storage
@@ -411,7 +417,9 @@ def _run_workers(
     tag = os.urandom(4).hex()
     t0 = time.perf_counter()
     actors = [
-        actor_cls.options(**rc.actor_options(f"dictlearn-generate-{tag}-{i}")).remote(spec)
+        actor_cls.options(
+            **rc.actor_options(f"dictlearn-generate-{tag}-{i}"), max_concurrency=CONCURRENT_SHARDS
+        ).remote(spec)
         for i in range(n_workers)
     ]
     try:

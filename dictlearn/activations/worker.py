@@ -9,7 +9,11 @@ sidecars; committing the dataset is the coordinator's job.
 
 Keeping the device busy: the forward is compiled while the weights load (from their shapes),
 reading and tokenizing run a few batches ahead in a background thread, and each batch is
-dispatched before the previous one's activations are copied back and masked.
+dispatched before the previous one's activations are copied back and masked. A worker takes
+:data:`CONCURRENT_SHARDS` calls at once (``generate`` makes it a threaded actor): the forward
+passes of one shard at a time, under a lock, while the next shard's reader fills its queue and
+the previous shard is checked, summarised and written, so the device does not wait for a write
+or for the coordinator's next call at a shard boundary.
 
 :func:`~dictlearn.activations.model.resolve_model` (re-exported here) is shared with the
 coordinator, which calls it first to fail fast (missing package or file, hooks past the last
@@ -92,7 +96,33 @@ class ShardOutcome:
     lm_tokens: int
     pid: int
     cpu_s: float
-    """CPU seconds (all threads) the worker process spent on the shard."""
+    """CPU seconds (all threads) the worker process spent while busy, since its previous outcome.
+
+    With two shards in the worker at once their CPU cannot be told apart; attributing each busy
+    interval once, to the next outcome returned, keeps the sum over outcomes exact."""
+
+
+class _BusyCpu:
+    """Process CPU seconds while at least one ``process`` call runs, handed out once each."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._mark = 0.0
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._active == 0:  # idle time before this call is nobody's
+                self._mark = time.process_time()
+            self._active += 1
+
+    def leave(self) -> float:
+        """The busy CPU seconds since the last ``leave``, or since becoming busy."""
+        with self._lock:
+            self._active -= 1
+            now = time.process_time()
+            spent, self._mark = now - self._mark, now
+            return spent
 
 
 @dataclass
@@ -106,6 +136,10 @@ class _Status:
 
 _PREFETCH_BATCHES = 4
 """Batches the background reader may have ready ahead of the forward."""
+
+CONCURRENT_SHARDS = 2
+"""``process`` calls one worker runs at once: one in its forward passes (a lock keeps the others
+out), the other reading ahead or writing. Host memory holds up to this many shards' rows."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +274,8 @@ class ShardWorker:
             self._forward = compiled.result() if compiled is not None else None
         self._keep_positions = position_mask(spec.context_length, spec.exclude_positions)
         self._status = _Status()
+        self._forward_lock = threading.Lock()
+        self._cpu = _BusyCpu()
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
@@ -248,7 +284,8 @@ class ShardWorker:
 
     @ray.method(concurrency_group="control")
     def status(self) -> dict[str, Any]:
-        """``{shard, batches, contexts, shards_done}``: the shard in progress (None if idle)."""
+        """``{shard, batches, contexts, shards_done}``: the shard whose forward passes are running
+        (None between them) and its progress, and the shards written so far."""
         s = self._status
         with s.lock:
             return {
@@ -271,6 +308,9 @@ class ShardWorker:
     def process(self, shard: CorpusShard, max_contexts: int | None = None) -> ShardOutcome:
         """Write shard ``shard.index`` of every hook's dataset from that corpus shard.
 
+        Up to :data:`CONCURRENT_SHARDS` threads may call this at once; their forward passes take
+        turns, and reading and writing overlap them.
+
         Args:
             shard: The corpus shard to read.
             max_contexts: Use at most this many contexts (the shard's part of ``max_tokens``).
@@ -279,28 +319,54 @@ class ShardWorker:
             CorpusError: the shard cannot be read, or yields no full context.
         """
         self.ready()
-        cpu0 = time.process_time()
+        self._cpu.enter()
+        try:
+            infos, n_contexts = self._process(shard, max_contexts)
+        finally:
+            cpu_s = self._cpu.leave()
+        return ShardOutcome(
+            index=shard.index,
+            infos=infos,
+            contexts=n_contexts,
+            lm_tokens=n_contexts * self.spec.context_length,
+            pid=os.getpid(),
+            cpu_s=cpu_s,
+        )
+
+    def _process(
+        self, shard: CorpusShard, max_contexts: int | None
+    ) -> tuple[dict[str, ShardInfo], int]:
         spec = self.spec
         chunks: dict[str, list[np.ndarray]] = {name: [] for name in spec.hooks}
         n_contexts = 0
-        with self._status.lock:
-            self._status.shard, self._status.batches, self._status.contexts = shard.index, 0, 0
-        # Reading, tokenizing and packing run in a background thread a few batches ahead, and
+        # Reading, tokenizing and packing run in a background thread a few batches ahead (from
+        # the moment the call starts, so while another shard still holds the forward), and
         # batch i+1 is dispatched before batch i's activations are copied back and masked: the
         # host work overlaps the forward instead of leaving the device idle between batches.
-        in_flight: tuple[_Batch, dict[str, jax.Array]] | None = None
-        with _Prefetch(self._batches(shard, max_contexts), _PREFETCH_BATCHES) as batches:
-            for batch in batches:
-                if self._batch_sharding is None:
-                    tokens = jnp.asarray(batch.tokens)
-                else:
-                    tokens = jax.device_put(batch.tokens, self._batch_sharding)
-                acts = self._forward(self.params, tokens)
+        with (
+            _Prefetch(self._batches(shard, max_contexts), _PREFETCH_BATCHES) as batches,
+            self._forward_lock,
+        ):
+            with self._status.lock:
+                self._status.shard, self._status.batches = shard.index, 0
+                self._status.contexts = 0
+            in_flight: tuple[_Batch, dict[str, jax.Array]] | None = None
+            try:
+                for batch in batches:
+                    if self._batch_sharding is None:
+                        tokens = jnp.asarray(batch.tokens)
+                    else:
+                        tokens = jax.device_put(batch.tokens, self._batch_sharding)
+                    acts = self._forward(self.params, tokens)
+                    if in_flight is not None:
+                        n_contexts += self._collect(*in_flight, chunks)
+                    in_flight = (batch, acts)
                 if in_flight is not None:
                     n_contexts += self._collect(*in_flight, chunks)
-                in_flight = (batch, acts)
-            if in_flight is not None:
-                n_contexts += self._collect(*in_flight, chunks)
+            finally:
+                with self._status.lock:
+                    self._status.shard = None
+        # The forward is free for the next shard from here: what follows is host work only.
         if n_contexts == 0:
             raise CorpusError(
                 f"corpus shard {shard.index} of {shard.n_shards} ({_describe(shard)}) holds fewer "
@@ -316,17 +382,10 @@ class ShardWorker:
                     "(exclude_positions / exclude_token_ids); nothing to write"
                 )
             infos[name] = write_shard(url, shard.index, rows, spec.dtype)
+            del rows
         with self._status.lock:
-            self._status.shard = None
             self._status.shards_done += 1
-        return ShardOutcome(
-            index=shard.index,
-            infos=infos,
-            contexts=n_contexts,
-            lm_tokens=n_contexts * spec.context_length,
-            pid=os.getpid(),
-            cpu_s=time.process_time() - cpu0,
-        )
+        return infos, n_contexts
 
     def _batches(
         self, shard: CorpusShard, max_contexts: int | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from dictlearn.activations import ModelConfig, ShardWorker, WorkerSpec, resolve_model
+from dictlearn.activations import worker as worker_module
 from dictlearn.activations.worker import _Prefetch
 from dictlearn.config import ConfigError
 from dictlearn.corpus import CorpusError, plan_corpus_shards
@@ -54,6 +56,75 @@ def test_sharded_worker_matches_the_unsharded_reference(tmp_path: Path) -> None:
         assert err.max() < 1e-5, f"{hook}: max row rel err {err.max():.2e}"
     assert worker.status() == {"shard": None, "batches": 3, "contexts": 10, "shards_done": 1}
     assert not _prefetch_threads(), "the shard's reader thread outlived it"
+
+
+def test_a_shard_is_written_while_the_next_one_runs_its_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two process() calls at once, as the threaded actor of `generate` makes them: the first
+    # shard's write waits until the second shard's forward has started, which only happens if
+    # the forward lock is released before writing (else the wait times out).
+    out = tmp_path / "out"
+    worker = ShardWorker(_spec(out, None))
+    config = tiny(str(out))
+    first_shard, second_shard = plan_corpus_shards(config.corpus)[:2]
+    calls: list[str] = []
+    second_forward_started = threading.Event()
+    forward = worker._forward
+
+    def spy_forward(params: object, tokens: object) -> object:
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name == "second":
+            second_forward_started.set()
+        return forward(params, tokens)
+
+    write_shard = worker_module.write_shard
+    overlapped: list[bool] = []
+
+    def write_after_the_next_forward_starts(url: str, index: int, *args: object) -> object:
+        if index == first_shard.index:
+            overlapped.append(second_forward_started.wait(timeout=60))
+        return write_shard(url, index, *args)
+
+    worker._forward = spy_forward  # type: ignore[method-assign]
+    monkeypatch.setattr(worker_module, "write_shard", write_after_the_next_forward_starts)
+    outcomes: dict[str, object] = {}
+
+    def run(shard: object) -> None:
+        try:
+            outcomes[threading.current_thread().name] = worker.process(shard, max_contexts=10)
+        except BaseException as err:  # re-raised in the test thread below
+            outcomes[threading.current_thread().name] = err
+
+    cpu0 = time.process_time()
+    first = threading.Thread(target=run, args=(first_shard,), name="first")
+    second = threading.Thread(target=run, args=(second_shard,), name="second")
+    first.start()
+    while worker.status()["shard"] != first_shard.index and first.is_alive():
+        time.sleep(0.005)
+    second.start()
+    first.join(timeout=300)
+    second.join(timeout=300)
+    cpu_total = time.process_time() - cpu0
+    for name in ("first", "second"):
+        if isinstance(outcomes[name], BaseException):
+            raise outcomes[name]  # type: ignore[misc]
+    # Every hook's shard is written, once per shard: one write per hook waited, and none of them
+    # timed out.
+    assert overlapped == [True, True]
+    # The forward passes took turns: all of the first shard's before any of the second's.
+    assert calls == ["first"] * 3 + ["second"] * 3, calls
+    for shard in (first_shard, second_shard):
+        want = expected_rows(config, shard.index)
+        for hook in want:
+            info = read_shard_info(str(out / hook), shard.index)
+            raw = (out / hook / "shards" / f"shard-{shard.index:05d}.bin").read_bytes()
+            got = np.frombuffer(raw, numpy_dtype("float32")).reshape(info.n_tokens, info.d_model)
+            np.testing.assert_array_equal(got, want[hook], err_msg=f"{hook} shard {shard.index}")
+    # The busy CPU time is handed out once: the outcomes' sum is not the overlap counted twice.
+    cpu_s = sum(outcomes[name].cpu_s for name in ("first", "second"))  # type: ignore[union-attr]
+    assert 0.5 * cpu_total < cpu_s <= cpu_total, (cpu_s, cpu_total)
+    assert worker.status() == {"shard": None, "batches": 3, "contexts": 10, "shards_done": 2}
 
 
 def test_mesh_that_does_not_fit_the_host_is_a_config_error(tmp_path: Path) -> None:
