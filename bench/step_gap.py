@@ -1,7 +1,7 @@
 """Host gap between train steps: the real ``dictlearn train`` loop against back-to-back steps.
 
     uv run python bench/step_gap.py [--steps 300] [--n-features 256] [--d-model 64] [--batch 256]
-        [--read-threads 1,0] [--dtype float32|bfloat16]
+        [--read-threads 1,0] [--dtype float32|bfloat16] [--stream-only]
 
 At a small width a step's device work is short and anything the host does between steps (reading
 metrics back, agreeing on preemption, picking the AuxK variant) shows up as idle device time.
@@ -16,7 +16,9 @@ Two numbers, measured in the same process on the same compiled step:
 the whole ``main`` call are printed too (the machine is shared: wall times move with its load).
 Two host costs per step are timed alone to say where a gap comes from: ``stream``, one global
 batch from the run's ``BatchStream`` read synchronously (block reads, CRC checks, shuffle
-gather), and ``to device``, that batch's ``global_batch_array`` until it is on the device.
+gather; ``stream CPU``: the process CPU time it took), and ``to device``, that batch's
+``global_batch_array`` until it is on the device. ``--stream-only`` measures just these two,
+over ``--steps`` batches (no loop, no floor): the host's side, which needs no accelerator.
 ``--read-threads`` gives one row per ``data.read_threads`` value (0: the default, one per core
 up to 8), the loop and the stream timed with it; the floor is shared. ``--dtype`` is the planted
 dataset's storage dtype (``dictlearn generate`` writes bfloat16 by default).
@@ -89,22 +91,23 @@ def floor_ms(config: TrainConfig, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def host_ms(config: TrainConfig, batches: int = 20) -> tuple[float, float, int]:
-    """ms per global batch read synchronously from the run's stream, per transfer, and the
-    read threads the stream used."""
+def host_ms(config: TrainConfig, batches: int = 20) -> tuple[float, float, float, int]:
+    """ms per global batch read synchronously from the run's stream, process CPU ms per batch
+    read, ms per transfer, and the read threads the stream used."""
     dataset = open_dataset(config)
     program = build_program(config, dataset)
     with _stream(config, dataset, "train", position=0) as stream:  # closes its read pool
         stream.prefetch = 0  # no read-ahead: the time is the read's alone
         rows = [next(stream)]  # opens the shards
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         rows += [next(stream) for _ in range(batches)]
         read = (time.perf_counter() - start) / batches * 1e3
+        read_cpu = (time.process_time() - cpu) / batches * 1e3
     jax.block_until_ready(program.global_batch_array(rows[0]))
     start = time.perf_counter()
     for r in rows[1:]:
         jax.block_until_ready(program.global_batch_array(r))
-    return read, (time.perf_counter() - start) / batches * 1e3, stream.read_threads
+    return read, read_cpu, (time.perf_counter() - start) / batches * 1e3, stream.read_threads
 
 
 def loop_ms(config: TrainConfig) -> tuple[float, float]:
@@ -129,6 +132,11 @@ def main_cli() -> None:
         help="comma-separated data.read_threads values, one row each (0: the default)",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--stream-only",
+        action="store_true",
+        help="time only the stream and the transfer, over --steps batches",
+    )
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.read_threads.split(",")]
     with tempfile.TemporaryDirectory() as root:
@@ -147,12 +155,16 @@ def main_cli() -> None:
         rows = []
         for read_threads in thread_counts:
             config = _config(root, data, args, read_threads)
-            loop, cpu = loop_ms(config)
-            read, transfer, threads_used = host_ms(config)
-            rows.append((threads_used, loop, cpu, read, transfer))
-            # The next row's run starts fresh rather than resuming this one.
-            shutil.rmtree(run_dir_of(config))
-        floor = floor_ms(config, args.steps)
+            if args.stream_only:
+                loop = cpu = float("nan")
+                read, read_cpu, transfer, threads_used = host_ms(config, args.steps)
+            else:
+                loop, cpu = loop_ms(config)
+                read, read_cpu, transfer, threads_used = host_ms(config)
+                # The next row's run starts fresh rather than resuming this one.
+                shutil.rmtree(run_dir_of(config))
+            rows.append((threads_used, loop, cpu, read, read_cpu, transfer))
+        floor = float("nan") if args.stream_only else floor_ms(config, args.steps)
     print(
         f"TopK {args.n_features} latents, d_model {args.d_model}, batch {args.batch}, "
         f"{args.steps} steps, {args.dtype} dataset, {jax.devices()[0].platform}; trainer from "
@@ -160,12 +172,12 @@ def main_cli() -> None:
     )
     print(
         f"{'read threads':>12} {'floor ms':>9} {'loop ms':>8} {'gap ms':>7} {'loop/floor':>10}"
-        f" {'main CPU ms/step':>17} {'stream ms':>10} {'to device ms':>13}"
+        f" {'main CPU ms/step':>17} {'stream ms':>10} {'stream CPU ms':>14} {'to device ms':>13}"
     )
-    for read_threads, loop, cpu, read, transfer in rows:
+    for read_threads, loop, cpu, read, read_cpu, transfer in rows:
         print(
             f"{read_threads:12d} {floor:9.2f} {loop:8.2f} {loop - floor:7.2f} {loop / floor:10.2f}"
-            f" {cpu:17.2f} {read:10.2f} {transfer:13.2f}"
+            f" {cpu:17.2f} {read:10.2f} {read_cpu:14.2f} {transfer:13.2f}"
         )
 
 
