@@ -172,7 +172,9 @@ def test_worker_sigkill_mid_shard_is_restarted(ray_cluster, tmp_path: Path) -> N
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     result: GenerateResult = outcome["result"]  # type: ignore[assignment]
-    assert killed_in["shard"] == 0 and killed_in["batches"] < 10, killed_in
+    # Both shards run on the worker at once (their forwards take turns, in whichever order the
+    # two calls reach the lock): the kill came in the middle of one shard's forwards.
+    assert killed_in["shard"] in (0, 1) and killed_in["batches"] < 10, killed_in
     assert result.worker_restarts == 1
     assert (result.shards_written, result.shards_skipped) == (2, 0)
     url = result.datasets["resid_post.3"]
