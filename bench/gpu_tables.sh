@@ -50,6 +50,11 @@ run train_1m 90 python3 bench/train_throughput.py --features $wide --batches $wi
   --archs topk --encoder-dtypes float32 bfloat16 --parts --repeats $reps
 # shellcheck disable=SC2086
 run step_gap 120 env JAX_PLATFORMS=$platform python3 bench/step_gap.py $gap_args
+# The host's side alone (bf16 rows, as `dictlearn generate` writes them): does the stream keep
+# up with the step, and how does it scale with read threads on this host's cores?
+# shellcheck disable=SC2086
+run stream 60 env JAX_PLATFORMS=$platform python3 bench/step_gap.py $gap_args --stream-only \
+  --read-threads 1,2,4,8,16 --dtype bfloat16
 # shellcheck disable=SC2086
 run lm_1b 200 python3 bench/generate_throughput.py --weights random --model 1b \
   --dtype bfloat16 $lm_large --reps $reps --mfu --peak-tflops "$peak"

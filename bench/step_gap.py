@@ -180,6 +180,11 @@ def main_cli() -> None:
         f"{args.steps} steps, {args.dtype} dataset, {jax.devices()[0].platform}; trainer from "
         f"{os.path.dirname(os.path.dirname(os.path.abspath(main.__code__.co_filename)))}"
     )
+    if args.stream_only:
+        print(f"{'read threads':>12} {'stream ms':>10} {'stream CPU ms':>14} {'to device ms':>13}")
+        for read_threads, _, _, read, read_cpu, transfer in rows:
+            print(f"{read_threads:12d} {read:10.2f} {read_cpu:14.2f} {transfer:13.2f}")
+        return
     print(
         f"{'read threads':>12} {'floor ms':>9} {'loop ms':>8} {'gap ms':>7} {'loop/floor':>10}"
         f" {'main CPU ms/step':>17} {'stream ms':>10} {'stream CPU ms':>14} {'to device ms':>13}"
