@@ -166,8 +166,13 @@ def bench_jax(
     if gguf is None:
         config = lm.get_config(model)
         # Drawn on the host's CPU backend and then moved: XLA's GPU compile of the one jitted
-        # draw-and-slice program took over 200 s for the 1B preset on an H200.
-        with jax.default_device(jax.devices("cpu")[0]):
+        # draw-and-slice program took over 200 s for the 1B preset on an H200. Under
+        # JAX_PLATFORMS=cuda there is no CPU backend; then they are drawn where they run.
+        try:
+            draw_on = jax.devices("cpu")[0]
+        except RuntimeError:
+            draw_on = jax.devices()[0]
+        with jax.default_device(draw_on):
             params = lm.init_params(jax.random.key(0), config, jdtype)
         params = jax.device_put(params, jax.devices()[0])
     else:
