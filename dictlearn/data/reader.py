@@ -295,12 +295,10 @@ class BatchStream:
         self._parallel([read(group) for group in groups])
         window.loaded[missing] = True
 
-    def _gather(
-        self, out: np.ndarray, window: _Window, slots: np.ndarray, rows: np.ndarray
-    ) -> None:
-        """``out[:] = window.buffer[slots, rows]``, in row chunks on the read pool."""
+    def _gather(self, out: np.ndarray, window: _Window, indices: np.ndarray) -> None:
+        """``out[:]`` = the window's rows ``indices`` (counted over its blocks in order), in row
+        chunks on the read pool."""
         flat = window.buffer.reshape(-1, window.buffer.shape[-1])
-        indices = slots * self.block_rows + rows
 
         def copy(part: slice) -> Callable[[], None]:
             # mode="clip" writes straight into ``out`` ("raise" would gather into a temporary
@@ -324,9 +322,9 @@ class BatchStream:
             a = max(lo, w * window_rows) - w * window_rows
             c = min(hi, (w + 1) * window_rows) - w * window_rows
             window = self._window(epoch, w)
-            slots, rows = np.divmod(window.row_perm[a:c], self.block_rows)
-            self._load(window, np.unique(slots))
-            self._gather(out[filled : filled + c - a], window, slots, rows)
+            indices = window.row_perm[a:c]
+            self._load(window, np.unique(indices // self.block_rows))
+            self._gather(out[filled : filled + c - a], window, indices)
             filled += c - a
         # The next batch of this process starts at or after the last window touched here, so
         # earlier windows' blocks will never be needed again. Their buffers are kept for the
