@@ -105,6 +105,11 @@ def _scratch(nbytes: int) -> memoryview:
     return memoryview(buffer)[:nbytes]
 
 
+def _byte_view(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous ``array``, writable in place."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
 class _Checksums:
     """One shard's block checksums: ``rows`` rows per block, ``crc32[k]`` for block ``k``."""
 
@@ -261,13 +266,11 @@ class ActivationDataset:
             checksums = self._checksums[shard_index] if self._checksums else None
             spans.append(checksums.span(start, stop, n) if checksums else (start, stop))
         targets = list(out) if out is not None else [None] * len(ranges)
-        # On local storage, a target that holds exactly the span's bytes as stored is read
-        # into directly: no scratch buffer, no decoding copy.
-        local = storage.is_local(self._fs)
+        # A target that holds exactly the span's bytes as stored receives them directly: no
+        # scratch buffer, no decoding copy.
         direct = [
             target
-            if local
-            and target is not None
+            if target is not None
             and target.dtype == self._dtype
             and target.flags.c_contiguous
             and span == (start, stop)
@@ -303,20 +306,25 @@ class ActivationDataset:
         spans: list[tuple[int, int]],
         direct: list[np.ndarray | None],
     ) -> Iterator[bytes | memoryview]:
-        """The spans' bytes, one at a time. A local dataset reads each span into its ``direct``
-        array where one is given, else into this thread's scratch buffer, which the next span
-        overwrites (callers copy what they keep: ``_decode`` does), so a shuffled reader
-        allocates nothing per block; remote storage fetches all spans concurrently in one
-        request batch."""
+        """The spans' bytes, one at a time, in a span's ``direct`` array where one is given.
+
+        A local dataset reads each span straight into that array, else into this thread's
+        scratch buffer, which the next span overwrites (callers copy what they keep: ``_decode``
+        does), so a shuffled reader allocates nothing per block. Remote storage fetches all
+        spans concurrently in one request batch, then copies each into its ``direct`` array.
+        """
         if not storage.is_local(self._fs):
-            yield from self._read_spans(shards, spans)
+            for blob, into in zip(self._read_spans(shards, spans), direct, strict=True):
+                if into is None:
+                    yield blob
+                else:
+                    view = _byte_view(into)
+                    view[:] = blob
+                    yield view
             return
         for shard_index, (lo, hi), into in zip(shards, spans, direct, strict=True):
             path = storage.join(self._root, self.manifest.shards[shard_index].path)
-            if into is not None:
-                blob = memoryview(into.reshape(-1).view(np.uint8))
-            else:
-                blob = _scratch((hi - lo) * self._row_bytes)
+            blob = _byte_view(into) if into is not None else _scratch((hi - lo) * self._row_bytes)
             got = storage.read_range_into(self._fs, path, lo * self._row_bytes, blob)
             self._check_read_size(shard_index, lo, hi, got)
             yield blob
