@@ -92,6 +92,10 @@ def floor_ms(config: TrainConfig, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
+_TRANSFER_BATCHES = 20
+"""Batches ``host_ms`` keeps to time their transfer to the device."""
+
+
 def host_ms(config: TrainConfig, batches: int = 20) -> tuple[float, float, float, int]:
     """ms per global batch read synchronously from the run's stream, process CPU ms per batch
     read, ms per transfer, and the read threads the stream used."""
@@ -115,9 +119,6 @@ def host_ms(config: TrainConfig, batches: int = 20) -> tuple[float, float, float
         jax.block_until_ready(program.global_batch_array(r))
     transfer = (time.perf_counter() - start) / len(kept) * 1e3
     return read, read_cpu, transfer, stream.read_threads
-
-
-_TRANSFER_BATCHES = 20
 
 
 def loop_ms(config: TrainConfig) -> tuple[float, float]:
