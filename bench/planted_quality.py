@@ -52,6 +52,7 @@ from dictlearn.config import apply_overrides, validate
 from dictlearn.data import ActivationDataset, PlantedConfig, write_planted_dataset
 from dictlearn.data.planted import heldout_rows
 from dictlearn.export import InferenceSAE, load_sae
+from dictlearn.export.model import SAEParams
 from dictlearn.tracking import read_metrics
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.trainer import main as train_main
@@ -284,12 +285,25 @@ def alignment(decoder: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(jnp.concatenate(learned_best).mean()), float(true_best.mean())
 
 
+@jax.jit
+def _chunk_stats_dense(sae: SAEParams, x):
+    """``_chunk_stats`` for any activation rule, through the export's own encode and decode."""
+    latents = sae.encode(x)
+    x_hat = sae.decode(latents)
+    return jnp.sum((x - x_hat) ** 2), jnp.sum(latents > 0), jnp.any(latents > 0, axis=0)
+
+
 def reconstruction_scores(sae: InferenceSAE, x: np.ndarray) -> dict[str, float]:
-    """Held-out FVE, L0 and dead fraction (active on no row of ``x``) of a TopK SAE."""
+    """Held-out FVE, L0 and dead fraction (active on no row of ``x``) of an exported SAE
+    (TopK, or a JumpReLU / ReLU rule such as a BatchTopK run's export)."""
     weights = [jnp.asarray(a, jnp.float32) for a in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
     sq, active, fired = 0.0, 0, jnp.zeros(sae.d_sae, jnp.bool_)
     for i in range(0, x.shape[0], _SCORE_CHUNK):
-        s, a, f = _chunk_stats(*weights, jnp.asarray(x[i : i + _SCORE_CHUNK]), k=sae.k)
+        rows = jnp.asarray(x[i : i + _SCORE_CHUNK])
+        if sae.architecture == "topk":
+            s, a, f = _chunk_stats(*weights, rows, k=sae.k)
+        else:
+            s, a, f = _chunk_stats_dense(sae.params(), rows)
         sq, active, fired = sq + float(s), active + int(a), fired | f
     total = float(np.sum((x - x.mean(axis=0)) ** 2))
     return {"fve": 1 - sq / total, "l0": active / x.shape[0], "dead": 1 - float(jnp.mean(fired))}
