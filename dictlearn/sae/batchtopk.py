@@ -65,7 +65,12 @@ class BatchTopKConfig(BaseSAEConfig):
         0.99,
         gt=0,
         lt=1,
-        description="EMA momentum of the inference threshold (min selected activation).",
+        description=(
+            "EMA momentum of the inference threshold (min selected activation). Its memory of "
+            "~1/(1 - momentum) steps lags the cut-off, which falls early in training: after "
+            "256 steps on Gemma 3 270M activations 0.99 exported 1.6-1.7x the cut-off, so the "
+            "export fired 20-24 latents per token for k 32 (docs/real_quality.md)."
+        ),
     )
 
 
