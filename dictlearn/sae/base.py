@@ -175,6 +175,20 @@ class Architecture(abc.ABC):
         """Fold per-step statistics (from ``LocalOutputs.state_stats``) into the state."""
         return state
 
+    @property
+    def calibration_batches(self) -> int:
+        """Batches the trained model reads, forward only, to set its state at the end of training
+        (0: none; the state is what ``update_state`` made of the steps)."""
+        return 0
+
+    def calibrated_state(self, state: ArchState, samples: dict[str, jax.Array]) -> ArchState:
+        """The state of the trained model from ``calibration_batches`` batches' statistics.
+
+        ``samples`` holds each ``LocalOutputs.state_stats`` entry of the final parameters on
+        those batches, stacked along a leading axis.
+        """
+        return state
+
 
 class LocalOutputs(NamedTuple):
     """What a local loss returns besides the loss."""

@@ -2,9 +2,12 @@
 
 Training keeps the ``k * batch`` largest pre-activations of the whole (global) batch, so tokens
 get a variable number of latents with the average fixed at ``k``. At inference there is no
-batch: a single threshold, the running mean of the smallest selected activation seen during
-training, turns the model into a JumpReLU SAE with a uniform threshold, and that is how it is
-used, exported and evaluated (the held-out evaluation scores that rule, not the batch selection).
+batch: a single threshold turns the model into a JumpReLU SAE with a uniform threshold, and that
+is how it is used, exported and evaluated (the held-out evaluation scores that rule, not the
+batch selection). During training the threshold is a running mean of each step's cut-off (its
+smallest selected activation); after the last step it becomes the trained model's mean cut-off
+over a few more batches (``threshold_calibration_batches``), as Bussmann et al. estimate it: the
+running mean lags the cut-off, which falls as the model trains.
 
 Training runs sparse (``dictlearn.sae.variable_l0``): each chunk of the encoder matmul keeps its
 tokens' top ``candidates_per_token`` pre-activations per shard; the batch cut-off is found among
@@ -66,10 +69,22 @@ class BatchTopKConfig(BaseSAEConfig):
         gt=0,
         lt=1,
         description=(
-            "EMA momentum of the inference threshold (min selected activation). Its memory of "
-            "~1/(1 - momentum) steps lags the cut-off, which falls early in training: after "
-            "256 steps on Gemma 3 270M activations 0.99 exported 1.6-1.7x the cut-off, so the "
-            "export fired 20-24 latents per token for k 32 (docs/real_quality.md)."
+            "EMA momentum of the running inference threshold (min selected activation), the "
+            "threshold of checkpoints before the last step (and of the last, with "
+            "threshold_calibration_batches 0). Its memory of ~1/(1 - momentum) steps lags the "
+            "cut-off, which falls early in training: after 256 steps on Gemma 3 270M "
+            "activations 0.99 held 1.6-1.7x the cut-off, so such an export fired 20-24 latents "
+            "per token for k 32 (docs/real_quality.md)."
+        ),
+    )
+    threshold_calibration_batches: int = Field(
+        8,
+        ge=0,
+        description=(
+            "After the last step, the exported threshold becomes the trained model's mean batch "
+            "cut-off over this many batches of the training stream (those the next steps would "
+            "read; forward only, nothing trains on them), as Bussmann et al. estimate it. 0 "
+            "keeps the running mean (threshold_momentum)."
         ),
     )
 
@@ -230,6 +245,20 @@ class BatchTopK(Architecture):
             fire_counts=global_sum(out.fire.astype(jnp.int32)),
             state_stats={},
         )
+
+    @property
+    def calibration_batches(self) -> int:
+        return self.config.threshold_calibration_batches
+
+    def calibrated_state(self, state: ArchState, samples) -> ArchState:
+        """The threshold becomes the mean of the batches' cut-offs (their smallest selected)."""
+        sample = samples["min_selected"]
+        ok = jnp.isfinite(sample)
+        mean = jnp.sum(jnp.where(ok, sample, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+        return {
+            "threshold": jnp.where(jnp.any(ok), mean, state["threshold"]),
+            "threshold_initialised": state["threshold_initialised"] | jnp.any(ok),
+        }
 
     def update_state(self, state: ArchState, stats) -> ArchState:
         m = self.config.threshold_momentum

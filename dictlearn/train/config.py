@@ -277,12 +277,14 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
     "sae.learn_b_dec": True,
     "sae.aux_gradient": "relu",
     "sae.encoder_dtype": "float32",
+    "sae.threshold_calibration_batches": 0,
 }
 """Train-config fields added after runs existed, with the value every earlier run had (no
-branch; TopK learned b_dec and sent AuxK through the ReLU; float32 encoder matmuls). Version
-hashes and resume checks (of runs and of sweeps) leave a field out when it holds this value
-(``dictlearn.config.without_values_from_before``), so an earlier run compares equal to a config
-that sets these values; the new defaults make another run."""
+branch; TopK learned b_dec and sent AuxK through the ReLU; float32 encoder matmuls; BatchTopK
+exported its running-mean threshold). Version hashes and resume checks (of runs and of sweeps)
+leave a field out when it holds this value (``dictlearn.config.without_values_from_before``), so
+an earlier run compares equal to a config that sets these values; the new defaults make another
+run."""
 
 
 class TrainConfig(StrictModel):

@@ -53,6 +53,7 @@ from dictlearn.train.trainer import (
     _stream,
     _Throughput,
     build_program,
+    calibrated_after_last_step,
     check_schedule_change,
     checkpoint_dir_of,
     log_save,
@@ -343,6 +344,11 @@ def main(config: GroupTrainConfig) -> GroupResult:
                 batch = group.global_batch_array(next(stream))
                 states, device_metrics = group.step_fn()(tuple(states), batch)
                 done = step + 1
+                if done == steps:
+                    with throughput.paused():
+                        states = calibrated_after_last_step(
+                            group.programs, states, config, dataset, stream.position
+                        )
                 deferred.add(done, device_metrics)
                 throughput.add(batch_size)
                 bar.update(1)

@@ -8,6 +8,7 @@ optimizer update, dead-latent bookkeeping and the architecture's running statist
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -94,6 +95,7 @@ class TrainProgram:
 
         self.init = jax.jit(self._init, out_shardings=self.state_shardings)
         self._steps: dict[bool | None, Any] = {}
+        self._calibration: tuple[Any, Any] | None = None
         self.eval_step = jax.jit(
             self._eval_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -287,6 +289,39 @@ class TrainProgram:
             "sparsity_scale": jnp.asarray(scale, jnp.float32),
         }
         return new_state, metrics
+
+    def calibrate(self, state: TrainState, batches: Iterable[jax.Array]) -> TrainState:
+        """``state`` with the architecture state the trained parameters give on ``batches``.
+
+        Each batch runs the training forward (no gradient, nothing trained) with the state's
+        parameters, the ones an export takes; ``Architecture.calibrated_state`` turns the
+        batches' statistics into the new architecture state (BatchTopK: its threshold).
+        """
+        if self._calibration is None:
+            self._calibration = (
+                jax.jit(
+                    self._calibration_stats,
+                    in_shardings=(self.state_shardings, self.batch_sharding),
+                    out_shardings=replicated(self.mesh),
+                ),
+                jax.jit(
+                    lambda arch_state, samples: self.arch.calibrated_state(arch_state, samples),
+                    out_shardings=self.arch_state_shardings,
+                ),
+            )
+        stats_of, calibrated = self._calibration
+        samples = [stats_of(state, batch) for batch in batches]
+        if not samples:
+            return state
+        stacked = jax.tree.map(lambda *values: jnp.stack(values), *samples)
+        return state._replace(arch_state=calibrated(state.arch_state, stacked))
+
+    def _calibration_stats(self, state: TrainState, batch: jax.Array):
+        x = batch.astype(jnp.float32) * self.norm_scale
+        _, (_, _, stats) = self._loss(
+            state.params, state.arch_state, self._dead(state), x, jnp.float32(1.0)
+        )
+        return stats
 
     def _eval_step(self, state: TrainState, batch: jax.Array):
         x = batch.astype(jnp.float32) * self.norm_scale

@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,6 +312,30 @@ def evaluate(
     return {k: v / config.train.eval_batches for k, v in totals.items()}
 
 
+def calibrated_after_last_step(
+    programs: Sequence[TrainProgram],
+    states: Sequence[TrainState],
+    config: TrainConfig,
+    dataset: ActivationDataset,
+    position: int,
+) -> list[TrainState]:
+    """Each state with its architecture's end-of-training calibration applied.
+
+    The batches are the train stream's from ``position`` on, the ones further steps would
+    read; a separate reader takes them, so the position a checkpoint saves stays where the
+    steps left it. Programs that calibrate nothing (``calibration_batches`` 0) keep their state.
+    """
+    wanted = [p.arch.calibration_batches for p in programs]
+    if not any(wanted):
+        return list(states)
+    with _stream(config, dataset, "train", position) as stream:
+        rows = [next(stream) for _ in range(max(wanted))]
+    return [
+        program.calibrate(state, (program.global_batch_array(r) for r in rows[:n]))
+        for program, state, n in zip(programs, states, wanted, strict=True)
+    ]
+
+
 def _stream(config: TrainConfig, dataset: ActivationDataset, split: str, position: int):
     return BatchStream(
         dataset,
@@ -413,6 +437,11 @@ def main(config: TrainConfig) -> TrainResult:
                 batch = program.global_batch_array(next(stream))
                 state, device_metrics = program.step_fn()(state, batch)
                 done = step + 1
+                if done == config.train.steps:
+                    with throughput.paused():
+                        (state,) = calibrated_after_last_step(
+                            [program], [state], config, dataset, stream.position
+                        )
                 deferred.add(done, device_metrics)
                 throughput.add(config.train.batch_size)
                 bar.update(1)

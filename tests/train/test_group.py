@@ -34,6 +34,8 @@ MEMBERS: list[dict[str, Any]] = [
         "name": "jumprelu-32",
         "sae": {"architecture": "jumprelu", "n_features": 32, "l0_coef": 0.01},
     },
+    # Its threshold is calibrated after the last step, on batches the group reads once.
+    {"name": "batchtopk-32", "sae": {"architecture": "batchtopk", "n_features": 32, "k": 4}},
 ]
 
 
@@ -55,8 +57,8 @@ def test_members_resolve_to_single_sae_configs(tmp_path: Path, planted_url: str)
     config = _group_config(tmp_path, planted_url)
     members = config.members()
     assert [m.run_name for m in members] == [m["name"] for m in MEMBERS]
-    assert [m.optimizer.lr for m in members] == [1e-3, 3e-3, 1e-3]
-    assert [m.sae.architecture for m in members] == ["topk", "topk", "jumprelu"]
+    assert [m.optimizer.lr for m in members] == [1e-3, 3e-3, 1e-3, 1e-3]
+    assert [m.sae.architecture for m in members] == ["topk", "topk", "jumprelu", "batchtopk"]
     assert members[2].sae.n_features == 32 and members[0].sae.n_features == 64
     # Another architecture starts from its own defaults, keeping the shared width.
     other = validate(
@@ -67,7 +69,7 @@ def test_members_resolve_to_single_sae_configs(tmp_path: Path, planted_url: str)
     assert (other.sae.architecture, other.sae.n_features) == ("jumprelu", 64)
     assert "k" not in other.sae.model_dump()
     # A member's seed seeds its init only; the data order stays the group's.
-    assert [m.train.param_seed for m in members] == [0, 7, 0]
+    assert [m.train.param_seed for m in members] == [0, 7, 0, 0]
     assert {m.train.seed for m in members} == {0}
     # Every member shares the output directory; a single-SAE dump has no init_seed key.
     assert {m.run.output_dir for m in members} == {config.run.output_dir}
