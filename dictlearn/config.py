@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
 import fsspec
 import yaml
@@ -166,6 +166,15 @@ def without_fields(data: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, A
     return out
 
 
+class WhereSibling(NamedTuple):
+    """A value for :func:`without_values_from_before` that applies only in sections whose field
+    ``key`` holds ``equals``: a field one architecture gained later that another always had."""
+
+    key: str
+    equals: Any
+    value: Any
+
+
 def without_values_from_before(data: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``data`` without the dotted fields of ``before`` that hold the value ``before``
     gives: the value every config had before the field existed. Version hashes and run
@@ -178,7 +187,12 @@ def without_values_from_before(data: dict[str, Any], before: dict[str, Any]) -> 
             continue
         if rest and isinstance(out[head], dict):
             out[head] = without_values_from_before(out[head], {rest: value})
-        elif not rest and out[head] == value:
+        elif rest:
+            continue
+        elif isinstance(value, WhereSibling):
+            if out.get(value.key) == value.equals and out[head] == value.value:
+                del out[head]
+        elif out[head] == value:
             del out[head]
     return out
 

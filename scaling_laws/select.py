@@ -17,7 +17,7 @@ size, optimizer betas, checkpointing) and changes what the laws decide:
   less often than an average one (k/N per token) is not yet called dead, but at most a quarter
   of the run so AuxK can act on real dead latents;
 - ``run``: ``<sweep dir>/selected/<architecture>-<N>-selected``;
-- ``sae.k_aux`` (TopK's AuxK): a power of two near d_model / 2 (Gao et al., 2024), at most N.
+- ``sae.k_aux`` (TopK's and BatchTopK's AuxK): a power of two near d_model / 2 (Gao et al., 2024), at most N.
 """
 
 from __future__ import annotations

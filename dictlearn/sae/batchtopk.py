@@ -14,6 +14,10 @@ tokens' top ``candidates_per_token`` pre-activations per shard; the batch cut-of
 those candidates, and decoding and the backward pass touch only the selected pairs. That is
 exact unless some token on some shard has all its candidates selected (more of its values might
 be): then the step runs densely, with the exact cut-off of ``topk_select.batch_threshold``.
+
+Dead latents get TopK's AuxK loss (``dictlearn.sae.auxk``), as Bussmann et al.'s code
+(``aux_penalty`` 1/32) and dictionary_learning's BatchTopK trainer (``auxk_alpha`` 1/32) do; its
+dead-latent candidates share the encoder pass with the batch selection.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import jax
 import jax.numpy as jnp
 from pydantic import Field
 
+from dictlearn.sae.auxk import AuxKConfig, WithAuxK
 from dictlearn.sae.base import (
     Architecture,
     ArchState,
-    BaseSAEConfig,
     LocalOutputs,
     LossContext,
     Params,
@@ -52,8 +56,8 @@ from sharding import BATCH, FEATURES, mesh_axis
 from sharding.varying import vary_over, varying_axes
 
 
-class BatchTopKConfig(BaseSAEConfig):
-    """BatchTopK SAE."""
+class BatchTopKConfig(AuxKConfig):
+    """BatchTopK SAE with AuxK."""
 
     architecture: Literal["batchtopk"] = "batchtopk"
     k: int = Field(32, gt=0, description="Average active latents per token.")
@@ -173,7 +177,7 @@ def candidate_cutoff(
 
 
 @register
-class BatchTopK(Architecture):
+class BatchTopK(WithAuxK, Architecture):
     name = "batchtopk"
     config_cls = BatchTopKConfig
     config: BatchTopKConfig
@@ -197,9 +201,14 @@ class BatchTopK(Architecture):
             return self._inference_loss(params, x, state, ctx)
         n_local = params["b_enc"].shape[0]
         m = self._candidates(n_local)
-        pre, indices = local_top_k_candidates(
-            params, x, [(m, params["b_enc"])], encoder_dtype=self.config.encoder_dtype
-        )[0]
+        requests = [(m, params["b_enc"])]
+        with_aux = self.uses_dead_latents and ctx.any_dead
+        if with_aux:
+            requests.append(self.dead_candidates_request(params["b_enc"], dead))
+        candidates = local_top_k_candidates(
+            params, x, requests, encoder_dtype=self.config.encoder_dtype
+        )
+        pre, indices = candidates[0]
         n_select = self.config.k * ctx.global_batch
         cutoff, overflow = candidate_cutoff(jax.nn.relu(pre), n_select, m == n_local)
         diff = tuple(as_varying(params[k]) for k in ("b_dec", "W_enc", "b_enc", "W_dec"))
@@ -214,12 +223,17 @@ class BatchTopK(Architecture):
         min_selected = jax.lax.pmin(
             jax.lax.pmin(min_selected, mesh_axis(FEATURES)), mesh_axis(BATCH)
         )
+        aux, aux_normalised = (
+            self.aux_loss(params, x, x_hat, candidates[1], ctx) if with_aux else (0.0, 0.0)
+        )
+        loss = recon + self.config.aux_coef * aux
         metrics |= {
-            "loss": recon,
+            "loss": loss,
+            "aux_loss": jnp.asarray(aux_normalised, jnp.float32),
             "batch_threshold": min_selected,
             "dense_fallback": overflow.astype(jnp.float32),
         }
-        return recon, LocalOutputs(
+        return loss, LocalOutputs(
             metrics=metrics,
             fire_counts=global_sum(fire.astype(jnp.int32)),
             state_stats={"min_selected": min_selected},

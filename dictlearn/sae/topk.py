@@ -1,14 +1,8 @@
-"""TopK SAE (Gao et al. 2024) with the AuxK dead-latent loss.
+"""TopK SAE (Gao et al. 2024) with the AuxK dead-latent loss (``dictlearn.sae.auxk``).
 
 Each token keeps its ``k`` largest pre-activations (ReLU'd). The decoder and the encoder's
 backward pass touch only those ``k`` latents (``dictlearn.sae.sparse``); the only dense work is
 the encoder's forward matmul and the top-k itself.
-
-AuxK: latents that have not fired for ``dead_window_tokens`` are "dead"; the ``k_aux`` largest
-dead pre-activations of each token reconstruct the main model's residual error, and ``aux_coef``
-times that squared error, in the reconstruction loss's units (summed over d_model, averaged over
-tokens), joins the loss, pulling dead latents back. The logged ``aux_loss`` is the same error
-divided by the residual's variance (1: the dead latents explain none of it).
 """
 
 from __future__ import annotations
@@ -20,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from pydantic import Field, model_validator
 
+from dictlearn.sae.auxk import AuxKConfig, WithAuxK
 from dictlearn.sae.base import (
     Architecture,
     ArchState,
-    BaseSAEConfig,
     EncoderDtype,
     LocalOutputs,
     LossContext,
@@ -41,26 +35,11 @@ from dictlearn.sae.topk_select import Selection, select_shard_winners, top_k
 from sharding import FEATURES, mesh_axis
 
 
-class TopKConfig(BaseSAEConfig):
-    """TopK SAE."""
+class TopKConfig(AuxKConfig):
+    """TopK SAE with AuxK."""
 
     architecture: Literal["topk"] = "topk"
     k: int = Field(32, gt=0, description="Active latents per token.")
-    k_aux: int = Field(
-        256, ge=0, description="Dead latents used by the AuxK loss per token (0 disables it)."
-    )
-    aux_coef: float = Field(
-        0.5,
-        ge=0,
-        description=(
-            "Weight of the AuxK loss. On Gemma 3 270M activations 0.5 left 0.80 % of the latents "
-            "dead at 1M tokens (mean of four seeds, 0.59-1.02 %; 1/32, the default before: "
-            "12.8 %) for 5.6 % higher FVU, and at "
-            "4M tokens 0.06 % (1/32: 0.49 %) at equal FVU; on planted data the two are equal. "
-            "Smaller trades live latents for reconstruction early in a run "
-            "(docs/real_quality.md)."
-        ),
-    )
     learn_b_dec: bool = Field(
         False,
         description=(
@@ -68,16 +47,6 @@ class TopKConfig(BaseSAEConfig):
             "activations a learned b_dec left 62 % of the latents dead at 1M tokens, a fixed "
             "one 35 %, with lower held-out FVU and spliced loss; on planted data fixed was "
             "better on every number too (docs/real_quality.md)."
-        ),
-    )
-    aux_gradient: Literal["relu", "straight_through"] = Field(
-        "straight_through",
-        description=(
-            "How AuxK's loss reaches a picked dead latent's encoder: through its ReLU as in Gao "
-            "et al. (no gradient where the pre-activation is below 0), or straight through "
-            "(the gradient it would get if it fired). On Gemma 3 270M activations at 1M tokens "
-            "straight through left 12.8 % of the latents dead instead of 35.4 %, at the same "
-            "FVU and spliced loss (docs/real_quality.md)."
         ),
     )
 
@@ -154,19 +123,10 @@ def sparse_topk_forward(
 
 
 @register
-class TopK(Architecture):
+class TopK(WithAuxK, Architecture):
     name = "topk"
     config_cls = TopKConfig
     config: TopKConfig
-
-    @property
-    def uses_dead_latents(self) -> bool:
-        return self.config.k_aux > 0 and self.config.aux_coef > 0
-
-    @property
-    def k_aux(self) -> int:
-        """Dead latents AuxK picks per token over all shards: ``k_aux``, at most every latent."""
-        return min(self.config.k_aux, self.config.n_features)
 
     def encode(self, params: Params, x: jax.Array, state: ArchState) -> jax.Array:
         pre = preactivations(params, x)
@@ -183,9 +143,7 @@ class TopK(Architecture):
         requests = [(min(cfg.k, n_local), params["b_enc"])]
         with_aux = self.uses_dead_latents and ctx.any_dead
         if with_aux:
-            # -inf bias: a live latent's pre-activation becomes -inf, so it can only be picked
-            # when fewer than k_aux latents are dead (and is then dropped in _aux_loss).
-            requests.append((min(cfg.k_aux, n_local), jnp.where(dead, params["b_enc"], -jnp.inf)))
+            requests.append(self.dead_candidates_request(params["b_enc"], dead))
         candidates = local_top_k_candidates(params, x, requests, encoder_dtype=cfg.encoder_dtype)
         selection = select_shard_winners(*candidates[0], k=cfg.k)
         values, partial = sparse_topk_forward(params, x, selection)
@@ -200,41 +158,11 @@ class TopK(Architecture):
         fire_counts = global_sum(fire)
 
         aux, aux_normalised = (
-            self._aux_loss(
-                params, x, x_hat, select_shard_winners(*candidates[1], k=self.k_aux), ctx
-            )
-            if with_aux
-            else (0.0, 0.0)
+            self.aux_loss(params, x, x_hat, candidates[1], ctx) if with_aux else (0.0, 0.0)
         )
         loss = recon + cfg.aux_coef * aux
         metrics |= {"aux_loss": jnp.asarray(aux_normalised, jnp.float32), "loss": loss}
         return loss, LocalOutputs(metrics=metrics, fire_counts=fire_counts, state_stats={})
-
-    def _aux_loss(
-        self, params, x, x_hat, selection: Selection, ctx: LossContext
-    ) -> tuple[jax.Array, jax.Array]:
-        """Error of reconstructing the residual from dead latents only: in the reconstruction
-        loss's units (what the loss adds), and divided by the residual's variance (the metric).
-
-        The loss term is in the main loss's units, so that ``aux_coef`` weighs the same against
-        the reconstruction at any d_model and input scale (sparsify adds ``auxk_alpha`` x this
-        error / the batch's total variance to its FVU: the same ratio). Divided by the residual's
-        variance, as before, the term was ~1 while the reconstruction loss is the residual's
-        variance per token (~40 on the planted proxy at d_model 160, more at 640): latents that
-        died mid-run under Adam, whose second moments still remembered their live gradients,
-        got almost no pull back (bench/planted_quality.py; docs/planted_quality.md).
-        """
-        residual = jax.lax.stop_gradient(x - x_hat)
-        # Fewer than k_aux dead latents on a shard: the -inf picks are not dead, drop them.
-        selection = selection._replace(mask=selection.mask & jnp.isfinite(selection.values))
-        _, partial = sparse_topk_forward(
-            params, x, selection, straight_through=self.config.aux_gradient == "straight_through"
-        )
-        aux_hat = jax.lax.psum(partial, mesh_axis(FEATURES))
-        err = global_sum(jnp.sum((aux_hat - residual) ** 2))
-        mean_res = global_sum(jnp.sum(residual, axis=0)) / ctx.global_batch
-        var = global_sum(jnp.sum((residual - mean_res) ** 2))
-        return err / ctx.global_batch, err / jnp.maximum(var, 1e-12)
 
 
 __all__ = ["TopK", "TopKConfig", "local_top_k_candidates", "sparse_topk_forward"]

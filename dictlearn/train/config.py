@@ -13,6 +13,7 @@ from dictlearn.config import (
     LENGTH,
     RECOVERY,
     StrictModel,
+    WhereSibling,
     apply_overrides,
     read_yaml,
     validate,
@@ -278,13 +279,16 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
     "sae.aux_gradient": "relu",
     "sae.encoder_dtype": "float32",
     "sae.threshold_calibration_batches": 0,
+    # BatchTopK had no AuxK: aux_coef 0 (then k_aux has no effect; its default stands for it).
+    "sae.aux_coef": WhereSibling("architecture", "batchtopk", 0.0),
+    "sae.k_aux": WhereSibling("architecture", "batchtopk", 256),
 }
 """Train-config fields added after runs existed, with the value every earlier run had (no
 branch; TopK learned b_dec and sent AuxK through the ReLU; float32 encoder matmuls; BatchTopK
-exported its running-mean threshold). Version hashes and resume checks (of runs and of sweeps)
-leave a field out when it holds this value (``dictlearn.config.without_values_from_before``), so
-an earlier run compares equal to a config that sets these values; the new defaults make another
-run."""
+exported its running-mean threshold and had no AuxK). Version hashes and resume checks (of runs
+and of sweeps) leave a field out when it holds this value
+(``dictlearn.config.without_values_from_before``), so an earlier run compares equal to a config
+that sets these values; the new defaults make another run."""
 
 
 class TrainConfig(StrictModel):

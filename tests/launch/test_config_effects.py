@@ -270,3 +270,39 @@ def test_a_run_from_before_new_fields_resumes_only_with_their_old_values() -> No
         "sae.learn_b_dec",
     ]
     assert validate(TrainConfig, old_values.model_dump(mode="json")) == old_values
+
+
+def test_a_batchtopk_run_from_before_auxk_and_calibration_resumes_with_their_old_values() -> None:
+    """BatchTopK gained AuxK (``sae.k_aux`` / ``aux_coef`` / ``aux_gradient``, fields TopK always
+    had) and ``sae.threshold_calibration_batches``: a checkpoint's config without them equals a
+    config with AuxK off (aux_coef 0, the old gradient) and no calibration, and differs from
+    today's BatchTopK defaults by exactly those fields. A TopK config's aux_coef 0 stays a
+    value of its own (the BatchTopK-only marker does not apply to it)."""
+    sae = {"architecture": "batchtopk"}
+    current = validate(TrainConfig, {"data": {"path": "/d"}, "sae": sae}).model_dump(mode="json")
+    before = {**current, "sae": dict(current["sae"])}
+    for field in ("k_aux", "aux_coef", "aux_gradient", "threshold_calibration_batches"):
+        del before["sae"][field]
+    old_values = validate(
+        TrainConfig,
+        {
+            "data": {"path": "/d"},
+            "sae": sae
+            | {"aux_coef": 0.0, "aux_gradient": "relu", "threshold_calibration_batches": 0},
+        },
+    )
+    assert _config_differences(before, old_values.model_dump(mode="json")) == []
+    assert [d.split(":")[0] for d in _config_differences(before, current)] == [
+        "sae.aux_coef",
+        "sae.aux_gradient",
+        "sae.threshold_calibration_batches",
+    ]
+    topk = validate(
+        TrainConfig, {"data": {"path": "/d"}, "sae": {"architecture": "topk", "aux_coef": 0.0}}
+    )
+    topk_dump = topk.model_dump(mode="json")
+    without_coef = {**topk_dump, "sae": dict(topk_dump["sae"])}
+    del without_coef["sae"]["aux_coef"]
+    assert [d.split(":")[0] for d in _config_differences(without_coef, topk_dump)] == [
+        "sae.aux_coef"
+    ]

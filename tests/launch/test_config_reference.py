@@ -70,7 +70,7 @@ def test_config_shows_embedded_pipeline_defaults_and_per_architecture_ones(capsy
     assert re.search(r"^train\.sae\.n_features .*= topk: 4096, batchtopk: 16384", out, re.M)
     assert main(["config", "train", "--markdown"]) == 0
     table = capsys.readouterr().out
-    assert "| `sae.k_aux` | int >= 0 | `256` | result | (topk) Dead latents" in table
+    assert "| `sae.k_aux` | int >= 0 | `256` | result | (topk, batchtopk) Dead latents" in table
     assert "| `optimizer.lr` | float \\| null > 0 | `null` | recovery |" in table
 
 

@@ -23,7 +23,7 @@ D_MODEL, N_FEATURES, BATCH = 16, 64, 32
 
 CONFIGS = {
     "topk": TopKConfig(n_features=N_FEATURES, k=4, k_aux=8, dead_window_tokens=BATCH),
-    "batchtopk": BatchTopKConfig(n_features=N_FEATURES, k=4),
+    "batchtopk": BatchTopKConfig(n_features=N_FEATURES, k=4, k_aux=8, dead_window_tokens=BATCH),
     "jumprelu": JumpReLUConfig(n_features=N_FEATURES, init_threshold=0.5, bandwidth=0.5),
     "relu_l1": ReLUL1Config(n_features=N_FEATURES),
     "topk_bf16": TopKConfig(
@@ -67,8 +67,9 @@ def _loss_and_grads(program: TrainProgram, dead: np.ndarray, any_dead: bool):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_loss_metrics_and_gradients_match_single_device(name: str) -> None:
     dead = np.zeros(N_FEATURES, bool)
-    dead[::5] = True  # exercises AuxK for topk
-    any_dead = name.startswith("topk")
+    dead[::5] = True  # exercises AuxK for topk and batchtopk
+    with_auxk = name.startswith(("topk", "batchtopk"))
+    any_dead = with_auxk
     ref = _loss_and_grads(_program(name, "1x1"), dead, any_dead)
     sharded = _loss_and_grads(_program(name, "2x4"), dead, any_dead)
     ref_loss, ref_metrics, ref_fire, ref_grads = ref
@@ -83,7 +84,7 @@ def test_loss_metrics_and_gradients_match_single_device(name: str) -> None:
         scale = np.max(np.abs(ref_grad))
         assert scale > 0, f"gradient of {key} is identically zero"
         np.testing.assert_allclose(grads[key], ref_grad, rtol=0, atol=1e-5 * scale, err_msg=key)
-    if name.startswith("topk"):
+    if with_auxk:
         assert ref_metrics["aux_loss"] > 0
 
 

@@ -46,16 +46,17 @@ def _dense_jumprelu_loss(params, x, l0_coef):
     return recon + l0_coef * l0, (pre, threshold)
 
 
-def _sharded_loss_and_grads(arch, params, x, mesh_shape):
+def _sharded_loss_and_grads(arch, params, x, mesh_shape, dead=None):
     data, model = mesh_shape
     mesh = make_mesh(MeshConfig(data=data, model=model), jax.devices()[: data * model])
     program = TrainProgram(arch, OptimizerConfig(lr=4e-4), 10, BATCH, mesh, norm_scale=1.0)
     state = program.init(jax.random.key(0), jnp.zeros(D_MODEL))
-    dead = jnp.zeros(N_FEATURES, bool)
+    any_dead = dead is not None
+    dead = jnp.zeros(N_FEATURES, bool) if dead is None else jnp.asarray(dead)
     batch = program.global_batch_array(np.asarray(x))
 
     def loss(p):
-        return program._loss(p, state.arch_state, dead, batch, 1.0)
+        return program._loss(p, state.arch_state, dead, batch, 1.0, any_dead=any_dead)
 
     run = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (value, (metrics, fire, _)), grads = run(jax.device_put(params, program.param_shardings))
@@ -140,10 +141,19 @@ def test_slots_hold_exactly_the_candidates_and_count_flags_overflow(
 
 
 K = 4
+K_AUX = 8
+AUX_COEF = 0.5
 
 
-def _batchtopk_setup(candidates: int):
-    cfg = BatchTopKConfig(n_features=N_FEATURES, k=K, candidates_per_token=candidates)
+def _batchtopk_setup(candidates: int, aux_gradient: str = "straight_through"):
+    cfg = BatchTopKConfig(
+        n_features=N_FEATURES,
+        k=K,
+        candidates_per_token=candidates,
+        k_aux=K_AUX,
+        aux_coef=AUX_COEF,
+        aux_gradient=aux_gradient,
+    )
     arch = get_architecture(cfg, D_MODEL)
     params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
     params["b_enc"] = jnp.asarray(
@@ -153,28 +163,61 @@ def _batchtopk_setup(candidates: int):
     return arch, params, x
 
 
-def _dense_batchtopk_loss(params, x):
-    """BatchTopK as Bussmann et al. state it, densely: the reference for the sparse step."""
+def _dense_batchtopk_loss(params, x, dead=None, aux_gradient="straight_through"):
+    """BatchTopK as Bussmann et al. state it, densely: the reference for the sparse step; with
+    ``dead``, plus AuxK over the dead latents as Gao et al. state it."""
     pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
     relu_pre = jax.nn.relu(jax.lax.stop_gradient(pre))
     cutoff = jnp.sort(relu_pre.reshape(-1))[-K * x.shape[0]]
     active = (relu_pre >= cutoff) & (relu_pre > 0)
     x_hat = jnp.where(active, pre, 0.0) @ params["W_dec"] + params["b_dec"]
-    return jnp.sum((x_hat - x) ** 2) / x.shape[0], (active, cutoff)
+    recon = jnp.sum((x_hat - x) ** 2) / x.shape[0]
+    if dead is None:
+        return recon, (active, cutoff, 0.0)
+    residual = jax.lax.stop_gradient(x - x_hat)
+    aux_activation = jax.nn.relu(pre)
+    if aux_gradient == "straight_through":
+        aux_activation = pre + jax.lax.stop_gradient(aux_activation - pre)
+    _, picked = jax.lax.top_k(jax.lax.stop_gradient(jnp.where(dead, pre, -jnp.inf)), K_AUX)
+    keep = jnp.zeros(pre.shape, bool).at[jnp.arange(x.shape[0])[:, None], picked].set(True)
+    aux_hat = jnp.where(keep & dead, aux_activation, 0.0) @ params["W_dec"]
+    aux_err = jnp.sum((aux_hat - residual) ** 2)
+    aux_metric = aux_err / jnp.sum((residual - residual.mean(0)) ** 2)
+    return recon + AUX_COEF * aux_err / x.shape[0], (active, cutoff, aux_metric)
 
 
 @pytest.mark.parametrize(
-    ("mesh_shape", "candidates", "overflows"),
-    [((1, 1), 32, False), ((2, 4), 32, False), ((1, 1), 4, True), ((2, 4), 4, True)],
+    ("mesh_shape", "candidates", "overflows", "aux"),
+    [
+        ((1, 1), 32, False, None),
+        ((2, 4), 32, False, None),
+        ((1, 1), 4, True, None),
+        ((2, 4), 4, True, None),
+        # AuxK over every 5th latent counted dead, on both paths and both AuxK gradients.
+        ((1, 1), 32, False, "straight_through"),
+        ((2, 4), 32, False, "straight_through"),
+        ((2, 4), 32, False, "relu"),
+        ((2, 4), 4, True, "straight_through"),
+    ],
 )
 def test_batchtopk_loss_and_gradients_equal_the_dense_reference(
-    mesh_shape: tuple[int, int], candidates: int, overflows: bool
+    mesh_shape: tuple[int, int], candidates: int, overflows: bool, aux: str | None
 ) -> None:
-    arch, params, x = _batchtopk_setup(candidates)
-    loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape)
-    (ref_loss, (active, cutoff)), ref_grads = jax.jit(
-        jax.value_and_grad(lambda p: _dense_batchtopk_loss(p, x), has_aux=True)
+    arch, params, x = _batchtopk_setup(candidates, aux or "straight_through")
+    dead = None if aux is None else np.arange(N_FEATURES) % 5 == 0
+    loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape, dead)
+    (ref_loss, (active, cutoff, ref_aux)), ref_grads = jax.jit(
+        jax.value_and_grad(
+            lambda p: _dense_batchtopk_loss(p, x, dead, aux or "straight_through"), has_aux=True
+        )
     )(params)
+    if aux is not None:
+        assert ref_aux > 0
+        np.testing.assert_allclose(metrics["aux_loss"], ref_aux, rtol=1e-5)
+        # The AuxK term is really in the loss (the check could not pass without it).
+        assert abs(float(_dense_batchtopk_loss(params, x)[0]) - ref_loss) > 1e-3 * ref_loss
+    else:
+        assert metrics["aux_loss"] == 0.0
     active = np.asarray(active)
     # The sparse step must detect exactly when a token-shard's candidates may not hold all its
     # selected latents (all of them selected), and then fall back to the dense step.
@@ -215,7 +258,7 @@ def test_batchtopk_evaluation_uses_the_exported_threshold(mesh_shape: tuple[int,
     np.testing.assert_allclose(metrics["recon_loss"], recon, rtol=1e-5)
     np.testing.assert_allclose(metrics["l0"], (pre > threshold).sum(1).mean(), rtol=1e-6)
     # ... which is not what the training-time batch selection scores on these rows.
-    train_recon, (active, _) = _dense_batchtopk_loss(params, x)
+    train_recon, (active, _, _) = _dense_batchtopk_loss(params, x)
     assert abs(float(train_recon) - recon) > 1e-2 * recon
     assert metrics["l0"] != np.asarray(active).sum(1).mean()
 

@@ -1,0 +1,122 @@
+"""AuxK (Gao et al. 2024): dead latents reconstruct the main model's residual error.
+
+Latents that have not fired for ``dead_window_tokens`` are "dead"; the ``k_aux`` largest dead
+pre-activations of each token reconstruct the residual ``x - x_hat`` of the main model, and
+``aux_coef`` times that squared error, in the reconstruction loss's units (summed over d_model,
+averaged over tokens), joins the loss, pulling dead latents back. The logged ``aux_loss`` is the
+same error divided by the residual's variance (1: the dead latents explain none of it).
+
+TopK and BatchTopK use it the same way: the dead latents' top-``k_aux`` shares the encoder
+matmul's chunked pass with the main selection (``topk.local_top_k_candidates`` takes both
+requests), and the auxiliary decoder and its backward pass touch only the picked latents.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from pydantic import Field
+
+from dictlearn.sae.base import BaseSAEConfig, LossContext, Params, as_varying, global_sum
+from dictlearn.sae.sparse import topk_values_and_decode
+from dictlearn.sae.topk_select import Selection, select_shard_winners
+from sharding import FEATURES, mesh_axis
+
+
+class AuxKConfig(BaseSAEConfig):
+    """Fields of an architecture with the AuxK dead-latent loss."""
+
+    k_aux: int = Field(
+        256, ge=0, description="Dead latents used by the AuxK loss per token (0 disables it)."
+    )
+    aux_coef: float = Field(
+        0.5,
+        ge=0,
+        description=(
+            "Weight of the AuxK loss. On Gemma 3 270M activations (TopK) 0.5 left 0.80 % of the "
+            "latents dead at 1M tokens (mean of four seeds, 0.59-1.02 %; 1/32, the default "
+            "before: 12.8 %) for 5.6 % higher FVU, and at 4M tokens 0.06 % (1/32: 0.49 %) at "
+            "equal FVU; on planted data the two are equal. Smaller trades live latents for "
+            "reconstruction early in a run (docs/real_quality.md)."
+        ),
+    )
+    aux_gradient: Literal["relu", "straight_through"] = Field(
+        "straight_through",
+        description=(
+            "How AuxK's loss reaches a picked dead latent's encoder: through its ReLU as in Gao "
+            "et al. (no gradient where the pre-activation is below 0), or straight through "
+            "(the gradient it would get if it fired). On Gemma 3 270M activations (TopK) at 1M "
+            "tokens straight through left 12.8 % of the latents dead instead of 35.4 %, at the "
+            "same FVU and spliced loss (docs/real_quality.md)."
+        ),
+    )
+
+
+class WithAuxK:
+    """Architecture mixin: the AuxK request, switch and loss term for an ``AuxKConfig``."""
+
+    config: AuxKConfig
+
+    @property
+    def uses_dead_latents(self) -> bool:
+        return self.config.k_aux > 0 and self.config.aux_coef > 0
+
+    @property
+    def k_aux(self) -> int:
+        """Dead latents AuxK picks per token over all shards: ``k_aux``, at most every latent."""
+        return min(self.config.k_aux, self.config.n_features)
+
+    def dead_candidates_request(self, b_enc: jax.Array, dead: jax.Array) -> tuple[int, jax.Array]:
+        """The ``(k, bias)`` request for ``local_top_k_candidates``: this shard's top dead latents.
+
+        A shard holds at most ``min(k_aux, n_local)`` of a token's winners. The -inf bias makes
+        a live latent's pre-activation -inf, so it can only be picked when fewer than ``k_aux``
+        latents are dead (and is then dropped in :meth:`aux_loss`).
+        """
+        return min(self.config.k_aux, b_enc.shape[0]), jnp.where(dead, b_enc, -jnp.inf)
+
+    def aux_loss(
+        self,
+        params: Params,
+        x: jax.Array,
+        x_hat: jax.Array,
+        candidates: tuple[jax.Array, jax.Array],
+        ctx: LossContext,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Error of reconstructing the residual from the dead candidates' ``k_aux`` winners: in
+        the reconstruction loss's units (what the loss adds), and divided by the residual's
+        variance (the metric).
+
+        The loss term is in the main loss's units, so that ``aux_coef`` weighs the same against
+        the reconstruction at any d_model and input scale (sparsify adds ``auxk_alpha`` x this
+        error / the batch's total variance to its FVU: the same ratio). Divided by the residual's
+        variance, as before, the term was ~1 while the reconstruction loss is the residual's
+        variance per token (~40 on the planted proxy at d_model 160, more at 640): latents that
+        died mid-run under Adam, whose second moments still remembered their live gradients,
+        got almost no pull back (bench/planted_quality.py; docs/planted_quality.md).
+        """
+        selection: Selection = select_shard_winners(*candidates, k=self.k_aux)
+        residual = jax.lax.stop_gradient(x - x_hat)
+        # Fewer than k_aux dead latents on a shard: the -inf picks are not dead, drop them.
+        mask = selection.mask & jnp.isfinite(selection.values)
+        _, partial = topk_values_and_decode(
+            jax.lax.stop_gradient(selection.values),
+            mask,
+            as_varying(x),
+            as_varying(params["b_dec"]),
+            as_varying(params["W_enc"]),
+            as_varying(params["b_enc"]),
+            as_varying(params["W_dec"]),
+            selection.indices,
+            self.config.aux_gradient == "straight_through",
+        )
+        aux_hat = jax.lax.psum(partial, mesh_axis(FEATURES))
+        err = global_sum(jnp.sum((aux_hat - residual) ** 2))
+        mean_res = global_sum(jnp.sum(residual, axis=0)) / ctx.global_batch
+        var = global_sum(jnp.sum((residual - mean_res) ** 2))
+        return err / ctx.global_batch, err / jnp.maximum(var, 1e-12)
+
+
+__all__ = ["AuxKConfig", "WithAuxK"]
