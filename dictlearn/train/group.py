@@ -334,9 +334,11 @@ def main(config: GroupTrainConfig) -> GroupResult:
                 if schedule.logs(upto):
                     rate = throughput.rate()
                     for member, m in zip(members, host, strict=True):
-                        m["tokens_per_s"] = rate
+                        if rate is not None:
+                            m["tokens_per_s"] = rate
                         member.tracker.log(upto, m | {"tokens": upto * batch_size})
-                    bar.set_postfix(tok_s=f"{rate:.0f}", members=len(members))
+                    if rate is not None:
+                        bar.set_postfix(tok_s=f"{rate:.0f}", members=len(members))
                 return host
 
             reads = MetricReads(read_and_log)

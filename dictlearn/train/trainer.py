@@ -252,8 +252,11 @@ class _Throughput:
             self._paused_total += spent
             self._paused_since_last += spent
 
-    def rate(self) -> float:
-        """Tokens/s since the previous call (or the start), and start a new interval."""
+    def rate(self) -> float | None:
+        """Tokens/s since the previous call (or the start), and start a new interval; None when
+        no step was added since (two log rows read back at once: the first took the interval)."""
+        if self._tokens_since_last == 0:
+            return None
         now = time.perf_counter()
         rate = self._tokens_since_last / max(now - self._last - self._paused_since_last, 1e-9)
         self._last, self._paused_since_last, self._tokens_since_last = now, 0.0, 0
@@ -423,13 +426,13 @@ def main(config: TrainConfig) -> TrainResult:
                         checkpointer, f"loss became {diverged.loss} at step {diverged.step}"
                     )
                 if schedule.logs(upto):
-                    host["tokens_per_s"] = throughput.rate()
+                    rate = throughput.rate()
+                    if rate is not None:
+                        host["tokens_per_s"] = rate
+                        bar.set_postfix(
+                            tok_s=f"{rate:.0f}", loss=f"{host['loss']:.4g}", l0=f"{host['l0']:.1f}"
+                        )
                     tracker.log(upto, host | {"tokens": upto * config.train.batch_size})
-                    bar.set_postfix(
-                        tok_s=f"{host['tokens_per_s']:.0f}",
-                        loss=f"{host['loss']:.4g}",
-                        l0=f"{host['l0']:.1f}",
-                    )
                 return host
 
             reads = MetricReads(read_and_log)

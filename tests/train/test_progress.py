@@ -57,6 +57,20 @@ def test_tokens_per_s_leaves_out_eval_and_checkpoint_time(
     assert all(r["tokens_per_s"] > batch / PAUSE_S for r in rows[1:]), rows
 
 
+def test_every_logged_tokens_per_s_is_a_real_rate(tmp_path: Path, planted_url: str) -> None:
+    """Rows are read back one step late, and the last step's with it: the two reads share one
+    interval, and the second row used to log 0 tokens/s. It now logs none (the first row's
+    figure covers both steps)."""
+    config = tiny_config(
+        tmp_path, planted_url, train={"steps": 6, "log_every": 1}, checkpoint={"every_steps": 6}
+    )
+    main(config)
+    rows = [r for r in read_metrics(run_dir_of(config)) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    assert len(rates) >= len(rows) - 1 and all(rate > 0 for rate in rates), rows
+
+
 def test_start_resume_and_save_are_logged(
     tmp_path: Path, planted_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
