@@ -11,9 +11,13 @@ running mean lags the cut-off, which falls as the model trains.
 
 Training runs sparse (``dictlearn.sae.variable_l0``): each chunk of the encoder matmul keeps its
 tokens' top ``candidates_per_token`` pre-activations per shard; the batch cut-off is found among
-those candidates, and decoding and the backward pass touch only the selected pairs. That is
-exact unless some token on some shard has all its candidates selected (more of its values might
-be): then the step runs densely, with the exact cut-off of ``topk_select.batch_threshold``.
+those candidates, and decoding and the backward pass touch only the selected pairs. A token whose
+candidates on a shard are all selected (more of its values might be) is "saturated": it takes a
+dense row of its own there, and the cut-off is searched exactly over the other tokens'
+candidates and those rows (``cutoff_with_rows``). Real activations have a few such tokens of huge
+norm in many batches. Only when a shard has more than ``SATURATED_TOKENS_PER_SHARD`` of them
+(early in training) does the step run densely, with the exact cut-off of
+``topk_select.batch_threshold``.
 
 Dead latents get TopK's AuxK loss (``dictlearn.sae.auxk``), as Bussmann et al.'s code
 (``aux_penalty`` 1/32) and dictionary_learning's BatchTopK trainer (``auxk_alpha`` 1/32) do; its
@@ -44,7 +48,7 @@ from dictlearn.sae.base import (
 from dictlearn.sae.jumprelu import jumprelu_forward
 from dictlearn.sae.sparse import active_pair_grads
 from dictlearn.sae.topk import local_top_k_candidates
-from dictlearn.sae.topk_select import batch_threshold
+from dictlearn.sae.topk_select import batch_threshold, bisect_kth_largest
 from dictlearn.sae.variable_l0 import (
     any_over_mesh,
     decode_slots,
@@ -93,12 +97,26 @@ class BatchTopKConfig(AuxKConfig):
     )
 
 
-class _BatchTopKPath(NamedTuple):
-    """BatchTopK over the candidate slots and densely.
+SATURATED_TOKENS_PER_SHARD = 32
+"""Tokens per shard whose selected latents may outnumber their candidates that a sparse step
+still takes, each through a dense row of its own; more than that on any shard and the step runs
+densely. Real activations have rare tokens of huge norm (Gemma 3 270M layer 6: 0-3 tokens of 20-30x
+the median centred norm per batch of 4,096) that BatchTopK gives thousands of latents, so that
+without these rows most steps of a 1M-token run there fell back to the dense path
+(docs/real_quality.md). The rows cost ``32 x d_model x n_local`` multiply-adds each way per
+shard, under 1 % of the encoder matmul at batch 4,096."""
 
-    ``diff = (b_dec, W_enc, b_enc, W_dec)``; ``aux = (x, slot pre, slot indices, cut-off)``, the
-    cut-off found among the candidates (the dense path finds its own). Outputs: the partial
-    reconstruction, active latents per token, per latent, and the smallest selected value.
+
+class _BatchTopKPath(NamedTuple):
+    """BatchTopK over the candidate slots plus a few dense token rows, and all densely.
+
+    ``diff = (b_dec, W_enc, b_enc, W_dec)``; ``aux = (x, slot pre, slot indices, cut-off, rows,
+    row is valid)``. The cut-off is the exact one from the candidates and the rows (the dense
+    path finds its own). ``rows`` ``[SATURATED_TOKENS_PER_SHARD]`` are the tokens whose every
+    candidate was selected: their slots hold -inf (unused) and they are decoded from their whole
+    dense row instead; unused entries repeat token 0 with ``row is valid`` false. Outputs: the
+    partial reconstruction, active latents per token, per latent, and the smallest selected
+    value.
     """
 
     n_select: int
@@ -119,23 +137,41 @@ class _BatchTopKPath(NamedTuple):
         return per_device((partial, jnp.sum(counts, axis=1), jnp.sum(counts, axis=0), min_selected))
 
     def _active(self, aux):
-        _, pre, indices, cutoff = aux
+        _, pre, indices, cutoff = aux[:4]
         active = (jax.nn.relu(pre) >= cutoff) & (pre > 0)
         return active, jnp.where(active, pre, 0.0), indices
 
+    @staticmethod
+    def _rows(diff, aux):
+        """The saturated tokens' dense rows: ``(partial [rows, d], counts [rows], fire
+        [n_local], smallest selected)``; differentiable in ``diff`` through ``partial``."""
+        b_dec, w_enc, b_enc, w_dec = diff
+        x, cutoff, rows, valid = aux[0], aux[3], aux[4], aux[5]
+        pre = (x[rows] - b_dec) @ w_enc + b_enc
+        relu_pre = jax.nn.relu(jax.lax.stop_gradient(pre))
+        active = (relu_pre >= cutoff) & (relu_pre > 0) & valid[:, None]
+        counts = active.astype(jnp.float32)
+        partial = jnp.where(active, pre, 0.0) @ w_dec
+        smallest = jnp.min(jnp.where(active, relu_pre, jnp.inf))
+        return partial, jnp.sum(counts, axis=1), jnp.sum(counts, axis=0), smallest
+
     def sparse(self, diff, aux):
         w_dec = diff[3]
+        rows = aux[4]
         active, values, indices = self._active(aux)
         counts = active.astype(jnp.float32)
-        fire = scatter_per_latent(counts, indices, w_dec.shape[0])
-        min_selected = jnp.min(jnp.where(active, values, jnp.inf))
-        partial = decode_slots(values, indices, w_dec)
-        return per_device((partial, jnp.sum(counts, axis=1), fire, min_selected))
+        row_partial, row_counts, row_fire, row_smallest = self._rows(diff, aux)
+        fire = scatter_per_latent(counts, indices, w_dec.shape[0]) + row_fire
+        min_selected = jnp.minimum(jnp.min(jnp.where(active, values, jnp.inf)), row_smallest)
+        # Invalid rows add zeros (to token 0).
+        partial = decode_slots(values, indices, w_dec).at[rows].add(row_partial)
+        per_token = jnp.sum(counts, axis=1).at[rows].add(row_counts)
+        return per_device((partial, per_token, fire, min_selected))
 
     def sparse_grads(self, diff, aux, cotangents):
         b_dec, w_enc, _, w_dec = diff
         active, values, indices = self._active(aux)
-        grads = active_pair_grads(
+        slot_grads = active_pair_grads(
             cotangents[0],
             jnp.zeros_like(values),
             aux[0],
@@ -146,18 +182,31 @@ class _BatchTopKPath(NamedTuple):
             indices,
             active,
         )
-        return tuple(vary_over(g, varying_axes(p)) for g, p in zip(grads, diff, strict=True))
+        _, row_vjp = jax.vjp(lambda d: self._rows(d, aux)[0], diff)
+        (row_grads,) = row_vjp(cotangents[0][aux[4]])
+        return tuple(
+            vary_over(a + b, varying_axes(p))
+            for a, b, p in zip(slot_grads, row_grads, diff, strict=True)
+        )
+
+
+def saturated_rows(saturated: jax.Array, bound: int) -> tuple[jax.Array, jax.Array]:
+    """The first ``bound`` token indices where ``saturated`` holds, and which are real (the rest
+    repeat token 0)."""
+    (rows,) = jnp.nonzero(saturated, size=bound, fill_value=0)
+    valid = jnp.arange(bound) < jnp.sum(saturated, dtype=jnp.int32)
+    return rows.astype(jnp.int32), valid
 
 
 def candidate_cutoff(
     relu_candidates: jax.Array, n_select: int, exhaustive: bool
 ) -> tuple[jax.Array, jax.Array]:
-    """The ``n_select``-th largest candidate over the mesh, and whether it may be wrong.
+    """The ``n_select``-th largest candidate over the mesh, and the tokens it may be wrong for.
 
     ``relu_candidates`` ``[batch, m]`` holds each token's top ``m`` (ReLU'd) values on this
     shard. The cut-off among all candidates is the true one unless some token-shard had every
-    candidate at or above it (then more of its values might be): that is the returned flag,
-    agreed over the mesh. ``exhaustive``: the candidates are all of the shard's values.
+    candidate at or above it (then more of its values might be): those tokens are returned,
+    ``[batch]`` bool on this shard. ``exhaustive``: the candidates are all of the shard's values.
     """
     flat = relu_candidates.reshape(-1)
     for axis in (mesh_axis(BATCH), mesh_axis(FEATURES)):
@@ -172,8 +221,40 @@ def candidate_cutoff(
         jnp.sort(flat)[flat.shape[0] - n_select], (mesh_axis(BATCH), mesh_axis(FEATURES))
     )
     # min over the row, not its last column: see topk_select.batch_threshold.
-    saturated = jnp.any(jnp.min(relu_candidates, axis=1) >= cutoff) & (not exhaustive)
-    return cutoff, any_over_mesh(saturated)
+    saturated = (jnp.min(relu_candidates, axis=1) >= cutoff) & (not exhaustive)
+    return cutoff, saturated
+
+
+def cutoff_with_rows(
+    params: Params,
+    x: jax.Array,
+    relu_candidates: jax.Array,
+    saturated: jax.Array,
+    rows: jax.Array,
+    valid: jax.Array,
+    n_select: int,
+    enabled: jax.Array,
+) -> jax.Array:
+    """The exact ``n_select``-th largest pre-activation (ReLU'd) of the batch over the mesh.
+
+    The values searched are the unsaturated tokens' candidates and the saturated tokens' whole
+    rows (``rows``, all of them when ``valid`` counts every saturated token). They hold every
+    value at or above the true cut-off: an unsaturated token's smallest candidate is below the
+    candidates' cut-off, which is at most the true one. So their ``n_select``-th largest is it.
+    A bisection on the float bits (``topk_select.bisect_kth_largest``), a scalar ``psum`` per
+    round; no work when ``enabled`` is false (the result is then meaningless).
+    """
+    p = jax.lax.stop_gradient(params)
+    row_values = jax.nn.relu((x[rows] - p["b_dec"]) @ p["W_enc"] + p["b_enc"])
+    values = jnp.concatenate(
+        [
+            jnp.where(saturated[:, None], -jnp.inf, relu_candidates).reshape(-1),
+            jnp.where(valid[:, None], row_values, -jnp.inf).reshape(-1),
+        ]
+    )
+    return bisect_kth_largest(
+        values, n_select, (mesh_axis(BATCH), mesh_axis(FEATURES)), enabled=enabled
+    )
 
 
 @register
@@ -210,10 +291,29 @@ class BatchTopK(WithAuxK, Architecture):
         )
         pre, indices = candidates[0]
         n_select = self.config.k * ctx.global_batch
-        cutoff, overflow = candidate_cutoff(jax.nn.relu(pre), n_select, m == n_local)
+        relu_candidates = jax.nn.relu(pre)
+        cutoff, saturated = candidate_cutoff(relu_candidates, n_select, m == n_local)
+        # Tokens with more selected latents than candidates take dense rows of their own (up
+        # to SATURATED_TOKENS_PER_SHARD per shard); past that the whole step runs densely.
+        n_saturated = jnp.sum(saturated, dtype=jnp.int32)
+        overflow = any_over_mesh(n_saturated > SATURATED_TOKENS_PER_SHARD)
+        with_rows = any_over_mesh(n_saturated > 0) & ~overflow
+        rows, valid = saturated_rows(saturated, SATURATED_TOKENS_PER_SHARD)
+        exact = cutoff_with_rows(
+            params, x, relu_candidates, saturated, rows, valid, n_select, with_rows
+        )
+        cutoff = jnp.where(with_rows, exact, cutoff)
         diff = tuple(as_varying(params[k]) for k in ("b_dec", "W_enc", "b_enc", "W_dec"))
-        # x is data: no gradient flows to it.
-        aux = (jax.lax.stop_gradient(as_varying(x)), pre, indices, as_varying(cutoff))
+        # x is data: no gradient flows to it. A saturated token's slots are unused: its dense
+        # row decodes it.
+        aux = (
+            jax.lax.stop_gradient(as_varying(x)),
+            jnp.where(saturated[:, None], -jnp.inf, pre),
+            indices,
+            as_varying(cutoff),
+            rows,
+            valid,
+        )
         path = _BatchTopKPath(n_select, m)
         partial, per_token, fire, min_selected = sparse_or_dense(path, overflow, diff, aux)
         x_hat = jax.lax.psum(partial, mesh_axis(FEATURES)) + params["b_dec"]
@@ -232,6 +332,10 @@ class BatchTopK(WithAuxK, Architecture):
             "aux_loss": jnp.asarray(aux_normalised, jnp.float32),
             "batch_threshold": min_selected,
             "dense_fallback": overflow.astype(jnp.float32),
+            # (token, shard) pairs whose latents took a dense row (or, past the bound, the step).
+            "saturated_tokens": jax.lax.psum(
+                n_saturated, (mesh_axis(BATCH), mesh_axis(FEATURES))
+            ).astype(jnp.float32),
         }
         return loss, LocalOutputs(
             metrics=metrics,

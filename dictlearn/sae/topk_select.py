@@ -326,11 +326,11 @@ def batch_threshold(
 
     # A while_loop that runs zero times on the fast path: XLA on CPU evaluated both branches
     # of an equivalent lax.cond, paying the 33-pass bisection on every step.
-    exact = _bisect_kth_largest(local, n_select, axes, enabled=saturated)
+    exact = bisect_kth_largest(local, n_select, axes, enabled=saturated)
     return jnp.where(saturated, exact, threshold)
 
 
-def _bisect_kth_largest(
+def bisect_kth_largest(
     local: jax.Array, n: int, axes: tuple[str, ...], enabled: jax.Array
 ) -> jax.Array:
     """Exact n-th largest of a sharded float32 array by bisection on order-preserving ints.

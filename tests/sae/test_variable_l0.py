@@ -15,6 +15,7 @@ from dictlearn.sae import (
     get_architecture,
     variable_l0,
 )
+from dictlearn.sae import batchtopk as batchtopk_module
 from dictlearn.sae.jumprelu import jumprelu, step
 from dictlearn.sae.variable_l0 import select_slots
 from dictlearn.train.config import OptimizerConfig
@@ -187,22 +188,33 @@ def _dense_batchtopk_loss(params, x, dead=None, aux_gradient="straight_through")
 
 
 @pytest.mark.parametrize(
-    ("mesh_shape", "candidates", "overflows", "aux"),
+    ("mesh_shape", "candidates", "path", "aux"),
     [
-        ((1, 1), 32, False, None),
-        ((2, 4), 32, False, None),
-        ((1, 1), 4, True, None),
-        ((2, 4), 4, True, None),
-        # AuxK over every 5th latent counted dead, on both paths and both AuxK gradients.
-        ((1, 1), 32, False, "straight_through"),
-        ((2, 4), 32, False, "straight_through"),
-        ((2, 4), 32, False, "relu"),
-        ((2, 4), 4, True, "straight_through"),
+        # "slots": no token has all its candidates selected; "rows": some do and take dense
+        # rows of their own; "dense": more than the rows bound (1 here) do, the step is dense.
+        ((1, 1), 32, "slots", None),
+        ((2, 4), 32, "slots", None),
+        ((1, 1), 8, "rows", None),  # one device, 40 tokens: 4 candidates saturate over 32
+        ((2, 4), 4, "rows", None),
+        ((1, 1), 4, "dense", None),
+        ((2, 4), 4, "dense", None),
+        # AuxK over every 5th latent counted dead, on every path and both AuxK gradients.
+        ((1, 1), 32, "slots", "straight_through"),
+        ((2, 4), 32, "slots", "straight_through"),
+        ((2, 4), 32, "slots", "relu"),
+        ((2, 4), 4, "rows", "straight_through"),
+        ((2, 4), 4, "dense", "straight_through"),
     ],
 )
 def test_batchtopk_loss_and_gradients_equal_the_dense_reference(
-    mesh_shape: tuple[int, int], candidates: int, overflows: bool, aux: str | None
+    monkeypatch: pytest.MonkeyPatch,
+    mesh_shape: tuple[int, int],
+    candidates: int,
+    path: str,
+    aux: str | None,
 ) -> None:
+    if path == "dense":
+        monkeypatch.setattr(batchtopk_module, "SATURATED_TOKENS_PER_SHARD", 1)
     arch, params, x = _batchtopk_setup(candidates, aux or "straight_through")
     dead = None if aux is None else np.arange(N_FEATURES) % 5 == 0
     loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape, dead)
@@ -219,12 +231,17 @@ def test_batchtopk_loss_and_gradients_equal_the_dense_reference(
     else:
         assert metrics["aux_loss"] == 0.0
     active = np.asarray(active)
-    # The sparse step must detect exactly when a token-shard's candidates may not hold all its
-    # selected latents (all of them selected), and then fall back to the dense step.
+    # Token-shards with at least as many selected latents as candidates: each must be caught
+    # (the step takes its dense row, or runs densely); the step counts a few more, whose last
+    # candidate is at or above the candidates' own cut-off.
+    data, model = mesh_shape
     m = candidates or 4 * K
-    per_shard = active.reshape(BATCH, mesh_shape[1], -1).sum(2)
-    assert (per_shard >= m).any() == overflows
-    assert metrics["dense_fallback"] == float(overflows)
+    per_device = (active.reshape(data, BATCH // data, model, -1).sum(3) >= m).sum(1)
+    assert (per_device.sum() > 0) == (path != "slots")
+    assert metrics["saturated_tokens"] >= per_device.sum()
+    assert metrics["dense_fallback"] == float(path == "dense")
+    if path == "rows":
+        assert per_device.max() > 1  # so the "dense" case's bound of 1 really overflows
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["l0"], active.sum(1).mean(), rtol=1e-6)
     np.testing.assert_allclose(metrics["batch_threshold"], cutoff, rtol=1e-6)
