@@ -165,6 +165,10 @@ def train_ours(data_url: str, args, budget: int, overrides: list[str], out_dir: 
     cpu0 = time.process_time()
     result = train_main(config)
     cpu = time.process_time() - cpu0
+    if result.preempted:
+        # A SIGTERM/SIGINT checkpoints and stops the run early: scoring it would report a
+        # partly trained SAE under the full budget.
+        raise SystemExit(f"{result.run_dir}: stopped at step {result.steps} (preempted); no row")
     # Each metrics row covers log_every steps; skip the first (it includes compilation).
     rows = [r for r in read_metrics(result.run_dir) if "tokens_per_s" in r][1:]
     tokens = sum(args.batch * config.train.log_every for _ in rows)

@@ -274,13 +274,15 @@ def test_a_run_from_before_new_fields_resumes_only_with_their_old_values() -> No
 
 def test_a_batchtopk_run_from_before_auxk_and_calibration_resumes_with_their_old_values() -> None:
     """BatchTopK gained AuxK (``sae.k_aux`` / ``aux_coef`` / ``aux_gradient``, fields TopK always
-    had) and ``sae.threshold_calibration_batches``: a checkpoint's config without them equals a
-    config with AuxK off (aux_coef 0, the old gradient) and no calibration, and differs from
+    had) and ``sae.threshold_calibration_batches``, and its b_dec is fixed by default: a
+    checkpoint's config without the new fields (b_dec learned) equals a config with AuxK off
+    (aux_coef 0, the old gradient), no calibration and a learned b_dec, and differs from
     today's BatchTopK defaults by exactly those fields. A TopK config's aux_coef 0 stays a
     value of its own (the BatchTopK-only marker does not apply to it)."""
     sae = {"architecture": "batchtopk"}
     current = validate(TrainConfig, {"data": {"path": "/d"}, "sae": sae}).model_dump(mode="json")
-    before = {**current, "sae": dict(current["sae"])}
+    # Such a run also learned b_dec (BatchTopK's default until then).
+    before = {**current, "sae": dict(current["sae"]) | {"learn_b_dec": True}}
     for field in ("k_aux", "aux_coef", "aux_gradient", "threshold_calibration_batches"):
         del before["sae"][field]
     old_values = validate(
@@ -288,13 +290,19 @@ def test_a_batchtopk_run_from_before_auxk_and_calibration_resumes_with_their_old
         {
             "data": {"path": "/d"},
             "sae": sae
-            | {"aux_coef": 0.0, "aux_gradient": "relu", "threshold_calibration_batches": 0},
+            | {
+                "aux_coef": 0.0,
+                "aux_gradient": "relu",
+                "threshold_calibration_batches": 0,
+                "learn_b_dec": True,
+            },
         },
     )
     assert _config_differences(before, old_values.model_dump(mode="json")) == []
     assert [d.split(":")[0] for d in _config_differences(before, current)] == [
         "sae.aux_coef",
         "sae.aux_gradient",
+        "sae.learn_b_dec",
         "sae.threshold_calibration_batches",
     ]
     topk = validate(
