@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from pydantic import Field
 
-from dictlearn.sae.base import BaseSAEConfig, LossContext, Params, as_varying, global_sum
-from dictlearn.sae.sparse import topk_values_and_decode
+from dictlearn.sae.base import BaseSAEConfig, LossContext, Params, global_sum
+from dictlearn.sae.sparse import sparse_topk_forward
 from dictlearn.sae.topk_select import Selection, select_shard_winners
 from sharding import FEATURES, mesh_axis
 
@@ -101,16 +101,11 @@ class WithAuxK:
         residual = jax.lax.stop_gradient(x - x_hat)
         # Fewer than k_aux dead latents on a shard: the -inf picks are not dead, drop them.
         mask = selection.mask & jnp.isfinite(selection.values)
-        _, partial = topk_values_and_decode(
-            jax.lax.stop_gradient(selection.values),
-            mask,
-            as_varying(x),
-            as_varying(params["b_dec"]),
-            as_varying(params["W_enc"]),
-            as_varying(params["b_enc"]),
-            as_varying(params["W_dec"]),
-            selection.indices,
-            self.config.aux_gradient == "straight_through",
+        _, partial = sparse_topk_forward(
+            params,
+            x,
+            selection._replace(mask=mask),
+            straight_through=self.config.aux_gradient == "straight_through",
         )
         aux_hat = jax.lax.psum(partial, mesh_axis(FEATURES))
         err = global_sum(jnp.sum((aux_hat - residual) ** 2))

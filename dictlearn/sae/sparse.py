@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dictlearn.sae import cpu_kernels
+from dictlearn.sae.base import Params, as_varying
+from dictlearn.sae.topk_select import Selection
 from sharding.varying import vary_over, varying_axes
 
 SORTED_CHUNK_ELEMENTS = 1 << 20
@@ -328,3 +330,21 @@ def active_pair_grads(
     # d b_dec = -sum over pairs of g_pre W_enc[:, f] = -W_enc @ grad_b_enc: a mat-vec.
     grad_b_dec = -(w_enc @ grad_b_enc)
     return grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec
+
+
+def sparse_topk_forward(
+    params: Params, x: jax.Array, selection: Selection, straight_through: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Values of the selected latents (with sparse gradients) and this shard's partial x_hat;
+    ``straight_through`` differentiates the ReLU as the identity."""
+    return topk_values_and_decode(
+        jax.lax.stop_gradient(selection.values),
+        selection.mask,
+        as_varying(x),
+        as_varying(params["b_dec"]),
+        as_varying(params["W_enc"]),
+        as_varying(params["b_enc"]),
+        as_varying(params["W_dec"]),
+        selection.indices,
+        straight_through,
+    )

@@ -22,7 +22,6 @@ from dictlearn.sae.base import (
     LocalOutputs,
     LossContext,
     Params,
-    as_varying,
     encoder_matmul,
     global_sum,
     preactivations,
@@ -30,8 +29,8 @@ from dictlearn.sae.base import (
     register,
     with_encoder_dtype,
 )
-from dictlearn.sae.sparse import topk_values_and_decode
-from dictlearn.sae.topk_select import Selection, select_shard_winners, top_k
+from dictlearn.sae.sparse import sparse_topk_forward
+from dictlearn.sae.topk_select import select_shard_winners, top_k
 from sharding import FEATURES, mesh_axis
 
 
@@ -104,24 +103,6 @@ def local_top_k_candidates(
     ]
 
 
-def sparse_topk_forward(
-    params: Params, x: jax.Array, selection: Selection, straight_through: bool = False
-) -> tuple[jax.Array, jax.Array]:
-    """Values of the selected latents (with sparse gradients) and this shard's partial x_hat;
-    ``straight_through`` differentiates the ReLU as the identity."""
-    return topk_values_and_decode(
-        jax.lax.stop_gradient(selection.values),
-        selection.mask,
-        as_varying(x),
-        as_varying(params["b_dec"]),
-        as_varying(params["W_enc"]),
-        as_varying(params["b_enc"]),
-        as_varying(params["W_dec"]),
-        selection.indices,
-        straight_through,
-    )
-
-
 @register
 class TopK(WithAuxK, Architecture):
     name = "topk"
@@ -165,4 +146,4 @@ class TopK(WithAuxK, Architecture):
         return loss, LocalOutputs(metrics=metrics, fire_counts=fire_counts, state_stats={})
 
 
-__all__ = ["TopK", "TopKConfig", "local_top_k_candidates", "sparse_topk_forward"]
+__all__ = ["TopK", "TopKConfig", "local_top_k_candidates"]

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import dictlearn.sae.topk_select as topk_select
 from dictlearn.sae import TopKConfig, get_architecture
-from dictlearn.sae.topk import sparse_topk_forward
+from dictlearn.sae.sparse import sparse_topk_forward
 from dictlearn.sae.topk_select import (
     ACCELERATOR_MAX_BLOCK_K,
     BLOCK,
