@@ -114,9 +114,11 @@ still takes, each through a dense row of its own; more than that on any shard an
 densely. Real activations have rare tokens of huge norm (Gemma 3 270M layer 6: 0-3 tokens of 20-30x
 the median centred norm per batch of 4,096) that BatchTopK gives thousands of latents, so that
 without these rows 216 of the first 245 steps of a 1M-token run there ran densely
-(docs/real_quality.md); with them, from step 27 of 256 on. Every step pays for the rows (about
-seven products of ``[32, d_model]`` by ``[d_model, n_local]``, forward and backward: ~5 % of
-the encoder matmul's FLOPs at batch 4,096), used or not."""
+(docs/real_quality.md); with them, from step 27 of 256 on. A step with saturated tokens pays
+about seven products of ``[32, d_model]`` by ``[d_model, n_local]`` for the rows, forward and
+backward (~5 % of the encoder matmul's FLOPs at batch 4,096); a step without skips them (a
+``lax.cond``): computed every step, they cost 4-8 % of BatchTopK's step time at 16,384 latents
+on CPU."""
 
 
 class _BatchTopKPath(NamedTuple):
@@ -133,6 +135,9 @@ class _BatchTopKPath(NamedTuple):
 
     n_select: int
     candidates: int
+    rows: bool = True
+    """Static: decode the saturated tokens' rows (the step's path when any token is saturated);
+    without, the rows cost nothing."""
 
     def dense(self, diff, aux):
         b_dec, w_enc, b_enc, w_dec = diff
@@ -172,12 +177,17 @@ class _BatchTopKPath(NamedTuple):
         rows = aux[4]
         active, values, indices = self._active(aux)
         counts = active.astype(jnp.float32)
-        row_partial, row_counts, row_fire, row_smallest = self._rows(diff, aux)
-        fire = scatter_per_latent(counts, indices, w_dec.shape[0]) + row_fire
-        min_selected = jnp.minimum(jnp.min(jnp.where(active, values, jnp.inf)), row_smallest)
-        # Invalid rows add zeros (to token 0).
-        partial = decode_slots(values, indices, w_dec).at[rows].add(row_partial)
-        per_token = jnp.sum(counts, axis=1).at[rows].add(row_counts)
+        fire = scatter_per_latent(counts, indices, w_dec.shape[0])
+        min_selected = jnp.min(jnp.where(active, values, jnp.inf))
+        partial = decode_slots(values, indices, w_dec)
+        per_token = jnp.sum(counts, axis=1)
+        if self.rows:
+            row_partial, row_counts, row_fire, row_smallest = self._rows(diff, aux)
+            fire = fire + row_fire
+            min_selected = jnp.minimum(min_selected, row_smallest)
+            # Invalid rows add zeros (to token 0).
+            partial = partial.at[rows].add(row_partial)
+            per_token = per_token.at[rows].add(row_counts)
         return per_device((partial, per_token, fire, min_selected))
 
     def sparse_grads(self, diff, aux, cotangents):
@@ -194,12 +204,11 @@ class _BatchTopKPath(NamedTuple):
             indices,
             active,
         )
-        _, row_vjp = jax.vjp(lambda d: self._rows(d, aux)[0], diff)
-        (row_grads,) = row_vjp(cotangents[0][aux[4]])
-        return tuple(
-            vary_over(a + b, varying_axes(p))
-            for a, b, p in zip(slot_grads, row_grads, diff, strict=True)
-        )
+        if self.rows:
+            _, row_vjp = jax.vjp(lambda d: self._rows(d, aux)[0], diff)
+            (row_grads,) = row_vjp(cotangents[0][aux[4]])
+            slot_grads = tuple(a + b for a, b in zip(slot_grads, row_grads, strict=True))
+        return tuple(vary_over(g, varying_axes(p)) for g, p in zip(slot_grads, diff, strict=True))
 
 
 def saturated_rows(saturated: jax.Array, bound: int) -> tuple[jax.Array, jax.Array]:
@@ -311,10 +320,14 @@ class BatchTopK(WithAuxK, Architecture):
         overflow = any_over_mesh(n_saturated > SATURATED_TOKENS_PER_SHARD)
         with_rows = any_over_mesh(n_saturated > 0) & ~overflow
         rows, valid = saturated_rows(saturated, SATURATED_TOKENS_PER_SHARD)
-        exact = cutoff_with_rows(
-            params, x, relu_candidates, saturated, rows, valid, n_select, with_rows
+        # Both conds run one branch: steps without saturated tokens pay nothing for the rows.
+        cutoff = jax.lax.cond(
+            with_rows,
+            lambda: cutoff_with_rows(
+                params, x, relu_candidates, saturated, rows, valid, n_select, with_rows
+            ),
+            lambda: cutoff,
         )
-        cutoff = jnp.where(with_rows, exact, cutoff)
         diff = tuple(as_varying(params[k]) for k in ("b_dec", "W_enc", "b_enc", "W_dec"))
         # x is data: no gradient flows to it. A saturated token's slots are unused: its dense
         # row decodes it.
@@ -327,7 +340,13 @@ class BatchTopK(WithAuxK, Architecture):
             valid,
         )
         path = _BatchTopKPath(n_select, m)
-        partial, per_token, fire, min_selected = sparse_or_dense(path, overflow, diff, aux)
+
+        def run(path: _BatchTopKPath):
+            return lambda diff, aux: sparse_or_dense(path, overflow, diff, aux)
+
+        partial, per_token, fire, min_selected = jax.lax.cond(
+            with_rows, run(path), run(path._replace(rows=False)), diff, aux
+        )
         x_hat = jax.lax.psum(partial, mesh_axis(FEATURES)) + params["b_dec"]
         recon, metrics = reconstruction_metrics(x, x_hat, per_token, ctx.global_batch)
         # Smallest selected activation this step, the sample for the inference threshold.
