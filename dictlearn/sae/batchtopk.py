@@ -143,15 +143,13 @@ class _BatchTopKPath(NamedTuple):
         b_dec, w_enc, b_enc, w_dec = diff
         x = aux[0]
         pre = (x - b_dec) @ w_enc + b_enc
-        relu_pre = jax.nn.relu(jax.lax.stop_gradient(pre))
         cutoff = batch_threshold(
-            relu_pre, self.n_select, self.candidates, (mesh_axis(BATCH), mesh_axis(FEATURES))
+            jax.nn.relu(jax.lax.stop_gradient(pre)),
+            self.n_select,
+            self.candidates,
+            (mesh_axis(BATCH), mesh_axis(FEATURES)),
         )
-        active = (relu_pre >= cutoff) & (relu_pre > 0)
-        counts = active.astype(jnp.float32)
-        partial = jnp.where(active, pre, 0.0) @ w_dec
-        min_selected = jnp.min(jnp.where(active, relu_pre, jnp.inf))
-        return per_device((partial, jnp.sum(counts, axis=1), jnp.sum(counts, axis=0), min_selected))
+        return per_device(select_and_decode_rows(pre, cutoff, w_dec))
 
     def _active(self, aux):
         _, pre, indices, cutoff = aux[:4]
@@ -165,12 +163,7 @@ class _BatchTopKPath(NamedTuple):
         b_dec, w_enc, b_enc, w_dec = diff
         x, cutoff, rows, valid = aux[0], aux[3], aux[4], aux[5]
         pre = (x[rows] - b_dec) @ w_enc + b_enc
-        relu_pre = jax.nn.relu(jax.lax.stop_gradient(pre))
-        active = (relu_pre >= cutoff) & (relu_pre > 0) & valid[:, None]
-        counts = active.astype(jnp.float32)
-        partial = jnp.where(active, pre, 0.0) @ w_dec
-        smallest = jnp.min(jnp.where(active, relu_pre, jnp.inf))
-        return partial, jnp.sum(counts, axis=1), jnp.sum(counts, axis=0), smallest
+        return select_and_decode_rows(pre, cutoff, w_dec, valid)
 
     def sparse(self, diff, aux):
         w_dec = diff[3]
@@ -209,6 +202,26 @@ class _BatchTopKPath(NamedTuple):
             (row_grads,) = row_vjp(cotangents[0][aux[4]])
             slot_grads = tuple(a + b for a, b in zip(slot_grads, row_grads, strict=True))
         return tuple(vary_over(g, varying_axes(p)) for g, p in zip(slot_grads, diff, strict=True))
+
+
+def select_and_decode_rows(
+    pre: jax.Array, cutoff: jax.Array, w_dec: jax.Array, valid: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """BatchTopK's selection on dense rows of pre-activations ``[rows, n_local]``.
+
+    Keeps the values at or above ``cutoff`` (and above 0) of the rows where ``valid`` holds (all
+    when None). Returns the partial reconstruction ``[rows, d]`` (differentiable in ``pre`` and
+    ``w_dec``), the kept latents per row and per latent, and the smallest kept value (inf if
+    none).
+    """
+    relu_pre = jax.nn.relu(jax.lax.stop_gradient(pre))
+    active = (relu_pre >= cutoff) & (relu_pre > 0)
+    if valid is not None:
+        active &= valid[:, None]
+    counts = active.astype(jnp.float32)
+    partial = jnp.where(active, pre, 0.0) @ w_dec
+    smallest = jnp.min(jnp.where(active, relu_pre, jnp.inf))
+    return partial, jnp.sum(counts, axis=1), jnp.sum(counts, axis=0), smallest
 
 
 def saturated_rows(saturated: jax.Array, bound: int) -> tuple[jax.Array, jax.Array]:
