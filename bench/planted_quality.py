@@ -37,7 +37,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from peer_venv import peer_python
 
 from dictlearn.config import apply_overrides, validate
 from dictlearn.data import ActivationDataset, PlantedConfig, write_planted_dataset
@@ -58,7 +58,6 @@ from dictlearn.train.config import TrainConfig
 from dictlearn.train.trainer import main as train_main
 
 SPARSIFY_VERSION = "1.3.3"
-TORCH_VERSION = "2.13.0"
 CACHE = Path.home() / ".cache" / "dictlearn"
 # Rows per pass when scoring, and decoder rows per block of the cosine matrix: bounds memory.
 _SCORE_CHUNK = 1024
@@ -177,42 +176,10 @@ def train_ours(data_url: str, args, budget: int, overrides: list[str], out_dir: 
 
 
 def sparsify_python() -> str:
-    """An interpreter with sparsify (made under the cache on first use)."""
-    configured = os.environ.get("DICTLEARN_SPARSIFY_PYTHON")
-    if configured:
-        return configured
-    venv = CACHE / "sparsify-venv"
-    python = venv / "bin" / "python"
-    probe = [
-        str(python),
-        "-c",
-        f"import sparsify; assert sparsify.__version__ == {SPARSIFY_VERSION!r}",
-    ]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return str(python)
-    print(f"making {venv} (torch {TORCH_VERSION} CPU + eai-sparsify {SPARSIFY_VERSION}) ...")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    # A CPU build of torch: from the local wheel directory where the machine has one, else from
-    # PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build).
-    index = (
-        []
-        if os.environ.get("PIP_FIND_LINKS")
-        else ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+    """An interpreter with sparsify (``DICTLEARN_SPARSIFY_PYTHON``, or a venv made on first use)."""
+    return peer_python(
+        "sparsify", "sparsify", "eai-sparsify", SPARSIFY_VERSION, "DICTLEARN_SPARSIFY_PYTHON"
     )
-    subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            *index,
-            f"torch=={TORCH_VERSION}",
-            f"eai-sparsify=={SPARSIFY_VERSION}",
-        ],
-        check=True,
-    )
-    return str(python)
 
 
 def train_sparsify(data_url: str, args, budget: int, out_dir: str) -> tuple[Trained, str]:

@@ -8,14 +8,12 @@ torch (a few minutes, once). Run with ``uv run --frozen pytest -m saelens``.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.peer_venv import peer_python
 from dictlearn.data import ActivationDataset
 from dictlearn.export import ExportConfig, export_sae, load_sae
 from dictlearn.train.trainer import main as train_main
@@ -24,7 +22,6 @@ from tests.train.helpers import make_planted, tiny_config
 pytestmark = pytest.mark.saelens
 
 SAELENS_VERSION = "6.54.12"
-TORCH_VERSION = "2.13.0"
 
 _SCRIPT = """
 import sys, numpy as np, torch
@@ -42,40 +39,9 @@ print(type(sae).__name__, sae_lens.__version__, torch.__version__, torch.get_num
 
 
 def _saelens_python() -> str:
-    configured = os.environ.get("DICTLEARN_SAELENS_PYTHON")
-    if configured:
-        return configured
-    venv = Path.home() / ".cache" / "dictlearn" / "saelens-venv"
-    python = venv / "bin" / "python"
-    probe = [
-        str(python),
-        "-c",
-        f"import sae_lens; assert sae_lens.__version__ == {SAELENS_VERSION!r}",
-    ]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return str(python)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    # A CPU build of torch: from the local wheel directory where the machine has one, else
-    # from PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build).
-    index = (
-        []
-        if os.environ.get("PIP_FIND_LINKS")
-        else ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+    return peer_python(
+        "saelens", "sae_lens", "sae-lens", SAELENS_VERSION, "DICTLEARN_SAELENS_PYTHON"
     )
-    subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            *index,
-            f"torch=={TORCH_VERSION}",
-            f"sae-lens=={SAELENS_VERSION}",
-        ],
-        check=True,
-    )
-    return str(python)
 
 
 @pytest.mark.parametrize("arch", ["topk", "jumprelu", "batchtopk", "relu_l1"])
