@@ -53,6 +53,7 @@ from dictlearn.data import ActivationDataset, PlantedConfig, write_planted_datas
 from dictlearn.data.planted import heldout_rows
 from dictlearn.export import InferenceSAE, load_sae
 from dictlearn.export.model import SAEParams
+from dictlearn.sae.base import registered_architectures
 from dictlearn.tracking import read_metrics
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.trainer import main as train_main
@@ -160,7 +161,12 @@ def train_ours(data_url: str, args, budget: int, overrides: list[str], out_dir: 
         "tracker": {"wandb_mode": "disabled"},
         "run": {"output_dir": out_dir, "name": "ours"},
     }
-    config = validate(TrainConfig, apply_overrides(base, overrides), "bench config")
+    data = apply_overrides(base, overrides)
+    architecture = registered_architectures().get(data["sae"]["architecture"])
+    if architecture is not None and "k" not in architecture.config_cls.model_fields:
+        # An override to an architecture without k (JumpReLU, ReLU-L1) drops the bench's k.
+        data["sae"].pop("k")
+    config = validate(TrainConfig, data, "bench config")
     cpu0 = time.process_time()
     result = train_main(config)
     cpu = time.process_time() - cpu0
