@@ -51,7 +51,16 @@ class JumpReLUConfig(BaseSAEConfig):
 
     architecture: Literal["jumprelu"] = "jumprelu"
     sparsity_penalty: ClassVar[bool] = True
-    l0_coef: float = Field(1.0, ge=0, description="Weight of the L0 sparsity penalty.")
+    l0_coef: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "Weight of the L0 sparsity penalty. These defaults (Gemma Scope's) do not train on "
+            "real activations in short runs: on Gemma 3 270M layer 6 at 1M tokens they left L0 "
+            "887 and 62 % of the latents dead, and 4 or 16 trained alike, because the "
+            "log-threshold moves at most ~lr per step (docs/real_quality.md)."
+        ),
+    )
     bandwidth: float = Field(
         0.001, gt=0, description="Width of the rectangle kernel of the straight-through estimator."
     )
