@@ -278,8 +278,7 @@ def cutoff_with_rows(
     A bisection on the float bits (``topk_select.bisect_kth_largest``), a scalar ``psum`` per
     round; no work when ``enabled`` is false (the result is then meaningless).
     """
-    p = jax.lax.stop_gradient(params)
-    row_values = jax.nn.relu((x[rows] - p["b_dec"]) @ p["W_enc"] + p["b_enc"])
+    row_values = jax.nn.relu(preactivations(jax.lax.stop_gradient(params), x[rows]))
     values = jnp.concatenate(
         [
             jnp.where(saturated[:, None], -jnp.inf, relu_candidates).reshape(-1),
