@@ -109,6 +109,11 @@ class Architecture(abc.ABC):
         """Whether the loss changes when latents are dead (then two step variants compile)."""
         return False
 
+    @property
+    def lr_multipliers(self) -> dict[str, float]:
+        """Parameters whose optimizer update is scaled (name → factor); the rest move at the lr."""
+        return {}
+
     def __init__(self, config: BaseSAEConfig, d_model: int):
         self.config = config
         self.d_model = d_model

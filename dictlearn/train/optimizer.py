@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -68,31 +70,54 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def scale_named_updates(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiply the updates of the named top-level parameters by their factor (no state)."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        scaled = {
+            name: u * multipliers[name] if name in multipliers else u for name, u in updates.items()
+        }
+        return scaled, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def make_optimizer(
+    cfg: OptimizerConfig, total_steps: int, lr_multipliers: Mapping[str, float] | None = None
+) -> optax.GradientTransformation:
     """Global-norm clipping (if set), then ``cfg.name`` on the learning-rate schedule.
+
+    ``lr_multipliers`` (``Architecture.lr_multipliers``) scale the named parameters' updates,
+    i.e. their learning rate; factors of 1 are dropped, and with none left the chain (and so the
+    checkpointed optimizer state) is the same as without them. For the schedule-free optimizers
+    the scaling sits inside the wrapper, on the base step, so its average stays consistent.
 
     For the schedule-free optimizers the last element of the chain's state is optax's
     ``ScheduleFreeState``; the train step keeps the parameter average (the point to evaluate and
     export) as the state's parameters, see :func:`schedule_free_train_point`.
     """
     schedule = learning_rate_schedule(cfg, total_steps)
+    multipliers = {k: float(v) for k, v in (lr_multipliers or {}).items() if v != 1.0}
+    scaled = [scale_named_updates(multipliers)] if multipliers else []
     parts = []
     if cfg.grad_clip is not None:
         parts.append(clip_by_global_norm(cfg.grad_clip))
     if cfg.name == "adam":
-        parts.append(optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+        parts += [optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), *scaled]
     elif cfg.name == "lion":
-        parts.append(optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=0.0))
+        parts += [optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=0.0), *scaled]
     elif cfg.name == "schedule_free_adamw":
         # b1=0 Adam inside (the wrapper supplies the momentum), as optax.contrib's own
         # schedule_free_adamw does; built here so the warm-up is ours and weight decay is off.
         base = optax.chain(
             optax.scale_by_adam(b1=0.0, b2=cfg.b2, eps=cfg.eps),
             optax.scale_by_learning_rate(schedule),
+            *scaled,
         )
         parts.append(optax.contrib.schedule_free(base, schedule, b1=cfg.b1))
     elif cfg.name == "schedule_free_sign":
-        base = optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(schedule))
+        base = optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(schedule), *scaled)
         parts.append(optax.contrib.schedule_free(base, schedule, b1=cfg.b1))
     else:  # the config's Literal makes this unreachable
         raise ValueError(f"optimizer.name={cfg.name!r} is not supported")

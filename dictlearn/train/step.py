@@ -76,7 +76,7 @@ class TrainProgram:
         self.mesh = mesh
         self.global_batch = global_batch
         self.norm_scale = float(norm_scale)
-        self.optimizer = make_optimizer(optimizer_config, total_steps)
+        self.optimizer = make_optimizer(optimizer_config, total_steps, arch.lr_multipliers)
         self.schedule_free = optimizer_config.schedule_free
         self.lr_schedule = learning_rate_schedule(optimizer_config, total_steps)
         self.sparsity_schedule = sparsity_schedule(optimizer_config)

@@ -158,3 +158,30 @@ def test_b_dec_stays_at_the_data_mean_when_not_learned(name: str, tmp_path) -> N
         assert np.all(np.isfinite(params["W_enc"]))
     assert moved[False] == 0.0
     assert moved[True] > 1e-3
+
+
+@pytest.mark.parametrize("name", ["adam", "lion", "schedule_free_adamw", "schedule_free_sign"])
+def test_lr_multiplier_scales_only_the_named_parameter(name: str) -> None:
+    """``lr_multipliers`` (JumpReLU's threshold_lr_scale) moves the named parameter c times as
+    far per step and leaves the others' steps as they were; a factor of 1 leaves the optimizer,
+    and so the checkpointed state's layout, exactly as without it."""
+    params = {k: jnp.zeros_like(v) for k, v in _grads(1.0).items()}
+    cfg = OptimizerConfig(name=name, lr=1e-3, warmup_steps=1, grad_clip=1.0)
+    plain = make_optimizer(cfg, total_steps=10)
+    scaled = make_optimizer(cfg, total_steps=10, lr_multipliers={"b": 7.0})
+    same = make_optimizer(cfg, total_steps=10, lr_multipliers={"b": 1.0})
+    assert jax.tree.structure(same.init(params)) == jax.tree.structure(plain.init(params))
+
+    grads = _grads(3.0)  # over the clip norm: the clip sees the unscaled gradients
+    p_plain, s_plain = params, plain.init(params)
+    p_scaled, s_scaled = params, scaled.init(params)
+    for _ in range(3):
+        u_plain, s_plain = plain.update(grads, s_plain, p_plain)
+        u_scaled, s_scaled = scaled.update(grads, s_scaled, p_scaled)
+        p_plain = optax.apply_updates(p_plain, u_plain)
+        p_scaled = optax.apply_updates(p_scaled, u_scaled)
+    assert float(jnp.max(jnp.abs(p_plain["b"]))) > 0
+    # The gradients are constant and no coordinate reaches an optimum, so every step of "b"
+    # (and the schedule-free average of them) is c times the unscaled one.
+    np.testing.assert_allclose(p_scaled["b"], 7.0 * p_plain["b"], rtol=1e-5)
+    np.testing.assert_array_equal(p_scaled["W"], p_plain["W"])
