@@ -65,6 +65,26 @@ class JumpReLUConfig(BaseSAEConfig):
         0.001, gt=0, description="Width of the rectangle kernel of the straight-through estimator."
     )
     init_threshold: float = Field(0.001, gt=0, description="Initial threshold of every latent.")
+    threshold_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "Learning-rate multiplier of the log-threshold. Adam moves it by about lr × this per "
+            "step whatever its gradient, so at 1 a short run's threshold stays near "
+            "init_threshold."
+        ),
+    )
+    revive_coef: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Weight of the dead-latent pull: Anthropic's pre-activation loss, "
+            "revive_coef × mean over tokens of Σ (threshold − pre-activation) over the latents "
+            "that are dead and silent in the batch, which lowers their threshold and raises "
+            "their bias until they fire again. Exact in closed form from the batch mean, so it "
+            "costs no pass over the tokens. 0: off."
+        ),
+    )
     sparse_l0_bound: int = Field(
         256,
         ge=0,
@@ -244,6 +264,10 @@ class JumpReLU(Architecture):
     def param_axes(self):
         return super().param_axes() | {"log_threshold": (FEATURES,)}
 
+    @property
+    def lr_multipliers(self) -> dict[str, float]:
+        return {"log_threshold": self.config.threshold_lr_scale}
+
     def init(self, key, data_mean):
         params = super().init(key, data_mean)
         params["log_threshold"] = jnp.full(
@@ -265,11 +289,38 @@ class JumpReLU(Architecture):
         recon, metrics = reconstruction_metrics(x, x_hat, out.l0_per_token, ctx.global_batch)
         l0 = jax.lax.psum(global_sum(out.l0), mesh_axis(FEATURES)) / ctx.global_batch
         sparsity = cfg.l0_coef * ctx.sparsity_scale * l0
+        fire_counts = global_sum(out.fire.astype(jnp.int32))
         loss = recon + sparsity
         metrics |= {
             "sparsity_loss": sparsity,
-            "loss": loss,
             "dense_fallback": out.overflow.astype(jnp.float32),
         }
-        fire_counts = global_sum(out.fire.astype(jnp.int32))
+        if cfg.revive_coef > 0:
+            pull = cfg.revive_coef * dead_latent_pull(
+                params, x, threshold, dead & (fire_counts == 0), ctx.global_batch
+            )
+            loss = loss + pull
+            metrics["revive_loss"] = pull
+        metrics["loss"] = loss
         return loss, LocalOutputs(metrics=metrics, fire_counts=fire_counts, state_stats={})
+
+
+def dead_latent_pull(
+    params: Params, x: jax.Array, threshold: jax.Array, silent: jax.Array, global_batch: int
+) -> jax.Array:
+    """Mean over the global batch of ``Σ_i relu(threshold_i - pre_i)`` over the ``silent``
+    latents (this shard's, summed over shards): Anthropic's pre-activation loss on dead latents.
+
+    A latent that fired on no token of the batch has ``pre <= threshold`` on every token, so the
+    relu is the identity there and the sum over tokens is ``n threshold_i - Σ_t pre_ti`` with
+    ``Σ_t pre_ti = (Σ_t x_t - n b_dec) @ W_enc[:, i] + n b_enc_i``: linear in the batch sum, one
+    ``[d_model] @ [d_model, n_local]`` product instead of a pass over the tokens. ``b_dec`` gets
+    no gradient from it (the pull moves the dead latents, not the shared bias).
+    """
+    n_local = x.shape[0]
+    centred_sum = jax.lax.stop_gradient(
+        jnp.sum(x, axis=0) - n_local * params["b_dec"]
+    )  # this device's tokens
+    pre_sum = centred_sum @ params["W_enc"] + n_local * params["b_enc"]
+    gap = jnp.where(silent, n_local * threshold - pre_sum, 0.0)
+    return jax.lax.psum(global_sum(jnp.sum(gap)), mesh_axis(FEATURES)) / global_batch
