@@ -53,6 +53,7 @@ from dictlearn.sae.variable_l0 import (
     any_over_mesh,
     decode_slots,
     per_device,
+    saturated_rows,
     scatter_per_latent,
     sparse_or_dense,
 )
@@ -222,14 +223,6 @@ def select_and_decode_rows(
     partial = jnp.where(active, pre, 0.0) @ w_dec
     smallest = jnp.min(jnp.where(active, relu_pre, jnp.inf))
     return partial, jnp.sum(counts, axis=1), jnp.sum(counts, axis=0), smallest
-
-
-def saturated_rows(saturated: jax.Array, bound: int) -> tuple[jax.Array, jax.Array]:
-    """The first ``bound`` token indices where ``saturated`` holds, and which are real (the rest
-    repeat token 0)."""
-    (rows,) = jnp.nonzero(saturated, size=bound, fill_value=0)
-    valid = jnp.arange(bound) < jnp.sum(saturated, dtype=jnp.int32)
-    return rows.astype(jnp.int32), valid
 
 
 def candidate_cutoff(

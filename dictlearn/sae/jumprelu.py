@@ -38,11 +38,12 @@ from dictlearn.sae.variable_l0 import (
     dense_in_chunks,
     pair_dots,
     per_device,
+    saturated_rows,
     scatter_per_latent,
     select_slots,
     sparse_or_dense,
 )
-from sharding import FEATURES, mesh_axis
+from sharding import BATCH, FEATURES, mesh_axis
 from sharding.varying import vary_over, varying_axes
 
 
@@ -152,6 +153,16 @@ def candidate_rank_bias(b_enc: jax.Array, threshold: jax.Array, bandwidth: float
     return b_enc - threshold + margin
 
 
+OVERFLOW_ROWS_PER_SHARD = 64
+"""Tokens per shard with more candidates than ``sparse_l0_bound`` that a sparse step still
+takes, each through a dense row of its own; more than that on any shard and the step runs
+densely. JumpReLU's L0 varies per token with a long tail: on Gemma 3 270M layer 6 an SAE of
+mean L0 75 gave 0.7 % of the tokens more than 256 latents (the largest 639), so nearly every
+batch of 4,096 had some and, without these rows, every step ran densely. The rows cost about
+five ``[64, d_model]`` by ``[d_model, n_local]`` products, forward and backward (~8 % of the
+encoder matmul's FLOPs at batch 4,096), only in steps that have such tokens (a ``lax.cond``)."""
+
+
 class JumpOutputs(NamedTuple):
     """This shard's part of a JumpReLU forward pass."""
 
@@ -164,40 +175,78 @@ class JumpOutputs(NamedTuple):
     fire: jax.Array
     """``[n_local]`` tokens on which each latent is active (float, no gradient)."""
     overflow: jax.Array
-    """Whether this step ran densely (some token had more candidates than slots)."""
+    """Whether this step ran densely (too many tokens had more candidates than slots)."""
+    saturated: jax.Array
+    """Tokens on this shard with more candidates than slots (int32; dense rows or, past
+    ``OVERFLOW_ROWS_PER_SHARD`` on any shard, the dense step)."""
+
+
+def _dense_rows(pre, threshold, bandwidth, w_dec, valid=None):
+    """JumpReLU's dense formulas on rows of pre-activations ``[rows, n_local]``: the partial
+    reconstruction and the L0 count (both with the estimators' gradients), the active latents
+    per row and per latent. Rows where ``valid`` is false count nothing."""
+    latents = jumprelu(pre, threshold, bandwidth)
+    active = (pre > threshold).astype(jnp.float32)
+    l0_terms = step(pre, threshold, bandwidth)
+    if valid is not None:
+        keep = valid[:, None]
+        latents = jnp.where(keep, latents, 0.0)
+        active = jnp.where(keep, active, 0.0)
+        l0_terms = jnp.where(keep, l0_terms, 0.0)
+    return latents @ w_dec, jnp.sum(l0_terms), jnp.sum(active, axis=1), jnp.sum(active, axis=0)
 
 
 class _JumpReLUPath(NamedTuple):
-    """JumpReLU over slots and densely.
+    """JumpReLU over slots plus a few dense token rows, and all densely.
 
-    ``diff = (b_dec, W_enc, b_enc, W_dec, threshold)``; ``aux = (x, slot pre, slot indices)``.
+    ``diff = (b_dec, W_enc, b_enc, W_dec, threshold)``; ``aux = (x, slot pre, slot indices,
+    rows, row is valid)``. ``rows`` ``[OVERFLOW_ROWS_PER_SHARD]`` are the tokens with more
+    candidates than slots: their slots hold -inf (unused) and they are decoded from their whole
+    dense row instead; unused entries repeat token 0 with ``row is valid`` false.
     """
 
     bandwidth: float
+    rows: bool = True
+    """Static: decode the overflowing tokens' rows (the step's path when any token overflows);
+    without, the rows cost nothing."""
     dense_combine = ("tokens", "sum", "tokens", "sum")
 
     def dense(self, diff, aux):
         b_dec, w_enc, b_enc, w_dec, threshold = diff
         x = aux[0]
         pre = (x - b_dec) @ w_enc + b_enc
-        latents = jumprelu(pre, threshold, self.bandwidth)
-        active = (pre > threshold).astype(jnp.float32)
-        l0 = jnp.sum(step(pre, threshold, self.bandwidth))
-        return per_device((latents @ w_dec, l0, jnp.sum(active, axis=1), jnp.sum(active, axis=0)))
+        return per_device(_dense_rows(pre, threshold, self.bandwidth, w_dec))
+
+    def _rows(self, diff, aux):
+        """The overflowing tokens' dense rows: ``(partial [rows, d], l0, counts [rows], fire
+        [n_local])``; differentiable in ``diff`` through ``partial`` and ``l0``."""
+        b_dec, w_enc, b_enc, w_dec, threshold = diff
+        x, rows, valid = aux[0], aux[3], aux[4]
+        pre = (x[rows] - b_dec) @ w_enc + b_enc
+        return _dense_rows(pre, threshold, self.bandwidth, w_dec, valid)
 
     def sparse(self, diff, aux):
         *_, w_dec, threshold = diff
-        _, pre, indices = aux
+        _, pre, indices = aux[:3]
         active = pre > jnp.take(threshold, indices)
         values = jnp.where(active, pre, 0.0)
         counts = active.astype(jnp.float32)
         fire = scatter_per_latent(counts, indices, threshold.shape[0])
         partial = decode_slots(values, indices, w_dec)
-        return per_device((partial, jnp.sum(counts), jnp.sum(counts, axis=1), fire))
+        l0 = jnp.sum(counts)
+        per_token = jnp.sum(counts, axis=1)
+        if self.rows:
+            rows = aux[3]
+            row_partial, row_l0, row_counts, row_fire = self._rows(diff, aux)
+            # Invalid rows add zeros (to token 0).
+            partial = partial.at[rows].add(row_partial)
+            per_token = per_token.at[rows].add(row_counts)
+            l0, fire = l0 + row_l0, fire + row_fire
+        return per_device((partial, l0, per_token, fire))
 
     def sparse_grads(self, diff, aux, cotangents):
         b_dec, w_enc, _, w_dec, threshold = diff
-        x, pre, indices = aux
+        x, pre, indices = aux[:3]
         g_partial, g_l0, _, _ = cotangents
         slot_threshold = jnp.take(threshold, indices)
         active = pre > slot_threshold
@@ -214,6 +263,10 @@ class _JumpReLUPath(NamedTuple):
             jnp.where(window, per_pair, 0.0), indices, threshold.shape[0]
         )
         grads = (grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec, grad_threshold)
+        if self.rows:
+            _, row_vjp = jax.vjp(lambda d: self._rows(d, aux)[:2], diff)
+            (row_grads,) = row_vjp((g_partial[aux[3]], g_l0))
+            grads = tuple(a + b for a, b in zip(grads, row_grads, strict=True))
         return tuple(vary_over(g, varying_axes(p)) for g, p in zip(grads, diff, strict=True))
 
 
@@ -229,7 +282,8 @@ def jumprelu_forward(
 
     Call inside ``shard_map``. ``threshold`` is ``[n_local]``; it and the parameters get the
     dense formulas' gradients exactly (``jumprelu`` and ``step`` above), ``x`` none (it is data).
-    A step where any token on any shard has more than ``bound`` candidates runs densely.
+    Tokens with more than ``bound`` candidates take dense rows of their own, up to
+    ``OVERFLOW_ROWS_PER_SHARD`` per shard; a step with more on any shard runs densely.
     ``encoder_dtype`` is the selection matmul's input dtype (the dense path stays float32).
     """
     n_local = params["b_enc"].shape[0]
@@ -241,7 +295,8 @@ def jumprelu_forward(
     )
     path = _JumpReLUPath(float(bandwidth))
     if bound == 0:
-        return JumpOutputs(*dense_in_chunks(path, diff, (x,)), overflow=jnp.bool_(True))
+        outputs = dense_in_chunks(path, diff, (x,))
+        return JumpOutputs(*outputs, overflow=jnp.bool_(True), saturated=jnp.int32(x.shape[0]))
     slots = select_slots(
         params,
         x,
@@ -250,9 +305,19 @@ def jumprelu_forward(
         ENCODE_CHUNK_TOKENS,
         encoder_dtype,
     )
-    overflow = any_over_mesh(jnp.any(slots.count > bound))
-    outputs = sparse_or_dense(path, overflow, diff, (x, slots.pre, slots.indices))
-    return JumpOutputs(*outputs, overflow=overflow)
+    saturated = slots.count > bound
+    n_saturated = jnp.sum(saturated, dtype=jnp.int32)
+    overflow = any_over_mesh(n_saturated > OVERFLOW_ROWS_PER_SHARD)
+    with_rows = any_over_mesh(n_saturated > 0) & ~overflow
+    rows, valid = saturated_rows(saturated, OVERFLOW_ROWS_PER_SHARD)
+    aux = (x, jnp.where(saturated[:, None], -jnp.inf, slots.pre), slots.indices, rows, valid)
+
+    def run(path: _JumpReLUPath):
+        return lambda diff, aux: sparse_or_dense(path, overflow, diff, aux)
+
+    # One branch runs: steps without overflowing tokens pay nothing for the rows.
+    outputs = jax.lax.cond(with_rows, run(path), run(path._replace(rows=False)), diff, aux)
+    return JumpOutputs(*outputs, overflow=overflow, saturated=n_saturated)
 
 
 @register
@@ -294,6 +359,10 @@ class JumpReLU(Architecture):
         metrics |= {
             "sparsity_loss": sparsity,
             "dense_fallback": out.overflow.astype(jnp.float32),
+            # (token, shard) pairs that took a dense row (or, past the bound, the dense step).
+            "saturated_tokens": jax.lax.psum(
+                out.saturated, (mesh_axis(BATCH), mesh_axis(FEATURES))
+            ).astype(jnp.float32),
         }
         if cfg.revive_coef > 0:
             pull = cfg.revive_coef * dead_latent_pull(

@@ -246,6 +246,14 @@ def _sparse_or_dense_bwd(path, residuals, cotangents):
 _sparse_or_dense.defvjp(_sparse_or_dense_fwd, _sparse_or_dense_bwd)
 
 
+def saturated_rows(saturated: jax.Array, bound: int) -> tuple[jax.Array, jax.Array]:
+    """The first ``bound`` token indices where ``saturated`` holds, and which are real (the rest
+    repeat token 0): the tokens a sparse step decodes from dense rows of their own."""
+    (rows,) = jnp.nonzero(saturated, size=bound, fill_value=0)
+    valid = jnp.arange(bound) < jnp.sum(saturated, dtype=jnp.int32)
+    return rows.astype(jnp.int32), valid
+
+
 def scatter_per_latent(values: jax.Array, indices: jax.Array, n_features: int) -> jax.Array:
     """``[n_features]``: ``values[b, j]`` summed into latent ``indices[b, j]``."""
     return (

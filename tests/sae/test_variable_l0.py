@@ -16,6 +16,7 @@ from dictlearn.sae import (
     variable_l0,
 )
 from dictlearn.sae import batchtopk as batchtopk_module
+from dictlearn.sae import jumprelu as jumprelu_module
 from dictlearn.sae.jumprelu import jumprelu, step
 from dictlearn.sae.variable_l0 import select_slots
 from dictlearn.train.config import OptimizerConfig
@@ -72,28 +73,33 @@ def _assert_grads_equal(grads, ref_grads):
 
 
 @pytest.mark.parametrize(
-    ("mesh_shape", "bound", "overflows", "kernels", "dense_chunk"),
+    ("mesh_shape", "bound", "rows_max", "overflows", "kernels", "dense_chunk"),
     [
-        ((1, 1), 64, False, "1", 1024),
-        ((2, 4), 24, False, "1", 1024),
-        ((2, 4), 24, False, "0", 1024),  # the XLA path GPUs and TPUs run
-        ((1, 1), 4, True, "1", 1024),
-        ((2, 4), 4, True, "1", 1024),
-        ((1, 1), 4, True, "1", 8),  # the dense fallback in token chunks
-        ((2, 4), 4, True, "1", 8),
-        ((1, 1), 0, True, "1", 8),  # always dense, chunked
+        ((1, 1), 64, 64, False, "1", 1024),
+        ((2, 4), 24, 64, False, "1", 1024),
+        ((2, 4), 24, 64, False, "0", 1024),  # the XLA path GPUs and TPUs run
+        ((1, 1), 4, 64, False, "1", 1024),  # overflowing tokens through dense rows
+        ((2, 4), 4, 64, False, "1", 1024),
+        ((2, 4), 4, 64, False, "0", 1024),
+        ((1, 1), 4, 2, True, "1", 1024),  # more than the rows take: the dense step
+        ((2, 4), 4, 2, True, "1", 1024),
+        ((1, 1), 4, 2, True, "1", 8),  # the dense fallback in token chunks
+        ((2, 4), 4, 2, True, "1", 8),
+        ((1, 1), 0, 64, True, "1", 8),  # always dense, chunked
     ],
 )
 def test_jumprelu_loss_and_gradients_equal_the_dense_reference(
     monkeypatch: pytest.MonkeyPatch,
     mesh_shape: tuple[int, int],
     bound: int,
+    rows_max: int,
     overflows: bool,
     kernels: str,
     dense_chunk: int,
 ) -> None:
     monkeypatch.setenv(cpu_kernels.DISABLE_ENV, kernels)
     monkeypatch.setattr(variable_l0, "DENSE_CHUNK_TOKENS", dense_chunk)
+    monkeypatch.setattr(jumprelu_module, "OVERFLOW_ROWS_PER_SHARD", rows_max)
     arch, params, x = _jumprelu_setup(bound)
     loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape)
 
@@ -109,6 +115,9 @@ def test_jumprelu_loss_and_gradients_equal_the_dense_reference(
     below = (pre <= threshold) & (pre > threshold - BANDWIDTH / 2)
     assert below.sum() > 10
     assert metrics["dense_fallback"] == float(overflows)
+    if bound:
+        # Tokens over the bound on some shard: the cases that test the rows or the fallback.
+        assert (metrics["saturated_tokens"] > 0) == (bound == 4)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["l0"], active.sum(1).mean(), rtol=1e-6)
     np.testing.assert_array_equal(fire, active.sum(0))
@@ -253,7 +262,7 @@ def test_batchtopk_loss_and_gradients_equal_the_dense_reference(
         monkeypatch.setattr(batchtopk_module, "SATURATED_TOKENS_PER_SHARD", 1)
     arch, params, x = _batchtopk_setup(candidates, aux or "straight_through")
     dead = None if aux is None else np.arange(N_FEATURES) % 5 == 0
-    loss, metrics, _, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape, dead)
+    loss, metrics, fire, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape, dead)
     (ref_loss, (active, cutoff, ref_aux)), ref_grads = jax.jit(
         jax.value_and_grad(
             lambda p: _dense_batchtopk_loss(p, x, dead, aux or "straight_through"), has_aux=True
