@@ -90,8 +90,9 @@ class JumpReLUConfig(BaseSAEConfig):
         256,
         ge=0,
         description="Latents per token (on each feature shard) the sparse step handles, counting "
-        "those within the bandwidth below the threshold; a step where any token has more runs "
-        "densely instead (same result, several times slower). 0: always dense.",
+        "those within the bandwidth below the threshold; a token with more takes a dense row of "
+        "its own, and a step with more than 64 such tokens on a shard runs densely instead (same "
+        "result, several times slower). 0: always dense.",
     )
 
 
