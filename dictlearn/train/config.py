@@ -282,10 +282,13 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
     # BatchTopK had no AuxK: aux_coef 0 (then k_aux has no effect; its default stands for it).
     "sae.aux_coef": WhereSibling("architecture", "batchtopk", 0.0),
     "sae.k_aux": WhereSibling("architecture", "batchtopk", 256),
+    # JumpReLU's threshold moved at the lr, with no dead-latent pull.
+    "sae.threshold_lr_scale": WhereSibling("architecture", "jumprelu", 1.0),
+    "sae.revive_coef": WhereSibling("architecture", "jumprelu", 0.0),
 }
 """Train-config fields added after runs existed, with the value every earlier run had (no
 branch; TopK learned b_dec and sent AuxK through the ReLU; float32 encoder matmuls; BatchTopK
-exported its running-mean threshold and had no AuxK). Version hashes and resume checks (of runs
+exported its running-mean threshold and had no AuxK; JumpReLU's log-threshold moved at the lr). Version hashes and resume checks (of runs
 and of sweeps) leave a field out when it holds this value
 (``dictlearn.config.without_values_from_before``), so an earlier run compares equal to a config
 that sets these values; the new defaults make another run."""
@@ -366,8 +369,8 @@ class GroupMember(StrictModel):
         description=(
             "Fields over the shared `sae` section (e.g. {n_features: 8192, k: 64}). Naming "
             "another architecture starts from that architecture's defaults instead, keeping only "
-            "the shared n_features, d_model, dead_window_tokens, decoder_init_norm and "
-            "init_b_dec_to_mean."
+            "those of the shared n_features, d_model, dead_window_tokens, decoder_init_norm and "
+            "init_b_dec_to_mean that differ from the shared architecture's defaults."
         ),
     )
     optimizer: dict[str, Any] = Field(
@@ -424,7 +427,11 @@ class GroupTrainConfig(TrainConfig):
         """
         shared = self.model_dump(mode="json", exclude={"group"})
         shared_sae = shared["sae"]
-        set_fields = self.sae.model_fields_set
+        # The common fields another architecture keeps: those the shared section moves off its
+        # architecture's default. A test on values alone (not on which fields the file set)
+        # resolves a dumped and reloaded config, e.g. a submitted job's, to the same members.
+        defaults = type(self.sae)().model_dump(mode="json")
+        kept = [k for k in _SAE_COMMON_FIELDS if shared_sae[k] != defaults[k]]
         resolved = []
         for i, member in enumerate(self.group):
             data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in shared.items()}
@@ -432,7 +439,7 @@ class GroupTrainConfig(TrainConfig):
             if architecture == shared_sae["architecture"]:
                 sae = shared_sae
             else:
-                sae = {k: shared_sae[k] for k in _SAE_COMMON_FIELDS if k in set_fields}
+                sae = {k: shared_sae[k] for k in kept}
             data["sae"] = sae | member.sae
             data["optimizer"] = shared["optimizer"] | member.optimizer
             if member.seed is not None:

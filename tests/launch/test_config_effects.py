@@ -314,3 +314,27 @@ def test_a_batchtopk_run_from_before_auxk_and_calibration_resumes_with_their_old
     assert [d.split(":")[0] for d in _config_differences(without_coef, topk_dump)] == [
         "sae.aux_coef"
     ]
+
+
+def test_a_jumprelu_run_from_before_the_threshold_lr_resumes_with_its_old_values() -> None:
+    """JumpReLU gained ``sae.threshold_lr_scale`` and ``sae.revive_coef``, and its decoder now
+    starts at norm 0.1: a checkpoint's config without the new fields (and the decoder norm it
+    dumped, 1.0) equals a config with the threshold at the lr (scale 1) and no pull, and differs
+    from today's JumpReLU defaults by exactly the decoder norm and the threshold's lr."""
+    sae = {"architecture": "jumprelu"}
+    current = validate(TrainConfig, {"data": {"path": "/d"}, "sae": sae}).model_dump(mode="json")
+    before = {**current, "sae": dict(current["sae"]) | {"decoder_init_norm": 1.0}}
+    for field in ("threshold_lr_scale", "revive_coef"):
+        del before["sae"][field]
+    old_values = validate(
+        TrainConfig,
+        {
+            "data": {"path": "/d"},
+            "sae": sae | {"decoder_init_norm": 1.0, "threshold_lr_scale": 1.0, "revive_coef": 0.0},
+        },
+    )
+    assert _config_differences(before, old_values.model_dump(mode="json")) == []
+    assert [d.split(":")[0] for d in _config_differences(before, current)] == [
+        "sae.decoder_init_norm",
+        "sae.threshold_lr_scale",
+    ]

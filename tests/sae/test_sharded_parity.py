@@ -24,13 +24,20 @@ D_MODEL, N_FEATURES, BATCH = 16, 64, 32
 CONFIGS = {
     "topk": TopKConfig(n_features=N_FEATURES, k=4, k_aux=8, dead_window_tokens=BATCH),
     "batchtopk": BatchTopKConfig(n_features=N_FEATURES, k=4, k_aux=8, dead_window_tokens=BATCH),
-    "jumprelu": JumpReLUConfig(n_features=N_FEATURES, init_threshold=0.5, bandwidth=0.5),
+    # Unit decoder rows (not JumpReLU's default 0.1): pre-activations reach the 0.5 threshold.
+    "jumprelu": JumpReLUConfig(
+        n_features=N_FEATURES, init_threshold=0.5, bandwidth=0.5, decoder_init_norm=1.0
+    ),
     "relu_l1": ReLUL1Config(n_features=N_FEATURES),
     "topk_bf16": TopKConfig(
         n_features=N_FEATURES, k=4, k_aux=8, dead_window_tokens=BATCH, encoder_dtype="bfloat16"
     ),
     "jumprelu_bf16": JumpReLUConfig(
-        n_features=N_FEATURES, init_threshold=0.5, bandwidth=0.5, encoder_dtype="bfloat16"
+        n_features=N_FEATURES,
+        init_threshold=0.5,
+        bandwidth=0.5,
+        decoder_init_norm=1.0,
+        encoder_dtype="bfloat16",
     ),
 }
 MESHES = {"1x1": (MeshConfig(data=1, model=1), 1), "2x4": (MeshConfig(data=2, model=4), 8)}

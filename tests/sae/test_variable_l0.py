@@ -28,7 +28,10 @@ BANDWIDTH = 0.4
 
 
 def _jumprelu_setup(bound: int):
-    cfg = JumpReLUConfig(n_features=N_FEATURES, bandwidth=BANDWIDTH, sparse_l0_bound=bound)
+    # Unit decoder rows (JumpReLU's default is 0.1): pre-activations of the thresholds' scale.
+    cfg = JumpReLUConfig(
+        n_features=N_FEATURES, bandwidth=BANDWIDTH, sparse_l0_bound=bound, decoder_init_norm=1.0
+    )
     arch = get_architecture(cfg, D_MODEL)
     params = arch.init(jax.random.key(0), jnp.full(D_MODEL, 0.1))
     rng = np.random.default_rng(3)

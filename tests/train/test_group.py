@@ -77,6 +77,29 @@ def test_members_resolve_to_single_sae_configs(tmp_path: Path, planted_url: str)
     assert members[1].model_dump(mode="json")["train"]["init_seed"] == 7
 
 
+def test_a_dumped_group_config_resolves_to_the_same_members(
+    tmp_path: Path, planted_url: str
+) -> None:
+    """A dump (every field written, as a submitted job's or a run directory's) reloads to the
+    same members: a member of another architecture keeps the shared common fields that differ
+    from the shared architecture's defaults (n_features 64) and takes its own defaults for the
+    rest (JumpReLU's decoder_init_norm 0.1, not TopK's 1.0), whether or not the file set them."""
+    config = _group_config(tmp_path, planted_url)
+    reloaded = validate(GroupTrainConfig, config.model_dump(mode="json"))
+    assert [m.model_dump() for m in reloaded.members()] == [
+        m.model_dump() for m in config.members()
+    ]
+    jumprelu = config.members()[2]
+    assert jumprelu.sae.architecture == "jumprelu"
+    assert (jumprelu.sae.n_features, jumprelu.sae.decoder_init_norm) == (32, 0.1)
+    other = validate(
+        GroupTrainConfig,
+        tiny_config_dict(tmp_path, planted_url)
+        | {"group": [{"name": "j", "sae": {"architecture": "jumprelu"}}]},
+    ).members()[0]
+    assert (other.sae.n_features, other.sae.decoder_init_norm) == (64, 0.1)
+
+
 @pytest.mark.parametrize(
     ("group", "message"),
     [
