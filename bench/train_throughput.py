@@ -245,8 +245,11 @@ def main() -> None:
     configs = {
         "topk": lambda f: TopKConfig(n_features=f, k=args.k),
         "batchtopk": lambda f: BatchTopKConfig(n_features=f, k=args.k),
+        # Unit decoder rows (JumpReLU's default is 0.1) keep the pre-activations N(0, 1).
         "jumprelu": lambda f: JumpReLUConfig(
-            n_features=f, init_threshold=NormalDist().inv_cdf(1 - args.k / f)
+            n_features=f,
+            init_threshold=NormalDist().inv_cdf(1 - args.k / f),
+            decoder_init_norm=1.0,
         ),
         "relu_l1": lambda f: ReLUL1Config(n_features=f),
         "relu_l1_dense": lambda f: ReLUL1Config(n_features=f, sparse_l0_bound=0),
