@@ -288,10 +288,11 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
 }
 """Train-config fields added after runs existed, with the value every earlier run had (no
 branch; TopK learned b_dec and sent AuxK through the ReLU; float32 encoder matmuls; BatchTopK
-exported its running-mean threshold and had no AuxK; JumpReLU's log-threshold moved at the lr). Version hashes and resume checks (of runs
-and of sweeps) leave a field out when it holds this value
-(``dictlearn.config.without_values_from_before``), so an earlier run compares equal to a config
-that sets these values; the new defaults make another run."""
+exported its running-mean threshold and had no AuxK; JumpReLU's log-threshold moved at the lr,
+with no dead-latent pull). Version hashes and resume checks (of runs and of sweeps) leave a
+field out when it holds this value (``dictlearn.config.without_values_from_before``), so an
+earlier run compares equal to a config that sets these values; the new defaults make another
+run."""
 
 
 class TrainConfig(StrictModel):
