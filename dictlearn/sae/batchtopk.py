@@ -50,12 +50,11 @@ from dictlearn.sae.sparse import active_pair_grads
 from dictlearn.sae.topk import local_top_k_candidates
 from dictlearn.sae.topk_select import batch_threshold, bisect_kth_largest
 from dictlearn.sae.variable_l0 import (
-    any_over_mesh,
     decode_slots,
     per_device,
-    saturated_rows,
+    plan_rows,
     scatter_per_latent,
-    sparse_or_dense,
+    sparse_rows_or_dense,
 )
 from sharding import BATCH, FEATURES, mesh_axis
 from sharding.varying import vary_over, varying_axes
@@ -321,15 +320,19 @@ class BatchTopK(WithAuxK, Architecture):
         cutoff, saturated = candidate_cutoff(relu_candidates, n_select, m == n_local)
         # Tokens with more selected latents than candidates take dense rows of their own (up
         # to SATURATED_TOKENS_PER_SHARD per shard); past that the whole step runs densely.
-        n_saturated = jnp.sum(saturated, dtype=jnp.int32)
-        overflow = any_over_mesh(n_saturated > SATURATED_TOKENS_PER_SHARD)
-        with_rows = any_over_mesh(n_saturated > 0) & ~overflow
-        rows, valid = saturated_rows(saturated, SATURATED_TOKENS_PER_SHARD)
+        plan = plan_rows(saturated, SATURATED_TOKENS_PER_SHARD)
         # Both conds run one branch: steps without saturated tokens pay nothing for the rows.
         cutoff = jax.lax.cond(
-            with_rows,
+            plan.with_rows,
             lambda: cutoff_with_rows(
-                params, x, relu_candidates, saturated, rows, valid, n_select, with_rows
+                params,
+                x,
+                relu_candidates,
+                saturated,
+                plan.rows,
+                plan.valid,
+                n_select,
+                plan.with_rows,
             ),
             lambda: cutoff,
         )
@@ -341,16 +344,11 @@ class BatchTopK(WithAuxK, Architecture):
             jnp.where(saturated[:, None], -jnp.inf, pre),
             indices,
             as_varying(cutoff),
-            rows,
-            valid,
+            plan.rows,
+            plan.valid,
         )
-        path = _BatchTopKPath(n_select, m)
-
-        def run(path: _BatchTopKPath):
-            return lambda diff, aux: sparse_or_dense(path, overflow, diff, aux)
-
-        partial, per_token, fire, min_selected = jax.lax.cond(
-            with_rows, run(path), run(path._replace(rows=False)), diff, aux
+        partial, per_token, fire, min_selected = sparse_rows_or_dense(
+            _BatchTopKPath(n_select, m), plan, diff, aux
         )
         x_hat = jax.lax.psum(partial, mesh_axis(FEATURES)) + params["b_dec"]
         recon, metrics = reconstruction_metrics(x, x_hat, per_token, ctx.global_batch)
@@ -367,10 +365,10 @@ class BatchTopK(WithAuxK, Architecture):
             "loss": loss,
             "aux_loss": jnp.asarray(aux_normalised, jnp.float32),
             "batch_threshold": min_selected,
-            "dense_fallback": overflow.astype(jnp.float32),
+            "dense_fallback": plan.overflow.astype(jnp.float32),
             # (token, shard) pairs whose latents took a dense row (or, past the bound, the step).
             "saturated_tokens": jax.lax.psum(
-                n_saturated, (mesh_axis(BATCH), mesh_axis(FEATURES))
+                plan.n_saturated, (mesh_axis(BATCH), mesh_axis(FEATURES))
             ).astype(jnp.float32),
         }
         return loss, LocalOutputs(

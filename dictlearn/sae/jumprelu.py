@@ -33,15 +33,14 @@ from dictlearn.sae.base import (
 from dictlearn.sae.sparse import active_pair_grads
 from dictlearn.sae.topk import ENCODE_CHUNK_TOKENS
 from dictlearn.sae.variable_l0 import (
-    any_over_mesh,
     decode_slots,
     dense_in_chunks,
     pair_dots,
     per_device,
-    saturated_rows,
+    plan_rows,
     scatter_per_latent,
     select_slots,
-    sparse_or_dense,
+    sparse_rows_or_dense,
 )
 from sharding import BATCH, FEATURES, mesh_axis
 from sharding.varying import vary_over, varying_axes
@@ -321,18 +320,11 @@ def jumprelu_forward(
         encoder_dtype,
     )
     saturated = slots.count > bound
-    n_saturated = jnp.sum(saturated, dtype=jnp.int32)
-    overflow = any_over_mesh(n_saturated > OVERFLOW_ROWS_PER_SHARD)
-    with_rows = any_over_mesh(n_saturated > 0) & ~overflow
-    rows, valid = saturated_rows(saturated, OVERFLOW_ROWS_PER_SHARD)
-    aux = (x, jnp.where(saturated[:, None], -jnp.inf, slots.pre), slots.indices, rows, valid)
-
-    def run(path: _JumpReLUPath):
-        return lambda diff, aux: sparse_or_dense(path, overflow, diff, aux)
-
-    # One branch runs: steps without overflowing tokens pay nothing for the rows.
-    outputs = jax.lax.cond(with_rows, run(path), run(path._replace(rows=False)), diff, aux)
-    return JumpOutputs(*outputs, overflow=overflow, saturated=n_saturated)
+    plan = plan_rows(saturated, OVERFLOW_ROWS_PER_SHARD)
+    slot_pre = jnp.where(saturated[:, None], -jnp.inf, slots.pre)
+    aux = (x, slot_pre, slots.indices, plan.rows, plan.valid)
+    outputs = sparse_rows_or_dense(path, plan, diff, aux)
+    return JumpOutputs(*outputs, overflow=plan.overflow, saturated=plan.n_saturated)
 
 
 @register

@@ -246,12 +246,45 @@ def _sparse_or_dense_bwd(path, residuals, cotangents):
 _sparse_or_dense.defvjp(_sparse_or_dense_fwd, _sparse_or_dense_bwd)
 
 
-def saturated_rows(saturated: jax.Array, bound: int) -> tuple[jax.Array, jax.Array]:
-    """The first ``bound`` token indices where ``saturated`` holds, and which are real (the rest
-    repeat token 0): the tokens a sparse step decodes from dense rows of their own."""
-    (rows,) = jnp.nonzero(saturated, size=bound, fill_value=0)
-    valid = jnp.arange(bound) < jnp.sum(saturated, dtype=jnp.int32)
-    return rows.astype(jnp.int32), valid
+class RowPlan(NamedTuple):
+    """Which tokens a sparse step decodes from dense rows of their own (``plan_rows``)."""
+
+    rows: jax.Array
+    """``[rows_max]`` int32 the first saturated tokens; unused entries repeat token 0."""
+    valid: jax.Array
+    """``[rows_max]`` bool: the entry is a saturated token."""
+    with_rows: jax.Array
+    """Some shard has saturated tokens and none has more than ``rows_max`` (mesh-wide)."""
+    overflow: jax.Array
+    """Some shard has more than ``rows_max``: the step runs densely (mesh-wide)."""
+    n_saturated: jax.Array
+    """int32 saturated tokens on this shard."""
+
+
+def plan_rows(saturated: jax.Array, rows_max: int) -> RowPlan:
+    """The rows for the ``[batch]`` tokens where ``saturated`` holds (their slots cannot hold
+    them), up to ``rows_max`` per shard; past that, on any shard, the step runs densely."""
+    n_saturated = jnp.sum(saturated, dtype=jnp.int32)
+    overflow = any_over_mesh(n_saturated > rows_max)
+    (rows,) = jnp.nonzero(saturated, size=rows_max, fill_value=0)
+    return RowPlan(
+        rows=rows.astype(jnp.int32),
+        valid=jnp.arange(rows_max) < n_saturated,
+        with_rows=any_over_mesh(n_saturated > 0) & ~overflow,
+        overflow=overflow,
+        n_saturated=n_saturated,
+    )
+
+
+def sparse_rows_or_dense(path: SparsePath, plan: RowPlan, diff: tuple, aux: tuple) -> tuple:
+    """``sparse_or_dense`` for a path with a static ``rows`` field: with the rows where
+    ``plan.with_rows``, without them otherwise (one ``lax.cond`` branch runs, so steps without
+    saturated tokens pay nothing for the rows), densely where ``plan.overflow``."""
+
+    def run(rows: bool):
+        return lambda d, a: sparse_or_dense(path._replace(rows=rows), plan.overflow, d, a)
+
+    return jax.lax.cond(plan.with_rows, run(True), run(False), diff, aux)
 
 
 def scatter_per_latent(values: jax.Array, indices: jax.Array, n_features: int) -> jax.Array:
