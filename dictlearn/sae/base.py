@@ -181,6 +181,20 @@ class Architecture(abc.ABC):
         return state
 
     @property
+    def initialises_from_data(self) -> bool:
+        """Whether ``local_data_init`` sets parameters from the first training batch."""
+        return False
+
+    def local_data_init(self, params: Params, x: jax.Array, global_batch: int) -> Params:
+        """Parameters set from the first training batch, before the first step.
+
+        Runs inside ``shard_map`` like ``local_loss``: ``params`` is this device's feature
+        slice, ``x`` its rows of the normalised batch. Only called when
+        ``initialises_from_data``; the optimizer state is made anew from the result.
+        """
+        return params
+
+    @property
     def calibration_batches(self) -> int:
         """Batches the trained model reads, forward only, to set its state at the end of training
         (0: none; the state is what ``update_state`` made of the steps)."""

@@ -63,7 +63,21 @@ class JumpReLUConfig(BaseSAEConfig):
     bandwidth: float = Field(
         0.001, gt=0, description="Width of the rectangle kernel of the straight-through estimator."
     )
-    init_threshold: float = Field(0.001, gt=0, description="Initial threshold of every latent.")
+    init_threshold: float = Field(
+        0.001,
+        gt=0,
+        description="Initial threshold of every latent (with init_l0: the least one it may get).",
+    )
+    init_l0: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Set each latent's initial threshold from the first training batch so that it fires "
+            "on init_l0 / n_features of that batch's tokens: training starts at L0 ≈ init_l0 "
+            "with no latent silent, instead of descending from the ~half of all latents a "
+            "threshold of init_threshold lets fire. None: init_threshold for every latent."
+        ),
+    )
     decoder_init_norm: float = Field(
         0.1,
         gt=0,
@@ -107,6 +121,35 @@ class JumpReLUConfig(BaseSAEConfig):
         "its own, and a step with more than 64 such tokens on a shard runs densely instead (same "
         "result, several times slower). 0: always dense.",
     )
+
+
+# Pre-activations held at once while setting thresholds from data (float32: 64 MiB).
+QUANTILE_CHUNK_ELEMENTS = 1 << 24
+
+
+def firing_quantile(params: Params, x: jax.Array, fires: int) -> jax.Array:
+    """Per local latent, the threshold above which its pre-activation lies on ``fires`` tokens.
+
+    That is the ``fires + 1``-th largest pre-activation over the global batch (rows sharded
+    over ``batch``): each data shard keeps its ``fires + 1`` largest per latent, and the
+    largest of their union are the global ones. Feature chunks bound the pre-activations
+    held at once to ``QUANTILE_CHUNK_ELEMENTS``.
+    """
+    rows, n_local = x.shape[0], params["b_enc"].shape[0]
+    keep = min(fires + 1, rows)
+    chunk = math.gcd(n_local, 1 << max(0, (QUANTILE_CHUNK_ELEMENTS // rows).bit_length() - 1))
+    w_enc = params["W_enc"].reshape(-1, n_local // chunk, chunk).transpose(1, 0, 2)
+    b_enc = params["b_enc"].reshape(n_local // chunk, chunk)
+    centred = x - params["b_dec"]
+
+    def largest(wb: tuple[jax.Array, jax.Array]) -> jax.Array:
+        pre = centred @ wb[0] + wb[1]
+        return jax.lax.top_k(pre.T, keep)[0]
+
+    top = jax.lax.map(largest, (w_enc, b_enc)).reshape(n_local, keep)
+    # The union has at least fires + 1 entries: the caller keeps fires < global batch.
+    top = jax.lax.all_gather(top, mesh_axis(BATCH), axis=1, tiled=True)
+    return jax.lax.top_k(top, fires + 1)[0][:, fires]
 
 
 def _rectangle(u: jax.Array) -> jax.Array:
@@ -346,6 +389,19 @@ class JumpReLU(Architecture):
             (self.config.n_features,), math.log(self.config.init_threshold), jnp.float32
         )
         return params
+
+    @property
+    def initialises_from_data(self) -> bool:
+        return self.config.init_l0 is not None
+
+    def local_data_init(self, params, x, global_batch):
+        cfg = self.config
+        assert cfg.init_l0 is not None
+        fires = max(1, min(global_batch - 1, round(cfg.init_l0 / cfg.n_features * global_batch)))
+        threshold = firing_quantile(params, x, fires)
+        return params | {
+            "log_threshold": jnp.log(jnp.maximum(threshold, cfg.init_threshold)),
+        }
 
     def encode(self, params: Params, x: jax.Array, state: ArchState) -> jax.Array:
         pre = preactivations(params, x)

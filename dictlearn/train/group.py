@@ -56,6 +56,7 @@ from dictlearn.train.trainer import (
     calibrated_after_last_step,
     check_schedule_change,
     checkpoint_dir_of,
+    initialised_from_first_batch,
     log_save,
     open_dataset,
     prepare_run_dir,
@@ -218,7 +219,10 @@ def _resume_step(members: Sequence[_Member]) -> int | None:
 
 
 def _initial_states(
-    members: Sequence[_Member], group: GroupProgram, dataset: ActivationDataset
+    members: Sequence[_Member],
+    group: GroupProgram,
+    dataset: ActivationDataset,
+    config: GroupTrainConfig,
 ) -> tuple[list[TrainState], int]:
     for m in members:  # before anything in the members' run directories changes
         prepare_run_dir(m.config, m.checkpointer)
@@ -230,7 +234,7 @@ def _initial_states(
             p.init(jax.random.key(m.config.train.param_seed), mean)
             for m, p in zip(members, group.programs, strict=True)
         ]
-        return states, 0
+        return initialised_from_first_batch(group.programs, states, config, dataset), 0
     states, positions = [], set()
     for m, p in zip(members, group.programs, strict=True):
         diffs = _config_differences(m.checkpointer.restore_config(step), m.config_dict)
@@ -290,7 +294,7 @@ def main(config: GroupTrainConfig) -> GroupResult:
     is_lead = jax.process_index() == 0
     tokens_per_s = None
     try:
-        states, position = _initial_states(members, group, dataset)
+        states, position = _initial_states(members, group, dataset, config)
         start_step = int(jax.device_get(states[0].step))
         if start_step >= steps:
             return GroupResult(

@@ -96,6 +96,7 @@ class TrainProgram:
         self.init = jax.jit(self._init, out_shardings=self.state_shardings)
         self._steps: dict[bool | None, Any] = {}
         self._calibration: tuple[Any, Any] | None = None
+        self._data_init: Any = None
         self.eval_step = jax.jit(
             self._eval_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -289,6 +290,36 @@ class TrainProgram:
             "sparsity_scale": jnp.asarray(scale, jnp.float32),
         }
         return new_state, metrics
+
+    def initialise_from_data(self, state: TrainState, batch: jax.Array) -> TrainState:
+        """``state`` (fresh from ``init``) with the parameters the architecture sets from
+        ``batch``, the run's first, and its optimizer state made anew from them.
+
+        The identity for architectures that set nothing from data (``initialises_from_data``).
+        """
+        if not self.arch.initialises_from_data:
+            return state
+        if self._data_init is None:
+            self._data_init = jax.jit(
+                self._initialised_from_data,
+                in_shardings=(self.state_shardings, self.batch_sharding),
+                out_shardings=self.state_shardings,
+            )
+        return self._data_init(state, batch)
+
+    def _initialised_from_data(self, state: TrainState, batch: jax.Array) -> TrainState:
+        x = batch.astype(jnp.float32) * self.norm_scale
+        param_specs = {k: s.spec for k, s in self.param_shardings.items()}
+        params = jax.shard_map(
+            partial(self.arch.local_data_init, global_batch=self.global_batch),
+            mesh=self.mesh,
+            in_specs=(param_specs, logical_to_spec((BATCH, D_MODEL))),
+            out_specs=param_specs,
+            # What is set from data is agreed over ``data`` by an all_gather, which JAX still
+            # types as varying there; every data shard holds the same value.
+            check_vma=False,
+        )(state.params, x)
+        return state._replace(params=params, opt_state=self.optimizer.init(params))
 
     def calibrate(self, state: TrainState, batches: Iterable[jax.Array]) -> TrainState:
         """``state`` with the architecture state the trained parameters give on ``batches``.

@@ -315,6 +315,24 @@ def evaluate(
     return {k: v / config.train.eval_batches for k, v in totals.items()}
 
 
+def initialised_from_first_batch(
+    programs: Sequence[TrainProgram],
+    states: Sequence[TrainState],
+    config: TrainConfig,
+    dataset: ActivationDataset,
+) -> list[TrainState]:
+    """Fresh states with what each architecture sets from the run's first batch (JumpReLU's
+    ``init_l0`` thresholds). A separate reader takes the batch; step 0 then trains on it."""
+    if not any(p.arch.initialises_from_data for p in programs):
+        return list(states)
+    with _stream(config, dataset, "train", 0) as stream:
+        first = next(stream)
+    return [
+        program.initialise_from_data(state, program.global_batch_array(first))
+        for program, state in zip(programs, states, strict=True)
+    ]
+
+
 def calibrated_after_last_step(
     programs: Sequence[TrainProgram],
     states: Sequence[TrainState],
@@ -557,7 +575,8 @@ def _initial_state(config, config_dict, program, dataset, checkpointer) -> tuple
     if latest is None:
         key = jax.random.key(config.train.param_seed)
         log.info("starting %s at step 0 (no checkpoint to resume)", run_dir_of(config))
-        return program.init(key, jax.numpy.asarray(dataset.mean)), 0
+        state = program.init(key, jax.numpy.asarray(dataset.mean))
+        return initialised_from_first_batch([program], [state], config, dataset)[0], 0
     diffs = _config_differences(checkpointer.restore_config(latest), config_dict)
     if diffs:
         raise UserError(
