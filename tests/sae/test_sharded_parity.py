@@ -28,6 +28,15 @@ CONFIGS = {
     "jumprelu": JumpReLUConfig(
         n_features=N_FEATURES, init_threshold=0.5, bandwidth=0.5, decoder_init_norm=1.0
     ),
+    # The L0 penalty's weight steered towards a target: arch state updated from the step's L0.
+    "jumprelu_steered": JumpReLUConfig(
+        n_features=N_FEATURES,
+        init_threshold=0.5,
+        bandwidth=0.5,
+        decoder_init_norm=1.0,
+        target_l0=4.0,
+        l0_coef_rate=0.3,
+    ),
     "relu_l1": ReLUL1Config(n_features=N_FEATURES),
     "topk_bf16": TopKConfig(
         n_features=N_FEATURES, k=4, k_aux=8, dead_window_tokens=BATCH, encoder_dtype="bfloat16"
@@ -156,7 +165,7 @@ def test_topk_with_k_and_k_aux_above_a_shard_matches_single_device(
         np.testing.assert_allclose(grads[key], ref_grad, rtol=0, atol=1e-5 * scale, err_msg=key)
 
 
-@pytest.mark.parametrize("name", ["topk", "jumprelu", "relu_l1"])
+@pytest.mark.parametrize("name", ["topk", "jumprelu", "jumprelu_steered", "relu_l1"])
 def test_three_train_steps_match_single_device(name: str) -> None:
     """Whole steps (Adam, decoder projection, dead-latent counters, AuxK switching on).
 
@@ -178,6 +187,13 @@ def test_three_train_steps_match_single_device(name: str) -> None:
         )
     np.testing.assert_array_equal(state.tokens_since_fired, ref_state.tokens_since_fired)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    assert state.arch_state.keys() == ref_state.arch_state.keys()
+    for key in ref_state.arch_state:
+        np.testing.assert_allclose(
+            state.arch_state[key], ref_state.arch_state[key], rtol=1e-6, err_msg=key
+        )
+    if name == "jumprelu_steered":  # the L0 (~18 of 64) is above 4: the weight rose
+        assert ref_state.arch_state["l0_coef"] > CONFIGS[name].l0_coef
     if name == "topk":
         assert ref_metrics["dead_fraction"] > 0 and ref_metrics["aux_loss"] > 0
 
