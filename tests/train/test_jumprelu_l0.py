@@ -87,3 +87,40 @@ def test_a_run_with_init_l0_starts_at_that_l0(tmp_path: Path) -> None:
     # (a latent may gain its (8 + 1)-th token back by one ulp of the step's own matmul).
     assert 8.0 <= first_l0(from_data) <= 9.0
     assert first_l0(base) > 16.0  # threshold 0.001 for every latent: about half fire
+
+
+def test_the_l0_weight_follows_the_clipped_dual_update() -> None:
+    cfg = JumpReLUConfig(
+        n_features=N_FEATURES,
+        decoder_init_norm=1.0,
+        init_threshold=0.5,
+        bandwidth=0.5,
+        target_l0=30.0,
+        l0_coef_rate=0.2,
+        l0_coef=0.5,
+    )
+    mesh = make_mesh(MeshConfig(data=2, model=4), jax.devices()[:8])
+    program = TrainProgram(
+        get_architecture(cfg, D_MODEL), OptimizerConfig(lr=1e-2), 10, BATCH, mesh, 1.0
+    )
+    state = program.init(jax.random.key(0), jnp.zeros(D_MODEL))
+    assert float(state.arch_state["l0_coef"]) == 0.5
+    rng = np.random.default_rng(0)
+    expected, seen_l0 = 0.5, []
+    for _ in range(6):
+        batch = rng.normal(size=(BATCH, D_MODEL)).astype(np.float32) * rng.uniform(0.2, 3.0)
+        state, metrics = program.train_step(state, program.global_batch_array(batch))
+        l0 = float(metrics["l0"])
+        assert float(metrics["l0_coef"]) == pytest.approx(expected, rel=1e-6)  # the step's weight
+        seen_l0.append(l0)
+        expected *= np.exp(0.2 * np.clip(np.log(l0 / 30.0), -1.0, 1.0))
+        assert float(state.arch_state["l0_coef"]) == pytest.approx(expected, rel=1e-5)
+    # Batches of several scales: the L0s fall on both sides of the target, clipped and not.
+    log_ratio = np.abs(np.log(np.asarray(seen_l0) / 30.0))
+    assert min(seen_l0) < 30.0 < max(seen_l0)
+    assert np.any(log_ratio > 1.0) and np.any(log_ratio < 1.0), seen_l0
+
+
+def test_without_a_target_the_state_is_empty_and_the_weight_is_l0_coef() -> None:
+    arch = get_architecture(JumpReLUConfig(n_features=N_FEATURES), D_MODEL)
+    assert arch.state_axes() == {} and arch.init_state() == {}
