@@ -29,7 +29,6 @@ from dictlearn.sae.base import (
     preactivations,
     reconstruction_metrics,
     register,
-    renormalise_rows,
 )
 from dictlearn.sae.sparse import active_pair_grads
 from dictlearn.sae.topk import ENCODE_CHUNK_TOKENS
@@ -89,12 +88,10 @@ class JumpReLUConfig(BaseSAEConfig):
         None,
         gt=0,
         description=(
-            "Start from the first training batch: each latent's threshold is set so that it "
-            "fires on init_l0 / n_features of that batch's tokens, and the encoder's scale "
-            "(with the thresholds) is the least-squares fit of that batch's reconstruction "
-            "(decoder_init_norm then has no effect). Training starts sparse at L0 ≈ init_l0 with "
-            "no latent silent, instead of descending from the ~half of all latents a threshold "
-            "of init_threshold lets fire. None: init_threshold for every latent."
+            "Set each latent's initial threshold from the first training batch so that it fires "
+            "on init_l0 / n_features of that batch's tokens: training starts at L0 ≈ init_l0 "
+            "with no latent silent, instead of descending from the ~half of all latents a "
+            "threshold of init_threshold lets fire. None: init_threshold for every latent."
         ),
     )
     decoder_init_norm: float = Field(
@@ -146,18 +143,6 @@ class JumpReLUConfig(BaseSAEConfig):
 QUANTILE_CHUNK_ELEMENTS = 1 << 24
 
 
-def _feature_chunk(n_local: int, rows: int) -> int:
-    """Latents per chunk: a power-of-two divisor of ``n_local`` with ``rows`` x it within
-    ``QUANTILE_CHUNK_ELEMENTS``."""
-    return math.gcd(n_local, 1 << max(0, (QUANTILE_CHUNK_ELEMENTS // rows).bit_length() - 1))
-
-
-def _chunked(value: jax.Array, chunk: int, axis: int) -> jax.Array:
-    """``value`` with its feature axis split into a leading axis of chunks of ``chunk``."""
-    moved = jnp.moveaxis(value, axis, 0)
-    return moved.reshape(moved.shape[0] // chunk, chunk, *moved.shape[1:])
-
-
 def firing_quantile(params: Params, x: jax.Array, fires: int) -> jax.Array:
     """Per local latent, the threshold above which its pre-activation lies on ``fires`` tokens.
 
@@ -168,50 +153,19 @@ def firing_quantile(params: Params, x: jax.Array, fires: int) -> jax.Array:
     """
     rows, n_local = x.shape[0], params["b_enc"].shape[0]
     keep = min(fires + 1, rows)
-    chunk = _feature_chunk(n_local, rows)
+    chunk = math.gcd(n_local, 1 << max(0, (QUANTILE_CHUNK_ELEMENTS // rows).bit_length() - 1))
+    w_enc = params["W_enc"].reshape(-1, n_local // chunk, chunk).transpose(1, 0, 2)
+    b_enc = params["b_enc"].reshape(n_local // chunk, chunk)
     centred = x - params["b_dec"]
 
     def largest(wb: tuple[jax.Array, jax.Array]) -> jax.Array:
-        w_enc, b_enc = wb  # [chunk, d_model], [chunk]
-        pre = centred @ jnp.moveaxis(w_enc, 0, 1) + b_enc
+        pre = centred @ wb[0] + wb[1]
         return jax.lax.top_k(pre.T, keep)[0]
 
-    parts = (_chunked(params["W_enc"], chunk, 1), _chunked(params["b_enc"], chunk, 0))
-    top = jax.lax.map(largest, parts).reshape(n_local, keep)
+    top = jax.lax.map(largest, (w_enc, b_enc)).reshape(n_local, keep)
     # The union has at least fires + 1 entries: the caller keeps fires < global batch.
     top = jax.lax.all_gather(top, mesh_axis(BATCH), axis=1, tiled=True)
     return jax.lax.top_k(top, fires + 1)[0][:, fires]
-
-
-def fitted_encoder_scale(params: Params, x: jax.Array, threshold: jax.Array) -> jax.Array:
-    """The factor for the encoder (and the thresholds) that best reconstructs the batch.
-
-    Scaling ``W_enc``, ``b_enc`` and the thresholds by one ``a > 0`` keeps which latents fire
-    and scales their output, so the least-squares ``a`` is ``Σ<x - b_dec, y> / Σ‖y‖²`` with
-    ``y`` the decoder's output (bias excluded) at scale 1, over the global batch. Without it a
-    JumpReLU started at unit decoder rows overshoots ~10x (its latents output their whole
-    projection), and the encoder's collapse that follows leaves most latents silent.
-    """
-    rows, n_local = x.shape[0], params["b_enc"].shape[0]
-    chunk = _feature_chunk(n_local, rows)
-    centred = x - params["b_dec"]
-
-    def add(y: jax.Array, part: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
-        w_enc, b_enc, t, w_dec = part
-        pre = centred @ jnp.moveaxis(w_enc, 0, 1) + b_enc
-        return y + jnp.where(pre > t, pre, 0.0) @ w_dec, None
-
-    parts = (
-        _chunked(params["W_enc"], chunk, 1),
-        _chunked(params["b_enc"], chunk, 0),
-        _chunked(threshold, chunk, 0),
-        _chunked(params["W_dec"], chunk, 0),
-    )
-    y, _ = jax.lax.scan(add, jnp.zeros_like(centred), parts)
-    y = jax.lax.psum(y, mesh_axis(FEATURES))
-    along = global_sum(jnp.sum(centred * y))
-    norm = global_sum(jnp.sum(y * y))
-    return jnp.where((along > 0) & (norm > 0), along / jnp.where(norm > 0, norm, 1.0), 1.0)
 
 
 def _rectangle(u: jax.Array) -> jax.Array:
@@ -477,14 +431,9 @@ class JumpReLU(Architecture):
         cfg = self.config
         assert cfg.init_l0 is not None
         fires = max(1, min(global_batch - 1, round(cfg.init_l0 / cfg.n_features * global_batch)))
-        # Unit rows now (every step renormalises them), so the fitted scale holds at step 1.
-        params = params | {"W_dec": renormalise_rows(params["W_dec"])}
-        threshold = jnp.maximum(firing_quantile(params, x, fires), cfg.init_threshold)
-        scale = fitted_encoder_scale(params, x, threshold)
+        threshold = firing_quantile(params, x, fires)
         return params | {
-            "W_enc": params["W_enc"] * scale,
-            "b_enc": params["b_enc"] * scale,
-            "log_threshold": jnp.log(jnp.maximum(threshold * scale, cfg.init_threshold)),
+            "log_threshold": jnp.log(jnp.maximum(threshold, cfg.init_threshold)),
         }
 
     def encode(self, params: Params, x: jax.Array, state: ArchState) -> jax.Array:
