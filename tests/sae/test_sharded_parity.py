@@ -192,7 +192,7 @@ def test_three_train_steps_match_single_device(name: str) -> None:
         np.testing.assert_allclose(
             state.arch_state[key], ref_state.arch_state[key], rtol=1e-6, err_msg=key
         )
-    if name == "jumprelu_steered":  # the L0 (~18 of 64) is above 4: the weight rose
+    if name == "jumprelu_steered":  # the L0 (14-16 of 64) is above 4: the weight rose
         assert ref_state.arch_state["l0_coef"] > CONFIGS[name].l0_coef
     if name == "topk":
         assert ref_metrics["dead_fraction"] > 0 and ref_metrics["aux_loss"] > 0
