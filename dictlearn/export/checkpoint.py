@@ -127,11 +127,12 @@ def load_run_sae(
             mesh=make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1]),
             norm_scale=dataset.norm_scale,
         )
-        restored = checkpointer.restore(program.abstract_state(), where.step)
+        # Not the optimizer state: export needs none, and its layout may have changed since.
+        params, arch_state = checkpointer.restore_model(program.abstract_state(), where.step)
     finally:
         checkpointer.close()
-    params = {k: np.asarray(v) for k, v in jax.device_get(restored.state.params).items()}
-    arch_state = {k: np.asarray(v) for k, v in jax.device_get(restored.state.arch_state).items()}
+    params = {k: np.asarray(v) for k, v in jax.device_get(params).items()}
+    arch_state = {k: np.asarray(v) for k, v in jax.device_get(arch_state).items()}
     manifest = dataset.manifest
     sae = _inference_form(
         config,

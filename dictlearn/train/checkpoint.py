@@ -231,6 +231,32 @@ class Checkpointer:
             config=restored[CONFIG],
         )
 
+    def restore_model(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any]:
+        """Only ``(params, arch_state)`` of ``step`` (default: latest), onto the shardings in
+        ``abstract_state``; the optimizer state is not read.
+
+        What export needs. It also reads a run whose optimizer state this code would lay out
+        differently: a run trained before a default that shapes the optax chain changed
+        (JumpReLU's ``threshold_lr_scale`` adds an element) restores its parameters all the
+        same, where :meth:`restore` stops at the tree mismatch.
+
+        Raises:
+            MissingInputError: no checkpoint exists in the directory.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise MissingInputError(f"no checkpoint in {self.directory}")
+        item = {"params": abstract_state.params, "arch_state": abstract_state.arch_state}
+        restored = ocp.PyTreeCheckpointer().restore(
+            f"{self.directory}/{step}/{STATE}",
+            args=ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            ),
+        )
+        return restored["params"], restored["arch_state"]
+
     def restore_config(self, step: int | None = None) -> dict[str, Any]:
         """Only the config saved with a checkpoint (no arrays are read)."""
         step = self.latest_step() if step is None else step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -21,8 +22,12 @@ from dictlearn.export import (
     load_sae,
 )
 from dictlearn.sae import get_architecture
+from dictlearn.train.checkpoint import Checkpointer
+from dictlearn.train.config import TrainConfig
+from dictlearn.train.step import TrainProgram
 from dictlearn.train.trainer import main as train_main
 from launch.cli import main as cli_main
+from sharding import MeshConfig, make_mesh
 from tests.train.helpers import ARCHITECTURES, make_planted, restore_final, tiny_config
 
 pytest_plugins = ["tests.gcs_emulator"]
@@ -108,6 +113,41 @@ def test_export_round_trip_and_same_bytes(runs, tmp_path, arch, fmt):
         assert loaded.metadata["hook_name"] == original.metadata["hook_name"]
         assert loaded.log_feature_density is not None
         assert loaded.log_feature_density.shape == (loaded.d_sae,)
+
+
+def test_export_reads_a_run_whose_optimizer_state_this_code_lays_out_differently(runs, tmp_path):
+    """A run trained before a default that shapes the optax chain changed (JumpReLU's
+    threshold_lr_scale: 1 then, 10 now) still exports: export reads the parameters alone."""
+    cfg, data = runs["jumprelu"]
+    run_dir = tmp_path / "old-run"
+    shutil.copytree(f"{cfg.run.output_dir}/{cfg.run_name}", run_dir)
+    saved = run_dir / "checkpoints" / str(cfg.train.steps) / "config" / "metadata"
+    config = json.loads(saved.read_text())
+    assert config["sae"]["threshold_lr_scale"] == 10.0  # trained with a 3-element chain
+    config["sae"]["threshold_lr_scale"] = 1.0  # rebuilt, the chain has 2
+    saved.write_text(json.dumps(config))
+    restored_config = TrainConfig.model_validate(config)
+    d_model = ActivationDataset.open(str(data)).d_model
+    program = TrainProgram(
+        get_architecture(restored_config.sae, d_model),
+        restored_config.resolved_optimizer(d_model),
+        total_steps=cfg.train.steps,
+        global_batch=cfg.train.batch_size,
+        mesh=make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1]),
+        norm_scale=1.0,
+    )
+    checkpointer = Checkpointer(str(run_dir / "checkpoints"), async_save=False)
+    try:  # the whole state no longer restores: the case is real
+        with pytest.raises(ValueError, match="tree structures do not match"):
+            checkpointer.restore(program.abstract_state())
+    finally:
+        checkpointer.close()
+
+    old, _ = load_run_sae(str(run_dir))
+    current, _ = load_run_sae(f"{cfg.run.output_dir}/{cfg.run_name}")
+    x = _raw_rows(data)
+    np.testing.assert_array_equal(np.asarray(old.encode(x)), np.asarray(current.encode(x)))
+    np.testing.assert_array_equal(old.W_dec, current.W_dec)
 
 
 def test_native_export_carries_provenance(runs, tmp_path):
