@@ -99,7 +99,8 @@ def _selection_fn(arch, program: TrainProgram) -> Callable:
                 p, x, [(k, p["b_enc"])], encoder_dtype=cfg.encoder_dtype
             )
         )
-    bound = min(cfg.sparse_l0_bound, cfg.n_features)
+    bound = cfg.l0_bound if isinstance(cfg, JumpReLUConfig) else cfg.sparse_l0_bound
+    bound = min(bound, cfg.n_features)
     if isinstance(cfg, JumpReLUConfig):
 
         def rank_bias(p):
@@ -198,8 +199,10 @@ def _part_fns(arch, program: TrainProgram, state: dict, x: jax.Array) -> dict[st
 
     return {
         "select": lambda: jax.block_until_ready(select(state["s"].params, x)),
-        "forward": lambda: jax.block_until_ready(forward(state["s"].params, s.arch_state)),
-        "gradient": lambda: jax.block_until_ready(gradient(state["s"].params, s.arch_state)),
+        "forward": lambda: jax.block_until_ready(forward(state["s"].params, state["s"].arch_state)),
+        "gradient": lambda: jax.block_until_ready(
+            gradient(state["s"].params, state["s"].arch_state)
+        ),
         "optimizer": run_optimizer,
     }
 
@@ -229,6 +232,11 @@ def main() -> None:
         type=int,
         help=f"tokens per encoder matmul + selection pass (default {ENCODE_CHUNK_TOKENS})",
     )
+    parser.add_argument(
+        "--sparse-l0-bound",
+        type=int,
+        help="JumpReLU and ReLU-L1: sparse_l0_bound instead of the config's default",
+    )
     args = parser.parse_args()
     if args.accelerator_block:
         topk_select.accelerator_block = lambda n, k: args.accelerator_block
@@ -242,6 +250,7 @@ def main() -> None:
     # matmul alike. DICTLEARN_KEEP_MALLOC=1 measures with glibc's default instead.
     allocator = "reuse freed (mallopt)" if reuse_freed_host_memory() else "glibc default"
     d = args.d_model
+    bound = {} if args.sparse_l0_bound is None else {"sparse_l0_bound": args.sparse_l0_bound}
     configs = {
         "topk": lambda f: TopKConfig(n_features=f, k=args.k),
         "batchtopk": lambda f: BatchTopKConfig(n_features=f, k=args.k),
@@ -250,6 +259,15 @@ def main() -> None:
             n_features=f,
             init_threshold=NormalDist().inv_cdf(1 - args.k / f),
             decoder_init_norm=1.0,
+            **bound,
+        ),
+        # The same, held at L0 k by target_l0: its sparse bound is then 128, not 256.
+        "jumprelu_target": lambda f: JumpReLUConfig(
+            n_features=f,
+            init_threshold=NormalDist().inv_cdf(1 - args.k / f),
+            decoder_init_norm=1.0,
+            target_l0=args.k,
+            **bound,
         ),
         "relu_l1": lambda f: ReLUL1Config(n_features=f),
         "relu_l1_dense": lambda f: ReLUL1Config(n_features=f, sparse_l0_bound=0),

@@ -189,6 +189,46 @@ def test_slots_hold_exactly_the_candidates_and_count_flags_overflow(
         np.testing.assert_allclose(slots.pre[row][used], pre[row, got], rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("target_l0", "bound", "resolved"),
+    [
+        (None, None, 256),
+        (32.0, None, 128),
+        (8.0, None, 128),  # never under 128
+        (33.0, None, 256),
+        (1000.0, None, 256),  # never over 256
+        (32.0, 64, 64),  # a bound set by hand is kept
+        (None, 0, 0),
+    ],
+)
+def test_jumprelu_l0_bound_follows_the_target(
+    target_l0: float | None, bound: int | None, resolved: int
+) -> None:
+    cfg = JumpReLUConfig(n_features=N_FEATURES, target_l0=target_l0, sparse_l0_bound=bound)
+    assert cfg.l0_bound == resolved
+
+
+@pytest.mark.parametrize("target_l0", [None, 32.0])
+def test_jumprelu_step_runs_with_the_resolved_bound(target_l0: float | None) -> None:
+    """With ~190 of 256 latents candidates per token, a target of 32 (bound 128) sends tokens
+    through dense rows and no target (bound 256) does not; the loss is exact either way."""
+    cfg = JumpReLUConfig(
+        n_features=N_FEATURES, bandwidth=BANDWIDTH, decoder_init_norm=1.0, target_l0=target_l0
+    )
+    arch = get_architecture(cfg, D_MODEL)
+    params = arch.init(jax.random.key(0), jnp.zeros(D_MODEL))
+    params["log_threshold"] = jnp.full(N_FEATURES, np.log(2.0), jnp.float32)
+    params["b_enc"] = jnp.full(N_FEATURES, 2.2, jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (BATCH, D_MODEL))
+    loss, metrics, _, _ = _sharded_loss_and_grads(arch, params, x, (1, 1))
+    ref_loss, (pre, threshold) = _dense_jumprelu_loss(params, x, cfg.l0_coef)
+    candidates = (np.asarray(pre) > np.asarray(threshold) - BANDWIDTH).sum(1)
+    assert (candidates > 128).sum() > BATCH // 2 and candidates.max() < 256
+    assert (metrics["saturated_tokens"] > 0) == (target_l0 is not None)
+    assert metrics["dense_fallback"] == 0
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+
+
 K = 4
 K_AUX = 8
 AUX_COEF = 0.5
