@@ -75,7 +75,10 @@ def _kill_mid_run(config_path: Path, checkpoint_dir: Path, log: Path, steps: int
 # "topk+auxk": a dead window of two batches, so latents die and AuxK runs (on the device's
 # choice, step by step) before and after the kill.
 RESUMED = {a: {"architecture": a} for a in ARCHITECTURES} | {
-    "topk+auxk": {"architecture": "topk", "dead_window_tokens": 128}
+    "topk+auxk": {"architecture": "topk", "dead_window_tokens": 128},
+    # The steered L0 weight is architecture state; the first-batch thresholds run only on a
+    # fresh start, never on the resume.
+    "jumprelu+target": {"architecture": "jumprelu", "init_l0": 8.0, "target_l0": 8.0},
 }
 
 
@@ -127,8 +130,10 @@ def test_resume_after_sigkill_is_bit_identical(
     assert [r["step"] for r in rows] == list(range(1, KILL_STEPS + 1))
     reference_rows = {r["step"]: r for r in _train_rows(run_dir_of(reference))}
     for row in rows:
-        for key in ("loss", "mse", "l0", "aux_loss"):
+        for key in ("loss", "mse", "l0", "aux_loss", "l0_coef"):
             assert row.get(key) == reference_rows[row["step"]].get(key), (row["step"], key)
+    if architecture == "jumprelu+target":
+        assert len({r["l0_coef"] for r in rows}) > 2, "the L0 weight never moved"
     if architecture == "topk+auxk":
         after = [r for r in rows if r["step"] > resumed_from]
         assert any(r["aux_loss"] > 0 for r in after), "AuxK never ran after the resume"
