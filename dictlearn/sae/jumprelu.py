@@ -147,6 +147,11 @@ class JumpReLUConfig(BaseSAEConfig):
     )
 
     @property
+    def steers_l0(self) -> bool:
+        """Whether the L0 penalty's weight is steered to ``target_l0`` (architecture state)."""
+        return self.target_l0 is not None
+
+    @property
     def l0_bound(self) -> int:
         """``sparse_l0_bound``, or where it is None the bound the target L0 allows."""
         if self.sparse_l0_bound is not None:
@@ -437,16 +442,16 @@ class JumpReLU(Architecture):
 
     def state_axes(self):
         # Only runs that steer the weight hold it: older checkpoints keep their layout.
-        return {"l0_coef": ()} if self.config.target_l0 is not None else {}
+        return {"l0_coef": ()} if self.config.steers_l0 else {}
 
     def init_state(self) -> ArchState:
-        if self.config.target_l0 is None:
+        if not self.config.steers_l0:
             return {}
         return {"l0_coef": jnp.float32(self.config.l0_coef)}
 
     def update_state(self, state: ArchState, stats) -> ArchState:
         cfg = self.config
-        if cfg.target_l0 is None:
+        if not cfg.steers_l0:
             return state
         # log(0) = -inf clips to -1: an L0 of 0 lowers the weight at the full rate.
         error = jnp.clip(jnp.log(stats["l0"] / cfg.target_l0), -1.0, 1.0)
@@ -476,7 +481,7 @@ class JumpReLU(Architecture):
         x_hat = jax.lax.psum(out.partial, mesh_axis(FEATURES)) + params["b_dec"]
         recon, metrics = reconstruction_metrics(x, x_hat, out.l0_per_token, ctx.global_batch)
         l0 = jax.lax.psum(global_sum(out.l0), mesh_axis(FEATURES)) / ctx.global_batch
-        l0_coef = state["l0_coef"] if cfg.target_l0 is not None else cfg.l0_coef
+        l0_coef = state["l0_coef"] if cfg.steers_l0 else cfg.l0_coef
         sparsity = l0_coef * ctx.sparsity_scale * l0
         fire_counts = global_sum(out.fire.astype(jnp.int32))
         loss = recon + sparsity
@@ -489,7 +494,7 @@ class JumpReLU(Architecture):
             ).astype(jnp.float32),
         }
         state_stats = {}
-        if cfg.target_l0 is not None:
+        if cfg.steers_l0:
             state_stats = {"l0": l0}
             metrics["l0_coef"] = l0_coef
         if cfg.revive_coef > 0:
