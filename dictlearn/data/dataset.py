@@ -14,7 +14,6 @@ import json
 import math
 import threading
 import warnings
-import zlib
 from collections.abc import Iterator, Sequence
 
 import fsspec
@@ -36,6 +35,7 @@ from dictlearn.data.format import (
     _check_bin_size,
     _display,
     _parse_shard_info,
+    compute_crc32,
     numpy_dtype,
     shard_info_name,
 )
@@ -127,7 +127,7 @@ class _Checksums:
         return [
             first + k
             for k, offset in enumerate(range(0, len(blob), step))
-            if zlib.crc32(view[offset : offset + step]) != self.crc32[first + k]
+            if compute_crc32(view[offset : offset + step]) != self.crc32[first + k]
         ]
 
 
@@ -477,7 +477,7 @@ class ActivationDataset:
         for start in range(0, shard.n_tokens, rows_per_chunk):
             stop = min(shard.n_tokens, start + rows_per_chunk)
             blob = self._read_spans([shard.index], [(start, stop)])[0]
-            crc = zlib.crc32(blob, crc)
+            crc = compute_crc32(blob, crc)
             if checksums is not None:
                 bad += checksums.bad_blocks(start, blob, self._row_bytes)
             else:

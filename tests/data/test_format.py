@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import ml_dtypes
@@ -20,6 +21,7 @@ from dictlearn.data import (
     read_shard_infos,
     write_shard,
 )
+from dictlearn.data.format import compute_crc32
 
 
 def _rows(seed: int, n: int, d: int) -> np.ndarray:
@@ -330,3 +332,16 @@ def test_check_compatible(tmp_path: Path) -> None:
         check_compatible([a, b])
     with pytest.raises(DatasetError, match=r"mixing hook 'resid_post.6' .* 'resid_post.7'"):
         check_compatible([a, same, c])
+
+
+def test_checksums_are_zlibs_crc32() -> None:
+    """The shard format's checksum is zlib's CRC-32 (datasets written before zlib-ng computed
+    it, and other readers, check the same values), chained and over memoryview slices too."""
+    data = np.random.default_rng(0).integers(0, 256, 300_001, dtype=np.uint8).tobytes()
+    view = memoryview(data)
+    for size in (0, 1, 15, 64 * 1280, len(data)):
+        assert compute_crc32(view[:size]) == zlib.crc32(view[:size])
+    chained = 0
+    for offset in range(0, len(data), 81_920):
+        chained = compute_crc32(view[offset : offset + 81_920], chained)
+    assert chained == zlib.crc32(data)
