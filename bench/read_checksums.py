@@ -8,7 +8,7 @@ reads the whole shard as the batch stream does, ``--block-rows`` rows per range,
 ``read_row_ranges`` call, from the page cache (the worst case for the checksum's share: no
 network or disk time to hide behind). Prints the medians of ``--reps`` passes in process
 CPU-seconds per GB read (machines are shared) and version 2's overhead. Version 2 adds one
-one CRC-32 per block (zlib-ng's, the values zlib.crc32 gives) and drops the NaN/Inf scan version 1 needs.
+CRC-32 per block (zlib-ng's; the values of zlib.crc32) and drops the NaN/Inf scan version 1 needs.
 """
 
 from __future__ import annotations
