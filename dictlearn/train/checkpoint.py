@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from dictlearn.data.storage import WriteFailed, describe_os_error
-from dictlearn.errors import MissingInputError
+from dictlearn.errors import MissingInputError, UserError
 
 if TYPE_CHECKING:
     from dictlearn.train.config import CheckpointConfig
@@ -214,16 +214,28 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise MissingInputError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE: ocp.args.StandardRestore(abstract_state),
-                    DATA: ocp.args.JsonRestore(),
-                    CONFIG: ocp.args.JsonRestore(),
-                }
-            ),
-        )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE: ocp.args.StandardRestore(abstract_state),
+                        DATA: ocp.args.JsonRestore(),
+                        CONFIG: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            detail = " ".join(" ".join(str(e).splitlines()[1:4]).split())
+            raise UserError(
+                f"{self.directory}/{step}: the checkpoint's state is laid out differently from "
+                f"the state this code builds for its config ({detail}). A default that shapes "
+                "the optimizer or architecture state (e.g. sae.threshold_lr_scale, "
+                "optimizer.grad_clip) may have changed since it was written: set that field "
+                "as the run had it to resume. `dictlearn export` reads such a run as it is."
+            ) from None
         return Restored(
             step=step,
             state=restored[STATE],

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dictlearn.data import ActivationDataset
+from dictlearn.errors import UserError
 from dictlearn.export import (
     ExportConfig,
     ExportError,
@@ -138,7 +139,7 @@ def test_export_reads_a_run_whose_optimizer_state_this_code_lays_out_differently
     )
     checkpointer = Checkpointer(str(run_dir / "checkpoints"), async_save=False)
     try:  # the whole state no longer restores: the case is real
-        with pytest.raises(ValueError, match="tree structures do not match"):
+        with pytest.raises(UserError, match=r"laid out differently.*threshold_lr_scale"):
             checkpointer.restore(program.abstract_state())
     finally:
         checkpointer.close()
