@@ -46,7 +46,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 DEFAULT_CHECKSUM_ROWS = 64
 """Rows per checksummed block. Small enough that a reader whose blocks are not a multiple of it
-reads few extra rows; large enough (64 x 640 bfloat16 = 80 KiB) that one zlib.crc32 call per block
+reads few extra rows; large enough (64 x 640 bfloat16 = 80 KiB) that one CRC-32 call per block
 costs nothing beside the read. The reader's default block_rows (256) is a multiple, so its reads
 are aligned and fetch no extra byte."""
 MANIFEST_NAME = "manifest.json"
@@ -212,8 +212,8 @@ def _row_stats(rows: np.ndarray) -> tuple[np.ndarray, float]:
 
 def compute_crc32(data: bytes | memoryview, value: int = 0) -> int:
     """``zlib.crc32(data, value)``: the same CRC-32, the shard format's checksum, computed by
-    zlib-ng's vectorised code. CPython's zlib (1.2.13 here) runs ~2 GB/s, which made the
-    per-block checks most of the train stream's time per batch; zlib-ng ~55 GB/s."""
+    zlib-ng's vectorised code. CPython's zlib (1.2.13 here) runs at 2-3 GB/s, 40-65 % of the
+    train stream's time per batch; zlib-ng at ~50 GB/s on data in cache (``docs/gpu.md``)."""
     return _zlib_ng.crc32(data, value)
 
 
