@@ -45,11 +45,12 @@ run() {  # run NAME SECONDS COMMAND...: output to the terminal and OUT_DIR/NAME.
 # In order of what matters most, should the whole run be cut short.
 # shellcheck disable=SC2086
 run train 150 python3 bench/train_throughput.py --features $widths --batches $batches \
-  --archs topk jumprelu batchtopk --encoder-dtypes float32 bfloat16 --repeats $reps
+  --archs topk jumprelu jumprelu_target batchtopk --encoder-dtypes float32 bfloat16 --repeats $reps
 run train_1m 90 python3 bench/train_throughput.py --features $wide --batches $wide_batch \
   --archs topk --encoder-dtypes float32 bfloat16 --parts --repeats $reps
 # shellcheck disable=SC2086
-run step_gap 120 env JAX_PLATFORMS=$platform python3 bench/step_gap.py $gap_args
+# bf16 rows, as `dictlearn generate` writes them.
+run step_gap 120 env JAX_PLATFORMS=$platform python3 bench/step_gap.py $gap_args --dtype bfloat16
 # The host's side alone (bf16 rows, as `dictlearn generate` writes them): does the stream keep
 # up with the step, and how does it scale with read threads on this host's cores?
 # shellcheck disable=SC2086
