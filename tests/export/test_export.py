@@ -215,6 +215,24 @@ def test_export_on_gcs(runs, gcs_url):
     assert loaded.digest == original.digest
 
 
+def test_run_on_gcs_exports(runs, tmp_path, gcs_url):
+    """A run trained to gs:// is read back (parameters only) from there."""
+    _, data = runs["jumprelu"]
+    cfg = tiny_config(
+        tmp_path,
+        data,
+        sae={"architecture": "jumprelu"},
+        run={"output_dir": gcs_url, "name": "on-gcs"},
+    )
+    train_main(cfg)
+    sae, provenance = load_run_sae(f"{gcs_url}/on-gcs")
+    x = _raw_rows(data)
+    latents, recon = _reference(cfg, data, x)
+    np.testing.assert_allclose(np.asarray(sae.encode(x)), latents, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sae.reconstruct(x)), recon, rtol=1e-5, atol=1e-5)
+    assert provenance["checkpoint_step"] == cfg.train.steps
+
+
 def test_cli_export_and_bad_input(runs, tmp_path, capsys):
     cfg, _ = runs["topk"]
     run_dir = f"{cfg.run.output_dir}/{cfg.run_name}"
