@@ -205,15 +205,20 @@ class Checkpointer:
             force=True,
         )
 
+    def _step_or_latest(self, step: int | None) -> int:
+        """``step``, or the latest committed one; :class:`MissingInputError` if there is none."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise MissingInputError(f"no checkpoint in {self.directory}")
+        return step
+
     def restore(self, abstract_state: Any, step: int | None = None) -> Restored:
         """Restore ``step`` (default: latest) onto the shardings in ``abstract_state``.
 
         Raises:
             FileNotFoundError: no checkpoint exists in the directory.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise MissingInputError(f"no checkpoint in {self.directory}")
+        step = self._step_or_latest(step)
         try:
             restored = self._manager.restore(
                 step,
@@ -255,9 +260,7 @@ class Checkpointer:
         Raises:
             MissingInputError: no checkpoint exists in the directory.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise MissingInputError(f"no checkpoint in {self.directory}")
+        step = self._step_or_latest(step)
         item = {"params": abstract_state.params, "arch_state": abstract_state.arch_state}
         restored = ocp.PyTreeCheckpointer().restore(
             f"{self.directory}/{step}/{STATE}",
@@ -271,9 +274,7 @@ class Checkpointer:
 
     def restore_config(self, step: int | None = None) -> dict[str, Any]:
         """Only the config saved with a checkpoint (no arrays are read)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise MissingInputError(f"no checkpoint in {self.directory}")
+        step = self._step_or_latest(step)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
         )
