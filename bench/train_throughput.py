@@ -251,24 +251,23 @@ def main() -> None:
     allocator = "reuse freed (mallopt)" if reuse_freed_host_memory() else "glibc default"
     d = args.d_model
     bound = {} if args.sparse_l0_bound is None else {"sparse_l0_bound": args.sparse_l0_bound}
+
+    def jumprelu(f: int, **fields) -> JumpReLUConfig:
+        # Unit decoder rows (JumpReLU's default is 0.1) keep the pre-activations N(0, 1).
+        return JumpReLUConfig(
+            n_features=f,
+            init_threshold=NormalDist().inv_cdf(1 - args.k / f),
+            decoder_init_norm=1.0,
+            **bound,
+            **fields,
+        )
+
     configs = {
         "topk": lambda f: TopKConfig(n_features=f, k=args.k),
         "batchtopk": lambda f: BatchTopKConfig(n_features=f, k=args.k),
-        # Unit decoder rows (JumpReLU's default is 0.1) keep the pre-activations N(0, 1).
-        "jumprelu": lambda f: JumpReLUConfig(
-            n_features=f,
-            init_threshold=NormalDist().inv_cdf(1 - args.k / f),
-            decoder_init_norm=1.0,
-            **bound,
-        ),
+        "jumprelu": jumprelu,
         # The same, held at L0 k by target_l0: its sparse bound is then 128, not 256.
-        "jumprelu_target": lambda f: JumpReLUConfig(
-            n_features=f,
-            init_threshold=NormalDist().inv_cdf(1 - args.k / f),
-            decoder_init_norm=1.0,
-            target_l0=args.k,
-            **bound,
-        ),
+        "jumprelu_target": lambda f: jumprelu(f, target_l0=args.k),
         "relu_l1": lambda f: ReLUL1Config(n_features=f),
         "relu_l1_dense": lambda f: ReLUL1Config(n_features=f, sparse_l0_bound=0),
         "relu_l1_sparse": lambda f: ReLUL1Config(n_features=f),
