@@ -422,13 +422,32 @@ def _union_docs(
             if len(set(defaults.values())) == 1
             else ", ".join(f"{tag}: {d}" for tag, d in defaults.items())
         )
-        only = "" if len(having) == len(per_member) else f"({', '.join(having)}) "
         docs.append(
             _inherit(
-                FieldDoc(name, first.type, shown, only + first.description, first.effect), section
+                FieldDoc(
+                    name,
+                    _per_member(having, "type"),
+                    shown,
+                    _per_member(having, "description", every=len(having) == len(per_member)),
+                    first.effect,
+                ),
+                section,
             )
         )
     return docs
+
+
+def _per_member(having: dict[str, FieldDoc], attr: str, every: bool = True) -> str:
+    """A union field's type or description: one text where its members agree, else each
+    member's, named (so a description is never read as another architecture's). ``every``:
+    all members have the field; else even one shared text names the members that have it."""
+    texts: dict[str, list[str]] = {}
+    for tag, doc in having.items():
+        texts.setdefault(getattr(doc, attr), []).append(tag)
+    if len(texts) == 1:
+        (text,) = texts
+        return text if every else f"({', '.join(having)}) {text}"
+    return " ".join(f"({', '.join(tags)}) {text}" for text, tags in texts.items())
 
 
 class _Required:

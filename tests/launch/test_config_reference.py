@@ -74,6 +74,21 @@ def test_config_shows_embedded_pipeline_defaults_and_per_architecture_ones(capsy
     assert "| `optimizer.lr` | float \\| null > 0 | `null` | recovery |" in table
 
 
+def test_a_union_field_documented_differently_per_architecture_names_each_text(capsys) -> None:
+    # sparse_l0_bound: JumpReLU's (None follows target_l0) and ReLU-L1's (a plain int) differ in
+    # type and description; one merged row once showed JumpReLU's text for both.
+    assert main(["config", "train", "--markdown"]) == 0
+    row = next(
+        line for line in capsys.readouterr().out.splitlines() if "`sae.sparse_l0_bound`" in line
+    )
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", row.strip("|"))]
+    assert cells[1] == "(jumprelu) int \\| null >= 0 (relu_l1) int >= 0"
+    assert cells[4].startswith("(jumprelu) Latents per token")
+    jumprelu_text, relu_l1_text = cells[4].split(" (relu_l1) ")
+    assert "target_l0" in jumprelu_text and "target_l0" not in relu_l1_text
+    assert relu_l1_text.startswith("Active latents per token")
+
+
 @pytest.mark.parametrize("command", ["train", "generate", "pipeline", "sweep", "submit", None])
 def test_help_points_to_the_config_printer(command: str | None, capsys) -> None:
     with pytest.raises(SystemExit):
