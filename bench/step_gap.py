@@ -12,8 +12,11 @@ Two numbers, measured in the same process on the same compiled step:
   at the end), per step from the ``tokens_per_s`` of its log rows (compile and the final save
   excluded: the first two rows are dropped, the median of the rest taken).
 
-``loop / floor`` is the overhead ratio; ``gap`` is loop - floor per step. CPU-seconds per step of
-the whole ``main`` call are printed too (the machine is shared: wall times move with its load).
+``loop / floor`` is the overhead ratio; ``gap`` is loop - floor per step. ``run CPU ms/step`` is
+the process's CPU time over the whole ``main`` call divided by its steps: every thread, with
+compilation, start-up and the final save, so it says how busy the host was, not what a step
+costs it (on the H200 host it read 79-175 ms for a 4-5 ms step; which threads spent that was not
+broken down). The machine is shared: wall times move with its load.
 Two host costs per step are timed alone to say where a gap comes from: ``stream``, one global
 batch from the run's ``BatchStream`` read synchronously (block reads, CRC checks, shuffle
 gather; ``stream CPU``: the process CPU time it took), and ``to device``, that batch's
@@ -122,7 +125,8 @@ def host_ms(config: TrainConfig, batches: int = 20) -> tuple[float, float, float
 
 
 def loop_ms(config: TrainConfig) -> tuple[float, float]:
-    """ms per step of the trainer's loop (median over log rows), and CPU ms per step of main."""
+    """ms per step of the trainer's loop (median over log rows), and the process's CPU ms over
+    the whole ``main`` call (all threads, compilation included) per step."""
     cpu = time.process_time()
     main(config)
     cpu_ms = (time.process_time() - cpu) / config.train.steps * 1e3
@@ -188,7 +192,7 @@ def main_cli() -> None:
         return
     print(
         f"{'read threads':>12} {'floor ms':>9} {'loop ms':>8} {'gap ms':>7} {'loop/floor':>10}"
-        f" {'main CPU ms/step':>17} {'stream ms':>10} {'stream CPU ms':>14} {'to device ms':>13}"
+        f" {'run CPU ms/step':>17} {'stream ms':>10} {'stream CPU ms':>14} {'to device ms':>13}"
     )
     for read_threads, loop, cpu, read, read_cpu, transfer in rows:
         print(
