@@ -138,9 +138,12 @@ class Checkpointer:
         else:
             retention = {"max_to_keep": keep}
         self._pending: int | None = None  # the step of the last save started
+        # Given to the manager, and asked by restore_model where a step's files are.
+        self._step_names = ocp.step.standard_name_format()
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
+                step_name_format=self._step_names,
                 enable_async_checkpointing=async_save,
                 create=True,
                 cleanup_tmp_directories=writer,
@@ -262,8 +265,10 @@ class Checkpointer:
         """
         step = self._step_or_latest(step)
         item = {"params": abstract_state.params, "arch_state": abstract_state.arch_state}
+        # Not through the manager: its composite restore wants the whole state's tree.
+        step_dir = self._step_names.find_step(self.directory, step).path
         restored = ocp.PyTreeCheckpointer().restore(
-            f"{self.directory}/{step}/{STATE}",
+            step_dir / STATE,
             args=ocp.args.PyTreeRestore(
                 item=item,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(item),
