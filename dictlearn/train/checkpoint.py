@@ -219,7 +219,9 @@ class Checkpointer:
         """Restore ``step`` (default: latest) onto the shardings in ``abstract_state``.
 
         Raises:
-            FileNotFoundError: no checkpoint exists in the directory.
+            MissingInputError: no checkpoint exists in the directory.
+            UserError: the checkpoint's state is laid out differently from ``abstract_state``
+                (names the mismatch and the fix; :meth:`restore_model` still reads it).
         """
         step = self._step_or_latest(step)
         try:
