@@ -285,6 +285,7 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
     # JumpReLU's threshold moved at the lr, with no dead-latent pull.
     "sae.threshold_lr_scale": WhereSibling("architecture", "jumprelu", 1.0),
     "sae.revive_coef": WhereSibling("architecture", "jumprelu", 0.0),
+    "sae.revive_scope": WhereSibling("architecture", "jumprelu", "dead"),
 }
 """Train-config fields added after runs existed, with the value every earlier run had (no
 branch; TopK learned b_dec and sent AuxK through the ReLU; float32 encoder matmuls; BatchTopK

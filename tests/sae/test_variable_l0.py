@@ -127,24 +127,29 @@ def test_jumprelu_loss_and_gradients_equal_the_dense_reference(
     _assert_grads_equal(grads, ref_grads)
 
 
+@pytest.mark.parametrize("scope", ["dead", "batch"])
 @pytest.mark.parametrize(("mesh_shape", "bound"), [((1, 1), 64), ((2, 4), 24), ((2, 4), 4)])
 def test_jumprelu_dead_latent_pull_equals_the_dense_pre_activation_loss(
-    mesh_shape: tuple[int, int], bound: int
+    mesh_shape: tuple[int, int], bound: int, scope: str
 ) -> None:
     """``revive_coef``'s closed form (from the batch mean) is Anthropic's pre-activation loss
-    ``mean_t Σ relu(threshold - pre)`` over the dead latents that fired on no token of the
-    batch, stated densely here, in value and in every gradient (b_dec's excluded by design), on
-    the sparse path, sharded, and on the dense fallback (bound 4)."""
+    ``mean_t Σ relu(threshold - pre)`` over the latents that fired on no token of the batch
+    (``revive_scope`` dead: only those also counted dead), stated densely here, in value and in
+    every gradient (b_dec's excluded by design), on the sparse path, sharded, and on the dense
+    fallback (bound 4)."""
     coef = 0.3
     arch, params, x = _jumprelu_setup(bound)
-    arch = get_architecture(arch.config.model_copy(update={"revive_coef": coef}), D_MODEL)
+    update = {"revive_coef": coef, "revive_scope": scope}
+    arch = get_architecture(arch.config.model_copy(update=update), D_MODEL)
     dead = np.zeros(N_FEATURES, bool)
     dead[::3] = True
     loss, metrics, _, grads = _sharded_loss_and_grads(arch, params, x, mesh_shape, dead)
 
     def ref(p):
         loss, (pre, threshold) = _dense_jumprelu_loss(p, x, arch.config.l0_coef)
-        silent = jnp.asarray(dead) & ~jnp.any(pre > threshold, axis=0)
+        silent = ~jnp.any(pre > threshold, axis=0)
+        if scope == "dead":
+            silent = silent & jnp.asarray(dead)
         no_b_dec = p | {"b_dec": jax.lax.stop_gradient(p["b_dec"])}
         pre_for_pull = (x - no_b_dec["b_dec"]) @ p["W_enc"] + p["b_enc"]
         gaps = jnp.where(silent, jax.nn.relu(threshold - pre_for_pull), 0.0)
@@ -157,6 +162,9 @@ def test_jumprelu_dead_latent_pull_equals_the_dense_pre_activation_loss(
     silent = np.asarray(silent)
     # Dead latents of both kinds: silent in the batch (pulled) and firing in it (left alone).
     assert silent.sum() > 10 and (dead & ~silent).sum() > 3
+    if scope == "batch":
+        # ... and live latents silent in the batch, which only this scope pulls.
+        assert (silent & ~dead).sum() > 3
     assert float(ref_pull) > 0
     np.testing.assert_allclose(metrics["revive_loss"], ref_pull, rtol=1e-5)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
