@@ -239,8 +239,9 @@ class Checkpointer:
             if "tree structures do not match" not in str(e):
                 raise
             detail = " ".join(" ".join(str(e).splitlines()[1:4]).split())
+            step_dir = self._step_names.find_step(self.directory, step).path
             raise UserError(
-                f"{self.directory}/{step}: the checkpoint's state is laid out differently from "
+                f"{step_dir}: the checkpoint's state is laid out differently from "
                 f"the state this code builds for its config ({detail}). A default that shapes "
                 "the optimizer or architecture state (e.g. sae.threshold_lr_scale, "
                 "optimizer.grad_clip) may have changed since it was written: set that field "

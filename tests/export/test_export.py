@@ -139,8 +139,10 @@ def test_export_reads_a_run_whose_optimizer_state_this_code_lays_out_differently
     )
     checkpointer = Checkpointer(str(run_dir / "checkpoints"), async_save=False)
     try:  # the whole state no longer restores: the case is real
-        with pytest.raises(UserError, match=r"laid out differently.*threshold_lr_scale"):
+        with pytest.raises(UserError, match=r"laid out differently.*threshold_lr_scale") as e:
             checkpointer.restore(program.abstract_state())
+        # The message names the step's directory as it is on disk.
+        assert str(e.value).startswith(f"{run_dir / 'checkpoints' / str(cfg.train.steps)}:")
     finally:
         checkpointer.close()
 
