@@ -231,12 +231,12 @@ def run_sparsify(
 
 @partial(jax.jit, static_argnames="k")
 def _chunk_stats(w_enc, b_enc, w_dec, b_dec, x, k: int):
-    """Squared error, active count and per-latent "fired" of a TopK SAE on rows ``x``."""
+    """Squared error, active count and per-latent firing counts of a TopK SAE on rows ``x``."""
     values, indices = jax.lax.top_k((x - b_dec) @ w_enc + b_enc, k)
     values = jax.nn.relu(values)
     x_hat = jnp.einsum("nk,nkd->nd", values, w_dec[indices]) + b_dec
-    fired = jnp.zeros(w_enc.shape[1], jnp.bool_).at[indices].max(values > 0)
-    return jnp.sum((x - x_hat) ** 2), jnp.sum(values > 0), fired
+    fires = jnp.zeros(w_enc.shape[1], jnp.int32).at[indices].add((values > 0).astype(jnp.int32))
+    return jnp.sum((x - x_hat) ** 2), jnp.sum(values > 0), fires
 
 
 @jax.jit
@@ -267,23 +267,38 @@ def _chunk_stats_dense(sae: SAEParams, x):
     """``_chunk_stats`` for any activation rule, through the export's own encode and decode."""
     latents = sae.encode(x)
     x_hat = sae.decode(latents)
-    return jnp.sum((x - x_hat) ** 2), jnp.sum(latents > 0), jnp.any(latents > 0, axis=0)
+    return jnp.sum((x - x_hat) ** 2), jnp.sum(latents > 0), jnp.sum(latents > 0, axis=0)
+
+
+RARE_FREQUENCY = 1e-4
+"""A live latent active on fewer than this fraction of the held-out rows counts as rare."""
 
 
 def reconstruction_scores(sae: InferenceSAE, x: np.ndarray) -> dict[str, float]:
-    """Held-out FVE, L0 and dead fraction (active on no row of ``x``) of an exported SAE
-    (TopK, or a JumpReLU / ReLU rule such as a BatchTopK run's export)."""
+    """Held-out FVE, L0, dead fraction (active on no row of ``x``) and rare fraction (active,
+    but on fewer than ``RARE_FREQUENCY`` of the rows) of an exported SAE (TopK, or a JumpReLU /
+    ReLU rule such as a BatchTopK run's export).
+
+    Rare latents are what a dead count misses: on Gemma 3 270M at 1M tokens a JumpReLU run
+    with 28 % of its latents dead had 46 % rare, TopK 0.6 % and 10 % (docs/real_quality.md).
+    """
     weights = [jnp.asarray(a, jnp.float32) for a in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
-    sq, active, fired = 0.0, 0, jnp.zeros(sae.d_sae, jnp.bool_)
+    sq, active, fires = 0.0, 0, np.zeros(sae.d_sae, np.int64)
     for i in range(0, x.shape[0], _SCORE_CHUNK):
         rows = jnp.asarray(x[i : i + _SCORE_CHUNK])
         if sae.architecture == "topk":
             s, a, f = _chunk_stats(*weights, rows, k=sae.k)
         else:
             s, a, f = _chunk_stats_dense(sae.params(), rows)
-        sq, active, fired = sq + float(s), active + int(a), fired | f
+        sq, active, fires = sq + float(s), active + int(a), fires + np.asarray(f)
     total = float(np.sum((x - x.mean(axis=0)) ** 2))
-    return {"fve": 1 - sq / total, "l0": active / x.shape[0], "dead": 1 - float(jnp.mean(fired))}
+    rare = (fires > 0) & (fires < RARE_FREQUENCY * x.shape[0])
+    return {
+        "fve": 1 - sq / total,
+        "l0": active / x.shape[0],
+        "dead": float(np.mean(fires == 0)),
+        "rare": float(np.mean(rare)),
+    }
 
 
 def score(sae: InferenceSAE, x: np.ndarray, truth: np.ndarray) -> dict[str, float]:

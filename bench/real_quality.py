@@ -17,6 +17,7 @@ once as float32 to a scratch file. Every SAE is then scored by the same code on 
 
 - ``FVU``: sum ||x - x_hat||^2 / sum ||x - mean x||^2 (1 - FVE), in the data's raw units;
 - ``L0``: active latents per row; ``dead``: fraction of latents active on no held-out row;
+  ``rare``: fraction active on some, but on fewer than 1 in 10,000 held-out rows;
 - ``tok/s``: training tokens per second after the first log interval (compilation excluded),
   and training tokens per CPU-second of the whole run (ours: start-up and compilation included;
   sparsify: its training loop), since the machine is shared.
@@ -87,7 +88,7 @@ def write_training_rows(dataset: ActivationDataset, args, budget: int, path: str
 def _row(name: str, budget: int, m: dict[str, float]) -> str:
     return (
         f"{name:<22} {budget:>9} {1 - m['fve']:>7.4f} {m['l0']:>6.1f} {100 * m['dead']:>6.2f}% "
-        f"{m['tokens_per_s']:>8.0f} {m['tokens_per_cpu_s']:>9.0f}"
+        f"{100 * m['rare']:>6.2f}% {m['tokens_per_s']:>8.0f} {m['tokens_per_cpu_s']:>9.0f}"
     )
 
 
@@ -128,7 +129,8 @@ def main() -> None:
         lr = default_lr(args.features, budget, args.batch, dataset.d_model)
         print(f"default lr at {budget} tokens (lr rule): {lr:.3e}")
     header = (
-        f"{'run':<22} {'tokens':>9} {'FVU':>7} {'L0':>6} {'dead':>7} {'tok/s':>8} {'tok/cpu-s':>9}"
+        f"{'run':<22} {'tokens':>9} {'FVU':>7} {'L0':>6} {'dead':>7} {'rare':>7} {'tok/s':>8} "
+        f"{'tok/cpu-s':>9}"
     )
     print(header + "\n" + "-" * len(header), flush=True)
     for budget in args.budgets:
