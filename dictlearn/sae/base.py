@@ -75,8 +75,8 @@ class BaseSAEConfig(StrictModel):
             "architecture has it, pulls it back). With 10M (sparsify's default) AuxK never ran in "
             "a 1M-4M-token run; 65,536 took planted data's held-out dead fraction at 1M tokens "
             "from 1.1 % to 0.5 % (bench/planted_quality.py). On Gemma 3 270M, 32,768 took "
-            "BatchTopK from 1.8 % to 0.3 % dead at 1M tokens for 2 % more FVU, but cost 7 % "
-            "FVU at 4M (docs/real_quality.md)."
+            "BatchTopK from 1.8 % to 0.3 % dead at 1M tokens for 2 % more FVU, but cost it 7 % "
+            "FVU at 4M (TopK 6 %; docs/real_quality.md)."
         ),
     )
 

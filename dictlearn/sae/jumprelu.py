@@ -70,7 +70,10 @@ class JumpReLUConfig(BaseSAEConfig):
             "constraint L0 = target_l0. None: the weight stays l0_coef and the L0 is whatever "
             "that weight gives. On Gemma 3 270M at 1M tokens, with init_l0 32 and unit decoder "
             "rows, target 32 ended at L0 34; at decoder_init_norm 0.1 thresholds pushed up "
-            "while the weight was high stayed up and L0 fell to 10 (docs/real_quality.md)."
+            "while the weight was high stayed up and L0 fell to 10. Start l0_coef near where "
+            "the weight settles (0.04-0.06 there): from 1.0 it fell to 0.008 while L0 sat under "
+            "the target and L0 then overshot to 41 (with revive_coef 0.0001, revive_scope "
+            "batch); from 0.1 it ended at 29 (docs/real_quality.md)."
         ),
     )
     l0_coef_rate: float = Field(
