@@ -140,10 +140,9 @@ class JumpReLUConfig(BaseSAEConfig):
             "revive_scope names (by default those dead and silent in the batch), which lowers "
             "their threshold and raises their bias until they fire again. Exact in closed form "
             "from the batch mean, so it costs no pass over the tokens. 0: off. On Gemma 3 270M "
-            "at 1M tokens, with "
-            "init_l0 32, target_l0 32 and unit decoder rows (88.6 % dead, FVU 0.040 without), "
-            "0.0003 / 0.001 / 0.01 / 0.1 left 41 / 32 / 20 / 9 % dead at FVU 0.043 / 0.046 / "
-            "0.056 / 0.088 (docs/real_quality.md)."
+            "at 1M tokens, with init_l0 32, target_l0 32 and unit decoder rows (88.6 % dead, "
+            "FVU 0.040 without), 0.0003 / 0.001 / 0.01 / 0.1 left 41 / 32 / 20 / 9 % dead at "
+            "FVU 0.043 / 0.046 / 0.056 / 0.088 (docs/real_quality.md)."
         ),
     )
     revive_scope: Literal["dead", "batch"] = Field(

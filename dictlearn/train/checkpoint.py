@@ -215,6 +215,10 @@ class Checkpointer:
             raise MissingInputError(f"no checkpoint in {self.directory}")
         return step
 
+    def _step_dir(self, step: int) -> Any:
+        """The directory of checkpoint ``step`` on disk (an ``epath.Path``), as Orbax names it."""
+        return self._step_names.find_step(self.directory, step).path
+
     def restore(self, abstract_state: Any, step: int | None = None) -> Restored:
         """Restore ``step`` (default: latest) onto the shardings in ``abstract_state``.
 
@@ -239,9 +243,8 @@ class Checkpointer:
             if "tree structures do not match" not in str(e):
                 raise
             detail = " ".join(" ".join(str(e).splitlines()[1:4]).split())
-            step_dir = self._step_names.find_step(self.directory, step).path
             raise UserError(
-                f"{step_dir}: the checkpoint's state is laid out differently from "
+                f"{self._step_dir(step)}: the checkpoint's state is laid out differently from "
                 f"the state this code builds for its config ({detail}). A default that shapes "
                 "the optimizer or architecture state (e.g. sae.threshold_lr_scale, "
                 "optimizer.grad_clip) may have changed since it was written: set that field "
@@ -269,9 +272,8 @@ class Checkpointer:
         step = self._step_or_latest(step)
         item = {"params": abstract_state.params, "arch_state": abstract_state.arch_state}
         # Not through the manager: its composite restore wants the whole state's tree.
-        step_dir = self._step_names.find_step(self.directory, step).path
         restored = ocp.PyTreeCheckpointer().restore(
-            step_dir / STATE,
+            self._step_dir(step) / STATE,
             args=ocp.args.PyTreeRestore(
                 item=item,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(item),
