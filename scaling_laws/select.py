@@ -13,9 +13,9 @@ size, optimizer betas, checkpointing) and changes what the laws decide:
   :func:`scaling_laws.results.flops_per_token`;
 - ``optimizer.warmup_steps``: the sweep's warm-up (in steps, at the same batch size, the lr law
   was fitted under it), at most 10 % of the run; ``optimizer.decay_fraction``: the sweep's;
-- ``sae.dead_window_tokens``: at least the sweep's, and long enough that a latent firing 1,000×
-  less often than an average one (k/N per token) is not yet called dead, but at most a quarter
-  of the run so AuxK can act on real dead latents;
+- ``sae.dead_window_tokens``: at least the sweep's (if it set one), and long enough that a
+  latent firing 1,000× less often than an average one (k/N per token) is not yet called dead,
+  but at most a quarter of the run so AuxK can act on real dead latents;
 - ``run``: ``<sweep dir>/selected/<architecture>-<N>-selected``;
 - ``sae.k_aux`` (TopK's and BatchTopK's AuxK): a power of two near d_model / 2 (Gao et al., 2024), at most N.
 """
@@ -166,9 +166,10 @@ def select_config(
     sweep_sae["n_features"] = n_features
     k = fits.k
     if k is not None:
-        window = max(
-            int(sweep_sae.get("dead_window_tokens", 0)), DEAD_RATE_FACTOR * n_features // k
-        )
+        # A null window derives from the width (dictlearn.sae.BaseSAEConfig.dead_window), so
+        # only a window the sweep set by hand is a floor for another width.
+        sweep_window = int(sweep_sae.get("dead_window_tokens") or 0)
+        window = max(sweep_window, DEAD_RATE_FACTOR * n_features // k)
         sweep_sae["dead_window_tokens"] = max(1, min(window, tokens // 4))
     if "k_aux" in sweep_sae and fits.d_model is not None:
         sweep_sae["k_aux"] = min(_power_of_two_near(fits.d_model / 2), n_features)

@@ -37,6 +37,17 @@ EncoderDtype = Literal["float32", "bfloat16"]
 """Input dtype of the encoder's forward matmul (``BaseSAEConfig.encoder_dtype``)."""
 
 
+DEAD_WINDOW_AVERAGE_FIRES = 128
+"""The default dead window holds this many fires of a latent at the average rate: at 16,384
+latents and L0 32 that is 65,536 tokens, the window measured best at 1M-4M tokens on planted
+data and on Gemma 3 270M (``docs/real_quality.md``)."""
+ASSUMED_L0 = 32
+"""The L0 the default dead window assumes where the config sets none (ReLU-L1; JumpReLU without
+``target_l0`` or ``init_l0``)."""
+MAX_DEAD_WINDOW_TOKENS = 1 << 30
+"""A latent's tokens-since-fired counter is int32; the window plus a batch must fit in it."""
+
+
 class BaseSAEConfig(StrictModel):
     """Fields every architecture has. Subclasses add their own and a literal ``architecture``."""
 
@@ -67,18 +78,42 @@ class BaseSAEConfig(StrictModel):
             "1M-latent TopK step 23 % shorter (docs/gpu.md); on CPUs with AMX the matmul 3-4x."
         ),
     )
-    dead_window_tokens: int = Field(
-        65_536,
+    dead_window_tokens: int | None = Field(
+        None,
         gt=0,
+        le=MAX_DEAD_WINDOW_TOKENS,
         description=(
             "A latent that has not fired for this many tokens counts as dead (and AuxK, where the "
-            "architecture has it, pulls it back). With 10M (sparsify's default) AuxK never ran in "
-            "a 1M-4M-token run; 65,536 took planted data's held-out dead fraction at 1M tokens "
-            "from 1.1 % to 0.5 % (bench/planted_quality.py). On Gemma 3 270M, 32,768 took "
-            "BatchTopK from 1.8 % to 0.3 % dead at 1M tokens for 2 % more FVU, but cost it 7 % "
-            "FVU at 4M (TopK 6 %; docs/real_quality.md)."
+            "architecture has it, pulls it back). None: the tokens in which a latent firing at "
+            "the average rate (L0 / n_features per token, L0 the architecture's k, target_l0 or "
+            "init_l0, else 32) fires 128 times: 65,536 at 16,384 latents and L0 32, 262,144 at "
+            "65,536. A window fixed in tokens counts a wide SAE's rare latents as dead: on Gemma "
+            "3 270M at 65,536 latents and 1M tokens, 65,536 counted 15 % dead by step 96 and 55 % "
+            "at the end (AuxK ran on every step from step 24, at 30 % fewer tokens/s), and 58 % "
+            "fired on no held-out row, against 33 % with the derived 262,144 at equal FVU "
+            "(docs/real_quality.md). With 10M (sparsify's default) AuxK never ran in a "
+            "1M-4M-token run at 16,384 latents; 65,536 took planted data's held-out dead fraction "
+            "at 1M tokens from 1.1 % to 0.5 % (bench/planted_quality.py). On Gemma 3 270M, 32,768 "
+            "took BatchTopK from 1.8 % to 0.3 % dead at 1M tokens for 2 % more FVU, but cost it 7 "
+            "% FVU at 4M (TopK 6 %)."
         ),
     )
+
+    @property
+    def nominal_l0(self) -> float:
+        """The L0 the architecture trains towards (its k or L0 target); what the default dead
+        window assumes. :data:`ASSUMED_L0` where the config sets none."""
+        return ASSUMED_L0
+
+    @property
+    def dead_window(self) -> int:
+        """Tokens without a fire after which a latent counts as dead: ``dead_window_tokens``, or
+        where that is None, the tokens in which a latent at the average rate
+        (``nominal_l0 / n_features`` per token) fires :data:`DEAD_WINDOW_AVERAGE_FIRES` times."""
+        if self.dead_window_tokens is not None:
+            return self.dead_window_tokens
+        window = round(DEAD_WINDOW_AVERAGE_FIRES * self.n_features / self.nominal_l0)
+        return min(MAX_DEAD_WINDOW_TOKENS, max(1, window))
 
 
 class LossContext(NamedTuple):

@@ -65,6 +65,11 @@ class BatchTopKConfig(AuxKConfig):
 
     architecture: Literal["batchtopk"] = "batchtopk"
     k: int = Field(32, gt=0, description="Average active latents per token.")
+
+    @property
+    def nominal_l0(self) -> float:
+        return self.k
+
     learn_b_dec: bool = Field(
         False,
         description=(

@@ -181,6 +181,14 @@ class JumpReLUConfig(BaseSAEConfig):
             return self.sparse_l0_bound
         return auto_l0_bound(self.target_l0)
 
+    @property
+    def nominal_l0(self) -> float:
+        """``target_l0``, else ``init_l0``, else the base's assumption (the L0 is learned)."""
+        for l0 in (self.target_l0, self.init_l0):
+            if l0 is not None:
+                return l0
+        return super().nominal_l0
+
 
 def auto_l0_bound(target_l0: float | None) -> int:
     """The sparse step's per-token bound for a run that holds its L0 at ``target_l0``: four

@@ -39,6 +39,11 @@ class TopKConfig(AuxKConfig):
 
     architecture: Literal["topk"] = "topk"
     k: int = Field(32, gt=0, description="Active latents per token.")
+
+    @property
+    def nominal_l0(self) -> float:
+        return self.k
+
     learn_b_dec: bool = Field(
         False,
         description=(

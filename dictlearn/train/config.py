@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from dictlearn.config import (
     EVALUATION,
@@ -17,6 +17,7 @@ from dictlearn.config import (
     apply_overrides,
     read_yaml,
     validate,
+    without_values_from_before,
 )
 from dictlearn.sae import SAEConfig, TopKConfig
 from dictlearn.train.lr_law import default_lr
@@ -294,6 +295,40 @@ with no dead-latent pull). Version hashes and resume checks (of runs and of swee
 field out when it holds this value (``dictlearn.config.without_values_from_before``), so an
 earlier run compares equal to a config that sets these values; the new defaults make another
 run."""
+
+
+_SAE_CONFIG = TypeAdapter(SAEConfig)
+
+
+def comparable(
+    config_dict: dict[str, Any], against: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A ``TrainConfig`` dump as resume checks and version hashes compare it.
+
+    A null ``sae.dead_window_tokens`` holds the window it derives
+    (:attr:`dictlearn.sae.BaseSAEConfig.dead_window`), so a config written when the field held
+    that value as a fixed default is the same run, and one where it derives another is not.
+    Compared ``against`` another dump, it is filled only where that one sets a window: two
+    configs that both derive it differ by what it derives from (``n_features``, ``k``), not by
+    it as well. Fields added later are left out where they hold the value every earlier run had
+    (:data:`FIELDS_ADDED_LATER`).
+    """
+    sae = config_dict.get("sae")
+    if _unset_window(config_dict) and not (against is not None and _unset_window(against)):
+        try:
+            window = _SAE_CONFIG.validate_python(sae).dead_window
+        except ValidationError:
+            pass  # an invalid section compares as written; validating the config names the field
+        else:
+            config_dict = config_dict | {"sae": sae | {"dead_window_tokens": window}}
+    return without_values_from_before(config_dict, FIELDS_ADDED_LATER)
+
+
+def _unset_window(config_dict: dict[str, Any]) -> bool:
+    sae = config_dict.get("sae")
+    return (
+        isinstance(sae, dict) and "dead_window_tokens" in sae and sae["dead_window_tokens"] is None
+    )
 
 
 class TrainConfig(StrictModel):

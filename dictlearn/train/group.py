@@ -57,6 +57,7 @@ from dictlearn.train.trainer import (
     check_schedule_change,
     checkpoint_dir_of,
     initialised_from_first_batch,
+    log_dead_window,
     log_save,
     open_dataset,
     prepare_run_dir,
@@ -289,6 +290,8 @@ def main(config: GroupTrainConfig) -> GroupResult:
     member_configs = config.members()
     dataset = open_dataset(member_configs[0])
     group = build_group_program(member_configs, dataset)
+    for member_config, program in zip(member_configs, group.programs, strict=True):
+        log_dead_window(member_config, program)
     members = [_Member(c, config.run_name) for c in member_configs]
     steps, batch_size = config.train.steps, config.train.batch_size
     is_lead = jax.process_index() == 0

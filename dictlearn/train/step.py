@@ -80,7 +80,7 @@ class TrainProgram:
         self.schedule_free = optimizer_config.schedule_free
         self.lr_schedule = learning_rate_schedule(optimizer_config, total_steps)
         self.sparsity_schedule = sparsity_schedule(optimizer_config)
-        self.dead_window = arch.config.dead_window_tokens
+        self.dead_window = arch.config.dead_window
         self.total_steps = total_steps
         self._check_divisible()
 
@@ -131,7 +131,10 @@ class TrainProgram:
         """Whether a latent can be dead at some step of the run (else AuxK never compiles).
 
         A latent's ``tokens_since_fired`` grows by one batch a step from 0, so before step
-        ``total_steps - 1`` it is at most ``(total_steps - 1) * global_batch`` tokens.
+        ``total_steps - 1`` it is at most ``(total_steps - 1) * global_batch`` tokens. Runs on
+        either side of the window compile different step programs, which round differently: a
+        branch (``TrainConfig.init``) equals its run from scratch bit for bit only where its
+        trunk is on the same side.
         """
         reach = (self.total_steps - 1) * self.global_batch
         return self.arch.uses_dead_latents and reach >= self.dead_window

@@ -38,16 +38,16 @@ from dictlearn.config import (
     fields_with,
     to_yaml,
     without_fields,
-    without_values_from_before,
 )
 from dictlearn.data import ActivationDataset, BatchStream, DatasetError
 from dictlearn.data.planted import load_planted_truth, recovery_score
 from dictlearn.data.storage import write_bytes_atomic
 from dictlearn.errors import UserError
 from dictlearn.sae import get_architecture
+from dictlearn.sae.base import DEAD_WINDOW_AVERAGE_FIRES
 from dictlearn.tracking import Tracker, has_metrics, read_metrics
 from dictlearn.train.checkpoint import Checkpointer
-from dictlearn.train.config import FIELDS_ADDED_LATER, OptimizerConfig, TrainConfig
+from dictlearn.train.config import OptimizerConfig, TrainConfig, comparable
 from dictlearn.train.inflight import (
     DeferredMetrics,
     MetricReads,
@@ -148,6 +148,32 @@ def _log_default_lr(config: TrainConfig, d_model: int) -> None:
         log.warning(note)
 
 
+def log_dead_window(config: TrainConfig, program: TrainProgram) -> None:
+    """Say which dead window a run with ``sae.dead_window_tokens`` unset counts with, and when
+    the run is too short for any latent to count as dead."""
+    if not program.arch.uses_dead_latents:
+        return
+    sae = config.sae
+    if sae.dead_window_tokens is None:
+        log.info(
+            "%s: sae.dead_window_tokens unset: %d tokens, in which a latent firing at the "
+            "average rate (L0 %g over %d latents) fires %d times",
+            config.run_name,
+            sae.dead_window,
+            sae.nominal_l0,
+            sae.n_features,
+            DEAD_WINDOW_AVERAGE_FIRES,
+        )
+    if not program.dead_latents_possible:
+        log.info(
+            "%s: the run's %d tokens are too few for a latent to go %d tokens without firing: "
+            "no latent will count as dead and the dead-latent loss will not run",
+            config.run_name,
+            config.tokens,
+            sae.dead_window,
+        )
+
+
 def build_program(config: TrainConfig, dataset: ActivationDataset, mesh=None) -> TrainProgram:
     arch = get_architecture(config.sae, dataset.d_model)
     return TrainProgram(
@@ -160,17 +186,17 @@ def build_program(config: TrainConfig, dataset: ActivationDataset, mesh=None) ->
     )
 
 
-def _compared(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """What a resume compares: the config without RESUMABLE_CHANGES, and without fields that
-    hold the value they had before they existed (FIELDS_ADDED_LATER)."""
-    return without_values_from_before(
-        without_fields(config_dict, RESUMABLE_CHANGES), FIELDS_ADDED_LATER
-    )
+def _compared(config_dict: dict[str, Any], against: dict[str, Any]) -> dict[str, Any]:
+    """What a resume compares: the config without RESUMABLE_CHANGES, as
+    :func:`dictlearn.train.config.comparable` writes it against the other."""
+    return comparable(without_fields(config_dict, RESUMABLE_CHANGES), against)
 
 
-def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def _config_differences(
+    saved: dict[str, Any], current: dict[str, Any], saved_as: str = "checkpoint"
+) -> list[str]:
     """Fields (dotted) where a checkpoint's config and this one differ, RESUMABLE_CHANGES aside."""
-    return differences(_compared(saved), _compared(current))
+    return differences(_compared(saved, current), _compared(current, saved), saved_as=saved_as)
 
 
 def prepare_run_dir(config: TrainConfig, checkpointer: Checkpointer) -> None:
@@ -213,9 +239,7 @@ def prepare_run_dir(config: TrainConfig, checkpointer: Checkpointer) -> None:
     if fs.exists(saved_yaml):
         with fs.open(saved_yaml, "r") as f:
             saved = yaml.safe_load(f) or {}
-        diffs = differences(
-            _compared(saved), _compared(config.model_dump(mode="json")), saved_as="config.yaml"
-        )
+        diffs = _config_differences(saved, config.model_dump(mode="json"), "config.yaml")
         if diffs:
             raise UserError(
                 f"{run_dir} holds another run (no checkpoint, but its config.yaml differs):\n  "
@@ -381,6 +405,7 @@ def main(config: TrainConfig) -> TrainResult:
     dataset = open_dataset(config)
     program = build_program(config, dataset)
     _log_default_lr(config, dataset.d_model)
+    log_dead_window(config, program)
     run_dir = run_dir_of(config)
     ckpt_dir = checkpoint_dir_of(config)
     is_lead = jax.process_index() == 0

@@ -29,9 +29,14 @@ def planted_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _config(tmp_path: Path, url: str, name: str, steps: int, decay: float, **sections):
     checkpoint = {"every_steps": 1000, "async_save": False, "keep": 1}
+    # A window no run here reaches: the tiny SAE's derived one (2,048 tokens) lies between the
+    # trunk's 30 steps and the 40-step runs, so only these would compile the dead-latent switch
+    # (TrainProgram.dead_latents_possible), and the two programs round differently.
+    sae = {"dead_window_tokens": 1 << 16} | sections.pop("sae", {})
     return tiny_config(
         tmp_path,
         url,
+        sae=sae,
         data={"eval_fraction": 0.125},
         optimizer={"lr": 3e-3, "warmup_steps": 4, "decay_fraction": decay},
         train={"steps": steps, "log_every": 4, "eval_batches": 2},

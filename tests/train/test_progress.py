@@ -80,9 +80,18 @@ def test_start_resume_and_save_are_logged(
         main(config)
         main(config)  # a finished run: restored at its end, nothing to train
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("dictlearn.train")]
+    # Each start says which dead window the run counts with (64 latents, k 4: 2,048 tokens).
+    window = [
+        "tiny: sae.dead_window_tokens unset: 2048 tokens, in which a latent firing at the "
+        "average rate (L0 4 over 64 latents) fires 128 times",
+        "tiny: the run's 256 tokens are too few for a latent to go 2048 tokens without firing: "
+        "no latent will count as dead and the dead-latent loss will not run",
+    ]
     assert messages == [
+        *window,
         f"starting {run_dir} at step 0 (no checkpoint to resume)",
         f"checkpoint step 2: {checkpoints}/2 (committed)",
         f"checkpoint step 4: {checkpoints}/4 (committed)",
+        *window,
         f"resuming {run_dir} from step 4 (checkpoint {checkpoints}/4, data position 4)",
     ], messages
