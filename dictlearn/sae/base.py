@@ -88,14 +88,15 @@ class BaseSAEConfig(StrictModel):
             "the average rate (L0 / n_features per token, L0 the architecture's k, target_l0 or "
             "init_l0, else 32) fires 128 times: 65,536 at 16,384 latents and L0 32, 262,144 at "
             "65,536. A window fixed in tokens counts a wide SAE's rare latents as dead: on Gemma "
-            "3 270M at 65,536 latents and 1M tokens, 65,536 counted 15 % dead by step 96 and 55 % "
-            "at the end (AuxK ran on every step from step 24, at 30 % fewer tokens/s), and 58 % "
-            "fired on no held-out row, against 33 % with the derived 262,144 at equal FVU "
-            "(docs/real_quality.md). With 10M (sparsify's default) AuxK never ran in a "
-            "1M-4M-token run at 16,384 latents; 65,536 took planted data's held-out dead fraction "
-            "at 1M tokens from 1.1 % to 0.5 % (bench/planted_quality.py). On Gemma 3 270M, 32,768 "
-            "took BatchTopK from 1.8 % to 0.3 % dead at 1M tokens for 2 % more FVU, but cost it 7 "
-            "% FVU at 4M (TopK 6 %)."
+            "3 270M at 65,536 latents and 1M tokens, 65,536 counted 55 % dead by the end (AuxK "
+            "ran on every step, at 30 % fewer tokens/s) and 58 % fired on no held-out row, "
+            "against 33 % with the derived 262,144 at equal FVU; at 32,768 latents 65,536 left "
+            "fewer dead (5.8 % against 13.7 %) but a higher spliced loss (CE 2.840 against 2.822; "
+            "docs/real_quality.md). With 10M (sparsify's default) AuxK never ran in a 1M-4M-token "
+            "run at 16,384 latents; 65,536 took planted data's held-out dead fraction at 1M "
+            "tokens from 1.1 % to 0.5 % (bench/planted_quality.py). On Gemma 3 270M, 32,768 took "
+            "BatchTopK from 1.8 % to 0.3 % dead at 1M tokens for 2 % more FVU, but cost it 7 % "
+            "FVU at 4M (TopK 6 %)."
         ),
     )
 
