@@ -11,7 +11,7 @@ import pytest
 from dictlearn.config import ConfigError, validate
 from dictlearn.sae import BatchTopKConfig, JumpReLUConfig, ReLUL1Config, TopKConfig
 from dictlearn.sae.base import MAX_DEAD_WINDOW_TOKENS
-from dictlearn.train.config import GroupTrainConfig, TrainConfig
+from dictlearn.train.config import GroupTrainConfig, TrainConfig, comparable
 from dictlearn.train.trainer import _config_differences, build_program, main
 from scaling_laws.sweep import SweepConfig, plan_trials
 from tests.train.helpers import make_planted, tiny_config
@@ -74,6 +74,11 @@ def test_a_run_saved_with_the_fixed_window_resumes_where_the_derived_one_is_equa
     assert (
         _config_differences(saved_wide, _dump(n_features=65_536, dead_window_tokens=65_536)) == []
     )
+    # Two configs that both derive the window differ by what it derives from, alone.
+    assert [d.split(":")[0] for d in _config_differences(wide, same)] == ["sae.n_features"]
+    # Version hashes (a pipeline's train stage) see the derived value in place of null.
+    assert comparable(same) == comparable(saved)
+    assert comparable(wide) != comparable(saved_wide)
 
 
 def test_group_members_and_sweep_trials_derive_their_own_window() -> None:
