@@ -48,14 +48,15 @@ from dictlearn.config import (
     to_yaml,
     validate,
     without_fields,
+    without_values_from_before,
 )
 from dictlearn.data import storage
 from dictlearn.inspect.evaluate import EvalConfig
 from dictlearn.train.config import (
+    FIELDS_ADDED_LATER,
     DataConfig,
     GroupTrainConfig,
     TrainConfig,
-    comparable,
 )
 from launch.hook_workers import (
     HookWorkersConfig,
@@ -334,9 +335,8 @@ def _plan_train(config: PipelineConfig, hook: str, gen_version: str, gen_dir: st
     inputs = {"generate": gen_version, "hook": hook}
     hashed = without_fields(train_dict, TRAIN_EXECUTION_FIELDS)
     # Fields added to TrainConfig after pipelines had versions leave them unchanged at the value
-    # those pipelines ran with (an unset `init`, TopK's learned b_dec, ...), and a derived
-    # default (the dead window) hashes as the value it derives.
-    hashed = comparable(hashed)
+    # those pipelines ran with (an unset `init`, TopK's learned b_dec, ...).
+    hashed = without_values_from_before(hashed, FIELDS_ADDED_LATER)
     train_version = version_hash({"stage": "train", "config": hashed, "inputs": inputs})
     directory = f"{config.root}/train-{train_version}"
     train_dict["data"]["path"] = f"{gen_dir}/{hook}"

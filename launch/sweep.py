@@ -41,9 +41,10 @@ from dictlearn.config import (
     differences,
     load_config,
     without_fields,
+    without_values_from_before,
 )
 from dictlearn.data import storage
-from dictlearn.train.config import TrainConfig, comparable
+from dictlearn.train.config import FIELDS_ADDED_LATER, TrainConfig
 from scaling_laws.sweep import SWEEP_EXECUTION_FIELDS, SweepConfig, Trial, plan_sweep
 
 SWEEP_FILE = "sweep.yaml"
@@ -90,15 +91,15 @@ def load_sweep_config(path: str | None, overrides: list[str]) -> SweepConfig:
 # The ledger: sweep.yaml and one trial.json per trial
 
 
-def _compared(sweep_dict: dict[str, Any], against: dict[str, Any]) -> dict[str, Any]:
-    """What a sweep directory check compares: no execution fields, and the base config as a
-    run's resume check compares it against the other's
-    (:func:`dictlearn.train.config.comparable`)."""
-    compared = without_fields(sweep_dict, SWEEP_EXECUTION_FIELDS)
-    base, other = compared.get("base"), against.get("base")
-    if isinstance(base, dict):
-        compared = compared | {"base": comparable(base, other if isinstance(other, dict) else None)}
-    return compared
+_BASE_FIELDS_ADDED_LATER = {f"base.{name}": value for name, value in FIELDS_ADDED_LATER.items()}
+
+
+def _compared(sweep_dict: dict[str, Any]) -> dict[str, Any]:
+    """What a sweep directory check compares: no execution fields, and no base-config field
+    that holds the value it had before it existed (as a run's resume check does)."""
+    return without_values_from_before(
+        without_fields(sweep_dict, SWEEP_EXECUTION_FIELDS), _BASE_FIELDS_ADDED_LATER
+    )
 
 
 def check_sweep_dir(config: SweepConfig) -> None:
@@ -113,9 +114,7 @@ def check_sweep_dir(config: SweepConfig) -> None:
     raw = storage.read_bytes_or_none(fs, storage.join(path, SWEEP_FILE))
     if raw is not None:
         saved = yaml.safe_load(raw) or {}
-        diffs = differences(
-            _compared(saved, current), _compared(current, saved), saved_as="sweep.yaml"
-        )
+        diffs = differences(_compared(saved), _compared(current), saved_as="sweep.yaml")
         if diffs:
             raise ConfigError(
                 f"{config.root} holds a sweep of another config:\n  "

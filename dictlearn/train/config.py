@@ -300,21 +300,20 @@ run."""
 _SAE_CONFIG = TypeAdapter(SAEConfig)
 
 
-def comparable(
-    config_dict: dict[str, Any], against: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """A ``TrainConfig`` dump as resume checks and version hashes compare it.
+def comparable(config_dict: dict[str, Any], against: dict[str, Any]) -> dict[str, Any]:
+    """A single run's ``TrainConfig`` dump as its resume check compares it ``against`` another.
 
     A null ``sae.dead_window_tokens`` holds the window it derives
-    (:attr:`dictlearn.sae.BaseSAEConfig.dead_window`), so a config written when the field held
-    that value as a fixed default is the same run, and one where it derives another is not.
-    Compared ``against`` another dump, it is filled only where that one sets a window: two
-    configs that both derive it differ by what it derives from (``n_features``, ``k``), not by
-    it as well. Fields added later are left out where they hold the value every earlier run had
-    (:data:`FIELDS_ADDED_LATER`).
+    (:attr:`dictlearn.sae.BaseSAEConfig.dead_window`) where ``against`` sets a window, so a run
+    saved when the field held that value as a fixed default resumes, and one where it derives
+    another does not; two configs that both derive it differ by what it derives from
+    (``n_features``, ``k``), not by it as well. Sweeps and pipelines compare the field as
+    written: their trials and group members derive windows of their own widths, which the
+    shared section's does not stand for. Fields added later are left out where they hold the
+    value every earlier run had (:data:`FIELDS_ADDED_LATER`).
     """
     sae = config_dict.get("sae")
-    if _unset_window(config_dict) and not (against is not None and _unset_window(against)):
+    if _unset_window(config_dict) and not _unset_window(against):
         try:
             window = _SAE_CONFIG.validate_python(sae).dead_window
         except ValidationError:

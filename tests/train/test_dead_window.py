@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from dictlearn.config import ConfigError, validate
 from dictlearn.sae import BatchTopKConfig, JumpReLUConfig, ReLUL1Config, TopKConfig
 from dictlearn.sae.base import MAX_DEAD_WINDOW_TOKENS
-from dictlearn.train.config import GroupTrainConfig, TrainConfig, comparable
+from dictlearn.train.config import GroupTrainConfig, TrainConfig
 from dictlearn.train.trainer import _config_differences, build_program, main
+from launch.sweep import check_sweep_dir
 from scaling_laws.sweep import SweepConfig, plan_trials
 from tests.train.helpers import make_planted, tiny_config
 
@@ -76,9 +78,34 @@ def test_a_run_saved_with_the_fixed_window_resumes_where_the_derived_one_is_equa
     )
     # Two configs that both derive the window differ by what it derives from, alone.
     assert [d.split(":")[0] for d in _config_differences(wide, same)] == ["sae.n_features"]
-    # Version hashes (a pipeline's train stage) see the derived value in place of null.
-    assert comparable(same) == comparable(saved)
-    assert comparable(wide) != comparable(saved_wide)
+
+
+def test_a_sweep_saved_with_the_fixed_window_is_another_sweep(tmp_path: Path) -> None:
+    """A sweep's trials derive windows of their own widths, so a sweep directory written when
+    the base held the fixed 65,536 is refused even where the base's own width derives 65,536
+    (its 32- and 64-latent trials would now count with 1,024 and 2,048)."""
+    sweep = validate(SweepConfig, _sweep_dict(tmp_path, n_features=16_384, k=32))
+    check_sweep_dir(sweep)  # writes sweep.yaml
+    check_sweep_dir(sweep)  # the same config: accepted
+    saved = sweep.model_dump(mode="json")
+    saved["base"]["sae"]["dead_window_tokens"] = 65_536
+    sweep_yaml = Path(sweep.root) / "sweep.yaml"
+    sweep_yaml.write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"base\.sae\.dead_window_tokens: sweep\.yaml has 65536"):
+        check_sweep_dir(sweep)
+
+
+def _sweep_dict(tmp_path: Path | None = None, **sae: Any) -> dict[str, Any]:
+    return {
+        "name": "s",
+        "output_dir": str(tmp_path or "/out"),
+        "base": {
+            "data": {"path": "/d", "eval_fraction": 0.1},
+            "sae": {"architecture": "topk", "k": 4} | sae,
+            "train": {"batch_size": 64},
+        },
+        "grid": {"n_features": [32, 64], "lr": [1e-3], "tokens": [1280]},
+    }
 
 
 def test_group_members_and_sweep_trials_derive_their_own_window() -> None:
@@ -107,19 +134,7 @@ def test_group_members_and_sweep_trials_derive_their_own_window() -> None:
     )
     assert [m.sae.dead_window for m in fixed.members()] == [4096, 4096]
 
-    sweep = validate(
-        SweepConfig,
-        {
-            "name": "s",
-            "output_dir": "/out",
-            "base": {
-                "data": {"path": "/d", "eval_fraction": 0.1},
-                "sae": {"architecture": "topk", "k": 4},
-                "train": {"batch_size": 64},
-            },
-            "grid": {"n_features": [32, 64], "lr": [1e-3], "tokens": [1280]},
-        },
-    )
+    sweep = validate(SweepConfig, _sweep_dict())
     assert {t.point.n_features: t.config.sae.dead_window for t in plan_trials(sweep)} == {
         32: 1024,
         64: 2048,
