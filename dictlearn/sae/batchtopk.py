@@ -66,10 +66,6 @@ class BatchTopKConfig(AuxKConfig):
     architecture: Literal["batchtopk"] = "batchtopk"
     k: int = Field(32, gt=0, description="Average active latents per token.")
 
-    @property
-    def nominal_l0(self) -> float:
-        return self.k
-
     learn_b_dec: bool = Field(
         False,
         description=(
@@ -111,6 +107,10 @@ class BatchTopKConfig(AuxKConfig):
             "keeps the running mean (threshold_momentum)."
         ),
     )
+
+    @property
+    def nominal_l0(self) -> float:
+        return self.k
 
 
 SATURATED_TOKENS_PER_SHARD = 32

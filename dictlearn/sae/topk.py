@@ -40,10 +40,6 @@ class TopKConfig(AuxKConfig):
     architecture: Literal["topk"] = "topk"
     k: int = Field(32, gt=0, description="Active latents per token.")
 
-    @property
-    def nominal_l0(self) -> float:
-        return self.k
-
     learn_b_dec: bool = Field(
         False,
         description=(
@@ -53,6 +49,10 @@ class TopKConfig(AuxKConfig):
             "better on every number too (docs/real_quality.md)."
         ),
     )
+
+    @property
+    def nominal_l0(self) -> float:
+        return self.k
 
     @model_validator(mode="after")
     def _k_fits(self) -> TopKConfig:

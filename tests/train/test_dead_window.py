@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from dictlearn.config import ConfigError, validate
+from dictlearn.data import ActivationDataset
 from dictlearn.sae import BatchTopKConfig, JumpReLUConfig, ReLUL1Config, TopKConfig
 from dictlearn.sae.base import MAX_DEAD_WINDOW_TOKENS
 from dictlearn.train.config import GroupTrainConfig, TrainConfig
@@ -156,8 +157,6 @@ def test_the_trainer_counts_with_the_derived_window_and_says_so(
     assert "tiny: sae.dead_window_tokens unset: 2048 tokens" in caplog.text
     # 8 steps of 64 tokens: no latent can go 2,048 tokens without firing.
     assert "no latent will count as dead" in caplog.text
-
-    from dictlearn.data import ActivationDataset
 
     program = build_program(config, ActivationDataset.open(url))
     assert program.dead_window == 2048
