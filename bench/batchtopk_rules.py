@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from planted_quality import RARE_FREQUENCY, reconstruction_scores
-from real_quality import _BLOCK_ROWS, _SHUFFLE_BLOCKS, heldout_rows
+from real_quality import heldout_rows, training_stream
 
-from dictlearn.data import ActivationDataset, BatchStream
+from dictlearn.data import ActivationDataset
 from dictlearn.export.loading import load_sae
 from dictlearn.export.model import InferenceSAE
 
@@ -113,16 +113,7 @@ def main() -> None:
         parser.error(f"{args.run}: not a BatchTopK run (its export is {sae.architecture!r})")
     dataset = ActivationDataset.open(args.data)
     x = heldout_rows(dataset, args.eval_fraction, args.heldout)
-    with BatchStream(
-        dataset,
-        global_batch=args.batch,
-        seed=args.seed,
-        split="train",
-        eval_fraction=args.eval_fraction,
-        block_rows=_BLOCK_ROWS,
-        shuffle_blocks=_SHUFFLE_BLOCKS,
-        position=args.skip_batches,
-    ) as stream:
+    with training_stream(dataset, args, position=args.skip_batches) as stream:
         calibration = [next(stream) for _ in range(args.calibration_batches)]
     per_latent = per_latent_thresholds(sae, calibration, args.k)
     export_threshold = float(np.asarray(sae.threshold)[0])

@@ -67,11 +67,10 @@ def heldout_rows(dataset: ActivationDataset, eval_fraction: float, limit: int) -
     return np.concatenate(dataset.read_row_ranges(ranges))[:limit]
 
 
-def write_training_rows(dataset: ActivationDataset, args, budget: int, path: str) -> None:
-    """The first ``budget`` rows our trainer reads (train split, seed ``args.seed``), as raw
-    float32 rows in one file, in the order it reads them."""
-    rows = np.memmap(path, np.float32, "w+", shape=(budget, dataset.d_model))
-    with BatchStream(
+def training_stream(dataset: ActivationDataset, args, position: int = 0) -> BatchStream:
+    """The batches our trainer reads (train split, seed ``args.seed``, batch ``args.batch``),
+    from global batch ``position`` on."""
+    return BatchStream(
         dataset,
         global_batch=args.batch,
         seed=args.seed,
@@ -79,7 +78,15 @@ def write_training_rows(dataset: ActivationDataset, args, budget: int, path: str
         eval_fraction=args.eval_fraction,
         block_rows=_BLOCK_ROWS,
         shuffle_blocks=_SHUFFLE_BLOCKS,
-    ) as stream:
+        position=position,
+    )
+
+
+def write_training_rows(dataset: ActivationDataset, args, budget: int, path: str) -> None:
+    """The first ``budget`` rows our trainer reads (train split, seed ``args.seed``), as raw
+    float32 rows in one file, in the order it reads them."""
+    rows = np.memmap(path, np.float32, "w+", shape=(budget, dataset.d_model))
+    with training_stream(dataset, args) as stream:
         for i in range(budget // args.batch):
             rows[i * args.batch : (i + 1) * args.batch] = next(stream)
     rows.flush()
