@@ -24,64 +24,61 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from planted_quality import RARE_FREQUENCY, reconstruction_scores
+from planted_quality import reconstruction_scores, scores_from_chunks
 from real_quality import heldout_rows, training_stream
 
 from dictlearn.data import ActivationDataset
 from dictlearn.export.loading import load_sae
 from dictlearn.export.model import InferenceSAE
+from dictlearn.sae.topk_select import batch_threshold
+
+
+def batch_rule(sae: InferenceSAE, k: int) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+    """``rows -> (pre-activations, selected mask)`` under BatchTopK's training rule: the
+    ``k * len(rows)`` largest ReLU'd pre-activations of the batch, cut off by the trainer's own
+    ``batch_threshold`` (one device, so no mesh axes)."""
+    w_enc, b_enc, b_dec = (jnp.asarray(a, jnp.float32) for a in (sae.W_enc, sae.b_enc, sae.b_dec))
+
+    @jax.jit
+    def select(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        pre = (rows - b_dec) @ w_enc + b_enc
+        relu = jnp.maximum(pre, 0.0)
+        cutoff = batch_threshold(relu, rows.shape[0] * k, 4 * k, axes=())
+        return pre, relu >= cutoff
+
+    return select
 
 
 def batch_rule_scores(sae: InferenceSAE, x: np.ndarray, batch: int, k: int) -> dict[str, float]:
     """FVE, L0, dead and rare under BatchTopK's training selection, batch by batch of ``x``."""
-    w_enc, b_enc, w_dec, b_dec = (
-        jnp.asarray(a, jnp.float32) for a in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
-    )
+    select = batch_rule(sae, k)
+    w_dec, b_dec = jnp.asarray(sae.W_dec, jnp.float32), jnp.asarray(sae.b_dec, jnp.float32)
 
     @jax.jit
-    def stats(rows):
-        pre = (rows - b_dec) @ w_enc + b_enc
-        cutoff = jax.lax.top_k(jnp.maximum(pre, 0.0).reshape(-1), rows.shape[0] * k)[0][-1]
-        mask = pre >= cutoff
+    def stats(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        pre, mask = select(rows)
         x_hat = jnp.where(mask, pre, 0.0) @ w_dec + b_dec
         return jnp.sum((rows - x_hat) ** 2), jnp.sum(mask), jnp.sum(mask, axis=0)
 
-    sq, active, fires = 0.0, 0, np.zeros(sae.d_sae, np.int64)
-    for i in range(0, x.shape[0] - batch + 1, batch):
-        s, a, f = stats(jnp.asarray(x[i : i + batch]))
-        sq, active, fires = sq + float(s), active + int(a), fires + np.asarray(f)
-    n = x.shape[0] // batch * batch
-    total = float(np.sum((x[:n] - x[:n].mean(axis=0)) ** 2))
-    return {
-        "fve": 1 - sq / total,
-        "l0": active / n,
-        "dead": float(np.mean(fires == 0)),
-        "rare": float(np.mean((fires > 0) & (fires < RARE_FREQUENCY * n))),
-    }
+    return scores_from_chunks(stats, x, batch, whole_chunks_only=True)
 
 
 def per_latent_thresholds(sae: InferenceSAE, batches: list[np.ndarray], k: int) -> np.ndarray:
     """Each latent's threshold at which it fires on ``batches`` as often as the batch rule
     selected it there; ``inf`` for a latent the rule never selected."""
-    w_enc, b_enc, b_dec = (jnp.asarray(a, jnp.float32) for a in (sae.W_enc, sae.b_enc, sae.b_dec))
-
-    @jax.jit
-    def pre_and_selected(rows):
-        pre = (rows - b_dec) @ w_enc + b_enc
-        cutoff = jax.lax.top_k(jnp.maximum(pre, 0.0).reshape(-1), rows.shape[0] * k)[0][-1]
-        return pre, jnp.sum(pre >= cutoff, axis=0)
-
+    select = batch_rule(sae, k)
     pres, selected = [], np.zeros(sae.d_sae, np.int64)
     for rows in batches:
-        pre, count = pre_and_selected(jnp.asarray(rows))
+        pre, mask = select(jnp.asarray(rows))
         pres.append(np.asarray(pre).T)
-        selected += np.asarray(count)
+        selected += np.asarray(jnp.sum(mask, axis=0))
     descending = -np.sort(-np.concatenate(pres, axis=1), axis=1)  # [d_sae, rows]
     nth = descending[np.arange(sae.d_sae), np.maximum(selected - 1, 0)]
     # Fire on the selected-th largest value itself (the export fires where pre > threshold).
@@ -109,8 +106,9 @@ def main() -> None:
     args = parser.parse_args()
 
     sae = load_sae(args.run)
-    if sae.architecture != "jumprelu" or sae.threshold is None:
-        parser.error(f"{args.run}: not a BatchTopK run (its export is {sae.architecture!r})")
+    trained = sae.metadata.get("trained_architecture")
+    if trained != "batchtopk":
+        parser.error(f"{args.run}: not a BatchTopK run (its export says it trained {trained!r})")
     dataset = ActivationDataset.open(args.data)
     x = heldout_rows(dataset, args.eval_fraction, args.heldout)
     with training_stream(dataset, args, position=args.skip_batches) as stream:

@@ -39,6 +39,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -283,19 +284,41 @@ def reconstruction_scores(sae: InferenceSAE, x: np.ndarray) -> dict[str, float]:
     with 28 % of its latents dead had 46 % rare, TopK 0.6 % and 10 % (docs/real_quality.md).
     """
     weights = [jnp.asarray(a, jnp.float32) for a in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
-    sq, active, fires = 0.0, 0, np.zeros(sae.d_sae, np.int64)
-    for i in range(0, x.shape[0], _SCORE_CHUNK):
-        rows = jnp.asarray(x[i : i + _SCORE_CHUNK])
+
+    def stats(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         if sae.architecture == "topk":
-            s, a, f = _chunk_stats(*weights, rows, k=sae.k)
-        else:
-            s, a, f = _chunk_stats_dense(sae.params(), rows)
-        sq, active, fires = sq + float(s), active + int(a), fires + np.asarray(f)
-    total = float(np.sum((x - x.mean(axis=0)) ** 2))
-    rare = (fires > 0) & (fires < RARE_FREQUENCY * x.shape[0])
+            return _chunk_stats(*weights, rows, k=sae.k)
+        return _chunk_stats_dense(sae.params(), rows)
+
+    return scores_from_chunks(stats, x, _SCORE_CHUNK)
+
+
+def scores_from_chunks(
+    stats: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]],
+    x: np.ndarray,
+    chunk: int,
+    whole_chunks_only: bool = False,
+) -> dict[str, float]:
+    """FVE, L0, dead and rare fractions over ``x`` in chunks of ``chunk`` rows, from
+    ``stats(rows)``: a chunk's squared error, active (row, latent) count and per-latent firing
+    counts. ``whole_chunks_only`` leaves out a last, shorter chunk (a rule defined on whole
+    batches).
+
+    Shared by every inference rule scored on held-out rows (``reconstruction_scores``, and
+    ``bench/batchtopk_rules.py``'s batch rule, whose chunks are training batches), so that
+    they all count dead and rare latents the same way.
+    """
+    n = x.shape[0] // chunk * chunk if whole_chunks_only else x.shape[0]
+    sq, active, fires = 0.0, 0, None
+    for i in range(0, n, chunk):
+        s, a, f = stats(jnp.asarray(x[i : i + chunk]))
+        f = np.asarray(f, np.int64)
+        sq, active, fires = sq + float(s), active + int(a), f if fires is None else fires + f
+    total = float(np.sum((x[:n] - x[:n].mean(axis=0)) ** 2))
+    rare = (fires > 0) & (fires < RARE_FREQUENCY * n)
     return {
         "fve": 1 - sq / total,
-        "l0": active / x.shape[0],
+        "l0": active / n,
         "dead": float(np.mean(fires == 0)),
         "rare": float(np.mean(rare)),
     }
