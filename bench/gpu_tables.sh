@@ -56,6 +56,10 @@ run step_gap 120 env JAX_PLATFORMS=$platform python3 bench/step_gap.py $gap_args
 # shellcheck disable=SC2086
 run stream 60 env JAX_PLATFORMS=$platform python3 bench/step_gap.py $gap_args --stream-only \
   --read-threads 1,2,4,8,16 --dtype bfloat16
+# AuxK's cost: no latent dead, then 300 (its compact variant) and 3,000 (its sparse one) dead.
+# shellcheck disable=SC2086
+run auxk 90 python3 bench/train_throughput.py --features $parts_widths --batches $parts_batches \
+  --archs topk batchtopk --dead-latents 0 300 3000 --repeats $reps
 # shellcheck disable=SC2086
 run lm_1b 200 python3 bench/generate_throughput.py --weights random --model 1b \
   --dtype bfloat16 $lm_large --reps $reps --mfu --peak-tflops "$peak"

@@ -8,6 +8,12 @@ fraction of the *floor* (in wall and in CPU seconds): the time the encoder's for
 n_features FLOPs) takes at the dense matmul rate measured in the same run on the same shapes.
 A TopK step at 100 % of the floor would cost nothing beyond that one unavoidable matmul.
 
+No latent is dead in those rows, so AuxK (TopK's and BatchTopK's dead-latent loss) never runs;
+in a real run it runs on nearly every step. ``--dead-latents 300 1000 3000`` adds TopK and
+BatchTopK rows with that many latents dead before each step: ``auxk trainer`` is the trainer's
+step (AuxK's compact variant while at most ``4 * k_aux`` latents are dead, its sparse one past
+that), ``auxk sparse`` the step compiled with the sparse variant.
+
 The inputs are standard normal, so every pre-activation starts as N(0, 1). JumpReLU's threshold
 starts where that leaves about ``k`` latents active per token (a trained model's sparsity, not the
 half of all latents its default 0.001 gives); the ``l0`` column is the step's measured L0, and
@@ -120,11 +126,22 @@ def _selection_fn(arch, program: TrainProgram) -> Callable:
 
 
 def step_and_matmul_seconds(
-    cfg, batch: int, d_model: int, repeats: int, b_enc: float | None = None, parts: bool = False
+    cfg,
+    batch: int,
+    d_model: int,
+    repeats: int,
+    b_enc: float | None = None,
+    parts: bool = False,
+    dead: int = 0,
+    auxk: str = "trainer",
 ) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
     """Best (wall, CPU) seconds of the train step (``"step"``) and of the encoder's matmul at
     the step's dtype (``"matmul"``), and with ``parts`` of each part alone (module docstring),
-    all timed alternately; and the step's last metrics."""
+    all timed alternately; and the step's last metrics.
+
+    ``dead`` latents (random ones) count as dead before every step; with ``auxk`` "trainer"
+    the step is the trainer's (its AuxK variant picked on the device), with "sparse" the one
+    compiled with AuxK's sparse variant."""
     mesh = make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
     arch = get_architecture(cfg, d_model)
     program = TrainProgram(arch, OptimizerConfig(lr=4e-4), 1000, batch, mesh, 1.0)
@@ -134,11 +151,19 @@ def step_and_matmul_seconds(
         init = init._replace(params=jax.device_put(params, program.param_shardings))
     state = {"s": init}
     x = program.global_batch_array(np.random.default_rng(0).normal(size=(batch, d_model)))
-    step = program.step_fn(any_dead=False)
+    if dead:
+        since = np.zeros(cfg.n_features, np.int32)
+        since[np.random.default_rng(1).permutation(cfg.n_features)[:dead]] = program.dead_window
+        step = program.step_fn() if auxk == "trainer" else program.step_fn(any_dead=True)
+    else:
+        step = program.step_fn(any_dead=False)
 
     last: dict[str, float] = {}
 
     def run_step() -> None:
+        if dead:  # the same latents dead before every step (a step may revive some)
+            sharding = state["s"].tokens_since_fired.sharding
+            state["s"] = state["s"]._replace(tokens_since_fired=jax.device_put(since, sharding))
         state["s"], metrics = step(state["s"], x)
         last.update(jax.device_get(metrics))
 
@@ -237,6 +262,16 @@ def main() -> None:
         type=int,
         help="JumpReLU and ReLU-L1: sparse_l0_bound instead of the config's default",
     )
+    parser.add_argument(
+        "--dead-latents",
+        type=int,
+        nargs="+",
+        default=[0],
+        help=(
+            "TopK and BatchTopK: also time steps with this many latents dead, so AuxK runs "
+            "(a row for the trainer's step and one for AuxK's sparse variant; 0: none dead)"
+        ),
+    )
     args = parser.parse_args()
     if args.accelerator_block:
         topk_select.accelerator_block = lambda n, k: args.accelerator_block
@@ -287,7 +322,8 @@ def main() -> None:
         f", d_model {d}, k {args.k}, best of {args.repeats}, host allocator: {allocator}"
     )
     header = (
-        f"{'arch':<20} {'enc':>4} {'features':>9} {'batch':>6} {'step ms':>9} {'tokens/s':>10} "
+        f"{'arch':<20} {'enc':>4} {'features':>9} {'batch':>6} {'dead':>6} {'auxk':>7} "
+        f"{'step ms':>9} {'tokens/s':>10} "
         f"{'matmul ms':>9} {'TFLOP/s':>8} {'% of floor':>10} {'(CPU s)':>8} {'l0':>7} {'dense':>5}"
     )
     if args.parts:
@@ -296,11 +332,17 @@ def main() -> None:
     print("-" * len(header))
     for f, b in zip(args.features, batches, strict=True):
         for name in args.archs:
-            for encoder_dtype in args.encoder_dtypes:
+            for encoder_dtype, dead, auxk in [
+                (dtype, n_dead, auxk)
+                for dtype in args.encoder_dtypes
+                for n_dead in args.dead_latents
+                for auxk in (["-"] if n_dead == 0 else ["trainer", "sparse"])
+                if n_dead == 0 or name in ("topk", "batchtopk")
+            ]:
                 cfg = configs[name](f).model_copy(update={"encoder_dtype": encoder_dtype})
                 try:
                     times, metrics = step_and_matmul_seconds(
-                        cfg, b, d, args.repeats, b_enc(name, f), args.parts
+                        cfg, b, d, args.repeats, b_enc(name, f), args.parts, dead, auxk
                     )
                 except Exception as e:  # e.g. out of device memory: report it, go on
                     reason = str(e).strip().splitlines()[0][:150]
@@ -310,7 +352,8 @@ def main() -> None:
                 tflops = 2 * b * d * f / mm / 1e12
                 line = (
                     f"{name:<20} {'bf16' if encoder_dtype == 'bfloat16' else 'f32':>4} {f:>9} "
-                    f"{b:>6} {t * 1e3:>9.2f} {b / t:>10.0f} {mm * 1e3:>9.2f} {tflops:>8.1f} "
+                    f"{b:>6} {dead:>6} {auxk:>7} {t * 1e3:>9.2f} {b / t:>10.0f} {mm * 1e3:>9.2f} "
+                    f"{tflops:>8.1f} "
                     f"{100 * mm / t:>9.1f}% {100 * mm_cpu / t_cpu:>7.1f}% "
                     f"{float(metrics['l0']):>7.1f} "
                     f"{'yes' if metrics.get('dense_fallback', 0) else 'no':>5}"

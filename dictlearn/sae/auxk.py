@@ -6,9 +6,12 @@ pre-activations of each token reconstruct the residual ``x - x_hat`` of the main
 averaged over tokens), joins the loss, pulling dead latents back. The logged ``aux_loss`` is the
 same error divided by the residual's variance (1: the dead latents explain none of it).
 
-TopK and BatchTopK use it the same way: the dead latents' top-``k_aux`` shares the encoder
-matmul's chunked pass with the main selection (``topk.local_top_k_candidates`` takes both
-requests), and the auxiliary decoder and its backward pass touch only the picked latents.
+TopK and BatchTopK use it the same way, in one of two exact variants (``WithAuxK``): with at
+most ``4 * k_aux`` latents dead, the usual case, dense matmuls over the dead latents' gathered
+columns; past that, the dead latents' top-``k_aux`` shares the encoder matmul's chunked pass with
+the main selection (``topk.local_top_k_candidates`` takes both requests), and the auxiliary
+decoder and its backward pass gather only the picked latents. The trainer's step holds both and
+picks on the device, from the dead count (``TrainProgram.step_fn``).
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ import jax
 import jax.numpy as jnp
 from pydantic import Field
 
-from dictlearn.sae.base import BaseSAEConfig, LossContext, Params, global_sum
+from dictlearn.sae.base import (
+    BaseSAEConfig,
+    LossContext,
+    Params,
+    encoder_matmul,
+    global_sum,
+    with_encoder_dtype,
+)
 from dictlearn.sae.sparse import sparse_topk_forward
-from dictlearn.sae.topk_select import Selection, select_shard_winners
+from dictlearn.sae.topk_select import Selection, select_shard_winners, top_k
 from sharding import FEATURES, mesh_axis
 
 
@@ -56,8 +66,23 @@ class AuxKConfig(BaseSAEConfig):
     )
 
 
+DENSE_AUX_CAPACITY_PER_K_AUX = 4
+"""The compact AuxK variant runs while at most this many times ``k_aux`` latents are dead."""
+
+
 class WithAuxK:
-    """Architecture mixin: the AuxK request, switch and loss term for an ``AuxKConfig``."""
+    """Architecture mixin: the AuxK request, switch and loss term for an ``AuxKConfig``.
+
+    Two exact ways to the same loss and gradients:
+
+    - **sparse** (any number of dead latents): the dead latents' top-``k_aux`` per token comes
+      from the encoder's chunked pass over all latents, and the auxiliary decoder and its
+      backward pass gather the ``k_aux`` picked rows per token (``sparse_topk_forward``);
+    - **compact** (at most ``dense_dead_capacity`` dead, the usual case): the dead latents'
+      columns are gathered once per step and everything runs as dense matmuls over them. On
+      CPU at 16,384 latents and k_aux 256 the sparse variant more than doubled a TopK step;
+      per-token gathers of 256 rows cost far more than matmuls over ~1,000 columns.
+    """
 
     config: AuxKConfig
 
@@ -69,6 +94,18 @@ class WithAuxK:
     def k_aux(self) -> int:
         """Dead latents AuxK picks per token over all shards: ``k_aux``, at most every latent."""
         return min(self.config.k_aux, self.config.n_features)
+
+    @property
+    def dense_dead_capacity(self) -> int:
+        return min(DENSE_AUX_CAPACITY_PER_K_AUX * self.k_aux, self.config.n_features)
+
+    def aux_requests(
+        self, b_enc: jax.Array, dead: jax.Array, ctx: LossContext
+    ) -> list[tuple[int, jax.Array]]:
+        """What AuxK adds to the encoder pass's requests: the sparse variant's one request."""
+        if not (self.uses_dead_latents and ctx.any_dead) or ctx.dead_capacity:
+            return []
+        return [self.dead_candidates_request(b_enc, dead)]
 
     def dead_candidates_request(self, b_enc: jax.Array, dead: jax.Array) -> tuple[int, jax.Array]:
         """The ``(k, bias)`` request for ``local_top_k_candidates``: this shard's top dead latents.
@@ -84,12 +121,16 @@ class WithAuxK:
         params: Params,
         x: jax.Array,
         x_hat: jax.Array,
-        candidates: tuple[jax.Array, jax.Array],
+        dead: jax.Array,
+        candidates: list[tuple[jax.Array, jax.Array]],
         ctx: LossContext,
     ) -> tuple[jax.Array, jax.Array]:
-        """Error of reconstructing the residual from the dead candidates' ``k_aux`` winners: in
+        """Error of reconstructing the residual from the dead latents' ``k_aux`` winners: in
         the reconstruction loss's units (what the loss adds), and divided by the residual's
-        variance (the metric).
+        variance (the metric); ``(0, 0)`` on a step compiled without dead latents.
+
+        ``candidates`` are the encoder pass's answers to :meth:`aux_requests` (empty for the
+        compact variant).
 
         The loss term is in the main loss's units, so that ``aux_coef`` weighs the same against
         the reconstruction at any d_model and input scale (sparsify adds ``auxk_alpha`` x this
@@ -99,21 +140,62 @@ class WithAuxK:
         died mid-run under Adam, whose second moments still remembered their live gradients,
         got almost no pull back (bench/planted_quality.py; docs/planted_quality.md).
         """
-        selection: Selection = select_shard_winners(*candidates, k=self.k_aux)
-        residual = jax.lax.stop_gradient(x - x_hat)
-        # Fewer than k_aux dead latents on a shard: the -inf picks are not dead, drop them.
-        mask = selection.mask & jnp.isfinite(selection.values)
-        _, partial = sparse_topk_forward(
-            params,
-            x,
-            selection._replace(mask=mask),
-            straight_through=self.config.aux_gradient == "straight_through",
-        )
+        if not (self.uses_dead_latents and ctx.any_dead):
+            return jnp.float32(0.0), jnp.float32(0.0)
+        straight_through = self.config.aux_gradient == "straight_through"
+        if ctx.dead_capacity:
+            partial = self._compact_aux_partial(
+                params, x, dead, ctx.dead_capacity, straight_through
+            )
+        else:
+            (candidates_dead,) = candidates
+            selection: Selection = select_shard_winners(*candidates_dead, k=self.k_aux)
+            # Fewer than k_aux dead latents on a shard: the -inf picks are not dead, drop them.
+            mask = selection.mask & jnp.isfinite(selection.values)
+            _, partial = sparse_topk_forward(
+                params, x, selection._replace(mask=mask), straight_through=straight_through
+            )
         aux_hat = jax.lax.psum(partial, mesh_axis(FEATURES))
+        residual = jax.lax.stop_gradient(x - x_hat)
         err = global_sum(jnp.sum((aux_hat - residual) ** 2))
         mean_res = global_sum(jnp.sum(residual, axis=0)) / ctx.global_batch
         var = global_sum(jnp.sum((residual - mean_res) ** 2))
         return err / ctx.global_batch, err / jnp.maximum(var, 1e-12)
+
+    def _compact_aux_partial(
+        self, params: Params, x: jax.Array, dead: jax.Array, capacity: int, straight_through: bool
+    ) -> jax.Array:
+        """This shard's AuxK reconstruction by dense matmuls over its (at most ``capacity``)
+        dead latents' gathered columns; the same winners, values and gradients as the sparse
+        variant's per-token gathers."""
+        slots = min(capacity, dead.shape[0])
+        (dead_index,) = jnp.nonzero(dead, size=slots, fill_value=0)
+        real = jnp.arange(slots) < jnp.sum(dead)
+        w_enc = params["W_enc"][:, dead_index]
+        encoder_params = {"W_enc": w_enc, "b_dec": params["b_dec"]}
+        if self.config.encoder_dtype != "float32":
+            # The selection's pre-activations at the encoder's dtype, as the sparse variant's
+            # chunked pass computes them; gradients flow through the float32 product below.
+            ranked = encoder_matmul(
+                with_encoder_dtype(encoder_params, self.config.encoder_dtype), x
+            )
+            ranked = jax.lax.stop_gradient(ranked)
+            pre = encoder_matmul(encoder_params, x)
+            pre = ranked + (pre - jax.lax.stop_gradient(pre))
+        else:
+            pre = encoder_matmul(encoder_params, x)
+        pre = pre + params["b_enc"][dead_index]
+        k = min(self.config.k_aux, slots)
+        values, slot = top_k(jax.lax.stop_gradient(pre), k, jnp.where(real, 0.0, -jnp.inf))
+        selection = select_shard_winners(values, slot, k=self.k_aux)
+        won = selection.mask & jnp.isfinite(selection.values)
+        rows = jnp.arange(pre.shape[0])[:, None]
+        # Unmasked slots hold garbage indices that may repeat a winner's: add, never overwrite.
+        chosen = jnp.zeros(pre.shape, jnp.int32).at[rows, selection.indices].add(won) > 0
+        active = jax.nn.relu(pre)
+        if straight_through:
+            active = pre + jax.lax.stop_gradient(active - pre)
+        return jnp.where(chosen, active, 0.0) @ params["W_dec"][dead_index]
 
 
 __all__ = ["AuxKConfig", "WithAuxK"]

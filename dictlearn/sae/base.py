@@ -128,6 +128,11 @@ class LossContext(NamedTuple):
     """Static: some latent is dead, so dead-latent losses (AuxK) must be computed. The trainer
     compiles one step per value and picks on the host, so steps without dead latents pay
     nothing for them (a ``lax.cond`` still costs a full extra pass here)."""
+    dead_capacity: int = 0
+    """Static, with ``any_dead``: at most this many latents are dead in all (0: any number). An
+    architecture whose ``dense_dead_capacity`` is this value may then compute its dead-latent
+    loss over that many compacted latents per shard (AuxK: dense matmuls over the dead latents
+    instead of a per-token selection among all latents and its gathers)."""
     inference: bool = False
     """Static: score the model as it is used after training (the held-out evaluation). An
     architecture whose training-time selection differs from its exported rule (BatchTopK's
@@ -146,6 +151,12 @@ class Architecture(abc.ABC):
     def uses_dead_latents(self) -> bool:
         """Whether the loss changes when latents are dead (then two step variants compile)."""
         return False
+
+    @property
+    def dense_dead_capacity(self) -> int:
+        """Most dead latents for which the dead-latent loss has a compact variant (0: none).
+        The trainer runs it (``LossContext.dead_capacity``) on steps with that few dead."""
+        return 0
 
     @property
     def lr_multipliers(self) -> dict[str, float]:

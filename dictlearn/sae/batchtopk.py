@@ -312,10 +312,7 @@ class BatchTopK(WithAuxK, Architecture):
             return self._inference_loss(params, x, state, ctx)
         n_local = params["b_enc"].shape[0]
         m = self._candidates(n_local)
-        requests = [(m, params["b_enc"])]
-        with_aux = self.uses_dead_latents and ctx.any_dead
-        if with_aux:
-            requests.append(self.dead_candidates_request(params["b_enc"], dead))
+        requests = [(m, params["b_enc"]), *self.aux_requests(params["b_enc"], dead, ctx)]
         candidates = local_top_k_candidates(
             params, x, requests, encoder_dtype=self.config.encoder_dtype
         )
@@ -362,9 +359,7 @@ class BatchTopK(WithAuxK, Architecture):
         min_selected = jax.lax.pmin(
             jax.lax.pmin(min_selected, mesh_axis(FEATURES)), mesh_axis(BATCH)
         )
-        aux, aux_normalised = (
-            self.aux_loss(params, x, x_hat, candidates[1], ctx) if with_aux else (0.0, 0.0)
-        )
+        aux, aux_normalised = self.aux_loss(params, x, x_hat, dead, candidates[1:], ctx)
         loss = recon + self.config.aux_coef * aux
         metrics |= {
             "loss": loss,

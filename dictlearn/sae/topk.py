@@ -127,9 +127,7 @@ class TopK(WithAuxK, Architecture):
         # A shard holds at most min(k, n_local) of a token's k winners: that many candidates
         # per shard make the merged selection the single-device one whatever the mesh.
         requests = [(min(cfg.k, n_local), params["b_enc"])]
-        with_aux = self.uses_dead_latents and ctx.any_dead
-        if with_aux:
-            requests.append(self.dead_candidates_request(params["b_enc"], dead))
+        requests += self.aux_requests(params["b_enc"], dead, ctx)
         candidates = local_top_k_candidates(params, x, requests, encoder_dtype=cfg.encoder_dtype)
         selection = select_shard_winners(*candidates[0], k=cfg.k)
         values, partial = sparse_topk_forward(params, x, selection)
@@ -143,9 +141,7 @@ class TopK(WithAuxK, Architecture):
         )
         fire_counts = global_sum(fire)
 
-        aux, aux_normalised = (
-            self.aux_loss(params, x, x_hat, candidates[1], ctx) if with_aux else (0.0, 0.0)
-        )
+        aux, aux_normalised = self.aux_loss(params, x, x_hat, dead, candidates[1:], ctx)
         loss = recon + cfg.aux_coef * aux
         metrics |= {"aux_loss": jnp.asarray(aux_normalised, jnp.float32), "loss": loss}
         return loss, LocalOutputs(metrics=metrics, fire_counts=fire_counts, state_stats={})

@@ -107,9 +107,10 @@ class TrainProgram:
         """The jitted ``train_step(state, batch) -> (state, metrics)`` (state donated).
 
         ``any_dead`` picks how dead-latent losses (AuxK) are switched: None (the trainer's) on
-        the device, from the state, so the host never waits on a step to dispatch the next;
-        True / False compile them always / never (for memory plans and tests). Each value
-        compiles once, on first use.
+        the device, from the state, so the host never waits on a step to dispatch the next
+        (with at most ``arch.dense_dead_capacity`` dead latents, their compact variant);
+        True / False compile them always (their variant for any number of dead latents) /
+        never, for memory plans and tests. Each value compiles once, on first use.
         """
         if any_dead is not None:
             any_dead = bool(any_dead) and self.arch.uses_dead_latents
@@ -194,7 +195,17 @@ class TrainProgram:
             tokens_since_fired=jnp.zeros((self.arch.config.n_features,), jnp.int32),
         )
 
-    def _loss(self, params, arch_state, dead, x, sparsity_scale, any_dead=False, inference=False):
+    def _loss(
+        self,
+        params,
+        arch_state,
+        dead,
+        x,
+        sparsity_scale,
+        any_dead=False,
+        inference=False,
+        dead_capacity=0,
+    ):
         arch, ctx_batch = self.arch, self.global_batch
         param_specs = {k: s.spec for k, s in self.param_shardings.items()}
         if self.mesh.shape[DATA] == 1:
@@ -207,6 +218,7 @@ class TrainProgram:
                 global_batch=ctx_batch,
                 sparsity_scale=sparsity_scale,
                 any_dead=any_dead,
+                dead_capacity=dead_capacity,
                 inference=inference,
             )
             return arch.local_loss(params, x, arch_state, dead, ctx)
@@ -243,18 +255,27 @@ class TrainProgram:
                 # (schedule-free) parameters before every forward; the average is not projected.
                 point = point | {"W_dec": renormalise_rows(point["W_dec"])}
 
-        def loss_and_grads(with_dead: bool):
-            return jax.value_and_grad(partial(self._loss, any_dead=with_dead), has_aux=True)
+        def loss_and_grads(with_dead: bool, dead_capacity: int = 0):
+            return jax.value_and_grad(
+                partial(self._loss, any_dead=with_dead, dead_capacity=dead_capacity),
+                has_aux=True,
+            )
 
         operands = (point, state.arch_state, dead, x, scale)
         if any_dead is None and self.dead_latents_possible:
-            # Both variants in one program and the device picks: the host never reads a step's
-            # result to dispatch the next. The cond wraps the whole gradient, not just the
+            # All variants in one program and the device picks: the host never reads a step's
+            # result to dispatch the next. The switch wraps the whole gradient, not just the
             # dead-latent terms: around those alone, the untaken branch still writes zeros for
             # the other's residuals and gradients (parameter-sized, ~10% of a step on CPU).
-            out = jax.lax.cond(
-                jnp.any(dead), loss_and_grads(True), loss_and_grads(False), *operands
-            )
+            # With few dead latents (the usual case) the loss's compact variant runs.
+            n_dead = jnp.sum(dead)
+            variants = [loss_and_grads(False), loss_and_grads(True)]
+            branch = (n_dead > 0).astype(jnp.int32)
+            capacity = self.arch.dense_dead_capacity
+            if capacity:
+                variants.append(loss_and_grads(True, capacity))
+                branch = jnp.where((n_dead > 0) & (n_dead <= capacity), 2, branch)
+            out = jax.lax.switch(branch, variants, *operands)
         else:
             out = loss_and_grads(bool(any_dead))(*operands)
         (_, (metrics, fire_counts, stats)), grads = out

@@ -65,14 +65,24 @@ def _batch(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(BATCH, D_MODEL)).astype(np.float32)
 
 
-def _loss_and_grads(program: TrainProgram, dead: np.ndarray, any_dead: bool):
+def _loss_and_grads(
+    program: TrainProgram, dead: np.ndarray, any_dead: bool, dead_capacity: int = 0
+):
     state = program.init(jax.random.key(0), jnp.asarray(_batch(0).mean(0)))
     x = program.global_batch_array(_batch(1) * program.norm_scale)
 
     @jax.jit
     def run(params):
         def loss(p):
-            return program._loss(p, state.arch_state, jnp.asarray(dead), x, 1.0, any_dead)
+            return program._loss(
+                p,
+                state.arch_state,
+                jnp.asarray(dead),
+                x,
+                1.0,
+                any_dead,
+                dead_capacity=dead_capacity,
+            )
 
         return jax.value_and_grad(loss, has_aux=True)(params)
 
@@ -245,3 +255,56 @@ def test_parameter_gradients_are_all_reduced_only_across_data_replicas(mesh_name
     reduced = " ".join(_all_reduced_shapes(program))
     weights_reduced = any(shape in reduced for shape in weight_shapes)
     assert weights_reduced == (mesh_config.data > 1), reduced
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+@pytest.mark.parametrize("n_dead", [3, 20, 32])
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "topk_bf16"])
+def test_compact_auxk_equals_the_sparse_variant(name: str, n_dead: int, mesh_name: str) -> None:
+    """With few dead latents AuxK runs as dense matmuls over them: the same loss, metrics and
+    gradients as the per-token sparse variant, with fewer dead latents than ``k_aux`` (8), more,
+    and as many as the compact variant holds (32 = 4 x k_aux)."""
+    program = _program(name, mesh_name)
+    capacity = program.arch.dense_dead_capacity
+    assert capacity == 32
+    dead = np.zeros(N_FEATURES, bool)
+    dead[np.random.default_rng(n_dead).permutation(N_FEATURES)[:n_dead]] = True
+    sparse = _loss_and_grads(program, dead, any_dead=True)
+    compact = _loss_and_grads(program, dead, any_dead=True, dead_capacity=capacity)
+    (ref_loss, ref_metrics, ref_fire, ref_grads), (loss, metrics, fire, grads) = sparse, compact
+    assert ref_metrics["aux_loss"] > 0
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert metrics.keys() == ref_metrics.keys()
+    for key in metrics:
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(fire, ref_fire)
+    for key, ref_grad in ref_grads.items():
+        scale = np.max(np.abs(ref_grad))
+        np.testing.assert_allclose(grads[key], ref_grad, rtol=0, atol=1e-5 * scale, err_msg=key)
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_train_step_switches_to_compact_auxk_with_the_same_result(mesh_name: str) -> None:
+    """The trainer's step (its variant picked on the device) with 20 dead latents, within the
+    compact variant's 32, gives the state of the step compiled with the sparse variant."""
+    program = _program("topk", mesh_name)
+    dead = np.zeros(N_FEATURES, bool)
+    dead[np.random.default_rng(3).permutation(N_FEATURES)[:20]] = True
+    finals = []
+    for step in (program.step_fn(), program.step_fn(any_dead=True)):
+        state = program.init(jax.random.key(0), jnp.asarray(_batch(0).mean(0)))
+        since = np.where(dead, program.dead_window, 0).astype(np.int32)
+        state = state._replace(
+            tokens_since_fired=jax.device_put(since, state.tokens_since_fired.sharding)
+        )
+        state, metrics = step(state, program.global_batch_array(_batch(1)))
+        finals.append((unsharded_copy(state), unsharded_copy(metrics)))
+    (ref_state, ref_metrics), (state, metrics) = finals
+    assert ref_metrics["aux_loss"] > 0
+    for key in ("loss", "aux_loss", "fvu"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+    for key in ref_state.params:
+        np.testing.assert_allclose(
+            state.params[key], ref_state.params[key], rtol=0, atol=1e-6, err_msg=key
+        )
+    np.testing.assert_array_equal(state.tokens_since_fired, ref_state.tokens_since_fired)

@@ -325,7 +325,8 @@ def test_compiled_sharded_step_never_gathers_the_feature_axis() -> None:
     """No all-gather in the compiled TopK step outputs anything near [batch, n_features]."""
     d, f, b = 32, 4096, 256
     mesh = _mesh(2, 4)
-    for any_dead in (False, True):
+    # None: the trainer's step, which holds the no-AuxK, sparse-AuxK and compact-AuxK variants.
+    for any_dead in (False, True, None):
         program = TrainProgram(
             get_architecture(TopKConfig(n_features=f, k=16, k_aux=64), d),
             OptimizerConfig(lr=4e-4),
