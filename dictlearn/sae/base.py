@@ -125,9 +125,10 @@ class LossContext(NamedTuple):
     sparsity_scale: jax.Array | float = 1.0
     """Multiplier on the sparsity penalty in [0, 1] (its warm-up); traced inside the step."""
     any_dead: bool = False
-    """Static: some latent is dead, so dead-latent losses (AuxK) must be computed. The trainer
-    compiles one step per value and picks on the host, so steps without dead latents pay
-    nothing for them (a ``lax.cond`` still costs a full extra pass here)."""
+    """Static: some latent is dead, so dead-latent losses (AuxK) must be computed. The
+    trainer's step holds a variant of the whole gradient per value and picks on the device
+    (``TrainProgram.step_fn``), so steps without dead latents pay nothing for them (a
+    ``lax.cond`` around the loss term alone would still cost a full extra pass)."""
     dead_capacity: int = 0
     """Static, with ``any_dead``: at most this many latents are dead in all (0: any number). An
     architecture whose ``dense_dead_capacity`` is this value may then compute its dead-latent
@@ -149,7 +150,8 @@ class Architecture(abc.ABC):
 
     @property
     def uses_dead_latents(self) -> bool:
-        """Whether the loss changes when latents are dead (then two step variants compile)."""
+        """Whether the loss changes when latents are dead (then the step holds a variant with
+        and one without dead-latent losses, and a compact one if ``dense_dead_capacity``)."""
         return False
 
     @property
