@@ -99,11 +99,16 @@ class WithAuxK:
     def dense_dead_capacity(self) -> int:
         return min(DENSE_AUX_CAPACITY_PER_K_AUX * self.k_aux, self.config.n_features)
 
+    def _runs(self, ctx: LossContext) -> bool:
+        """Whether this step computes AuxK (it is on, and the step was compiled with dead
+        latents)."""
+        return self.uses_dead_latents and ctx.any_dead
+
     def aux_requests(
         self, b_enc: jax.Array, dead: jax.Array, ctx: LossContext
     ) -> list[tuple[int, jax.Array]]:
         """What AuxK adds to the encoder pass's requests: the sparse variant's one request."""
-        if not (self.uses_dead_latents and ctx.any_dead) or ctx.dead_capacity:
+        if not self._runs(ctx) or ctx.few_dead:
             return []
         return [self.dead_candidates_request(b_enc, dead)]
 
@@ -140,13 +145,11 @@ class WithAuxK:
         died mid-run under Adam, whose second moments still remembered their live gradients,
         got almost no pull back (bench/planted_quality.py; docs/planted_quality.md).
         """
-        if not (self.uses_dead_latents and ctx.any_dead):
+        if not self._runs(ctx):
             return jnp.float32(0.0), jnp.float32(0.0)
         straight_through = self.config.aux_gradient == "straight_through"
-        if ctx.dead_capacity:
-            partial = self._compact_aux_partial(
-                params, x, dead, ctx.dead_capacity, straight_through
-            )
+        if ctx.few_dead:
+            partial = self._compact_aux_partial(params, x, dead, straight_through)
         else:
             (candidates_dead,) = candidates
             selection: Selection = select_shard_winners(*candidates_dead, k=self.k_aux)
@@ -163,12 +166,12 @@ class WithAuxK:
         return err / ctx.global_batch, err / jnp.maximum(var, 1e-12)
 
     def _compact_aux_partial(
-        self, params: Params, x: jax.Array, dead: jax.Array, capacity: int, straight_through: bool
+        self, params: Params, x: jax.Array, dead: jax.Array, straight_through: bool
     ) -> jax.Array:
-        """This shard's AuxK reconstruction by dense matmuls over its (at most ``capacity``)
-        dead latents' gathered columns; the same winners, values and gradients as the sparse
-        variant's per-token gathers."""
-        slots = min(capacity, dead.shape[0])
+        """This shard's AuxK reconstruction by dense matmuls over its (at most
+        ``dense_dead_capacity``) dead latents' gathered columns; the same winners, values and
+        gradients as the sparse variant's per-token gathers."""
+        slots = min(self.dense_dead_capacity, dead.shape[0])
         (dead_index,) = jnp.nonzero(dead, size=slots, fill_value=0)
         real = jnp.arange(slots) < jnp.sum(dead)
         w_enc = params["W_enc"][:, dead_index]

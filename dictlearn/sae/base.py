@@ -129,11 +129,11 @@ class LossContext(NamedTuple):
     trainer's step holds a variant of the whole gradient per value and picks on the device
     (``TrainProgram.step_fn``), so steps without dead latents pay nothing for them (a
     ``lax.cond`` around the loss term alone would still cost a full extra pass)."""
-    dead_capacity: int = 0
-    """Static, with ``any_dead``: at most this many latents are dead in all (0: any number). An
-    architecture whose ``dense_dead_capacity`` is this value may then compute its dead-latent
-    loss over that many compacted latents per shard (AuxK: dense matmuls over the dead latents
-    instead of a per-token selection among all latents and its gathers)."""
+    few_dead: bool = False
+    """Static, with ``any_dead``: at most the architecture's ``dense_dead_capacity`` latents are
+    dead in all, so it may compute its dead-latent loss over that many compacted latents per
+    shard (AuxK: dense matmuls over the dead latents instead of a per-token selection among all
+    latents and its gathers)."""
     inference: bool = False
     """Static: score the model as it is used after training (the held-out evaluation). An
     architecture whose training-time selection differs from its exported rule (BatchTopK's
@@ -157,7 +157,7 @@ class Architecture(abc.ABC):
     @property
     def dense_dead_capacity(self) -> int:
         """Most dead latents for which the dead-latent loss has a compact variant (0: none).
-        The trainer runs it (``LossContext.dead_capacity``) on steps with that few dead."""
+        The trainer runs it (``LossContext.few_dead``) on steps with that few dead."""
         return 0
 
     @property

@@ -204,7 +204,7 @@ class TrainProgram:
         sparsity_scale,
         any_dead=False,
         inference=False,
-        dead_capacity=0,
+        few_dead=False,
     ):
         arch, ctx_batch = self.arch, self.global_batch
         param_specs = {k: s.spec for k, s in self.param_shardings.items()}
@@ -218,7 +218,7 @@ class TrainProgram:
                 global_batch=ctx_batch,
                 sparsity_scale=sparsity_scale,
                 any_dead=any_dead,
-                dead_capacity=dead_capacity,
+                few_dead=few_dead,
                 inference=inference,
             )
             return arch.local_loss(params, x, arch_state, dead, ctx)
@@ -255,9 +255,9 @@ class TrainProgram:
                 # (schedule-free) parameters before every forward; the average is not projected.
                 point = point | {"W_dec": renormalise_rows(point["W_dec"])}
 
-        def loss_and_grads(with_dead: bool, dead_capacity: int = 0):
+        def loss_and_grads(with_dead: bool, few_dead: bool = False):
             return jax.value_and_grad(
-                partial(self._loss, any_dead=with_dead, dead_capacity=dead_capacity),
+                partial(self._loss, any_dead=with_dead, few_dead=few_dead),
                 has_aux=True,
             )
 
@@ -273,7 +273,7 @@ class TrainProgram:
             branch = (n_dead > 0).astype(jnp.int32)
             capacity = self.arch.dense_dead_capacity
             if capacity:
-                variants.append(loss_and_grads(True, capacity))
+                variants.append(loss_and_grads(True, few_dead=True))
                 branch = jnp.where((n_dead > 0) & (n_dead <= capacity), 2, branch)
             out = jax.lax.switch(branch, variants, *operands)
         else:

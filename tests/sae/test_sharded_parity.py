@@ -66,7 +66,7 @@ def _batch(seed: int) -> np.ndarray:
 
 
 def _loss_and_grads(
-    program: TrainProgram, dead: np.ndarray, any_dead: bool, dead_capacity: int = 0
+    program: TrainProgram, dead: np.ndarray, any_dead: bool, few_dead: bool = False
 ):
     state = program.init(jax.random.key(0), jnp.asarray(_batch(0).mean(0)))
     x = program.global_batch_array(_batch(1) * program.norm_scale)
@@ -81,7 +81,7 @@ def _loss_and_grads(
                 x,
                 1.0,
                 any_dead,
-                dead_capacity=dead_capacity,
+                few_dead=few_dead,
             )
 
         return jax.value_and_grad(loss, has_aux=True)(params)
@@ -270,12 +270,11 @@ def test_compact_auxk_equals_the_sparse_variant(name: str, n_dead: int, mesh_nam
     gradients as the per-token sparse variant, with fewer dead latents than ``k_aux`` (8), more,
     and as many as the compact variant holds (32 = 4 x k_aux)."""
     program = _program(name, mesh_name)
-    capacity = program.arch.dense_dead_capacity
-    assert capacity == 32
+    assert program.arch.dense_dead_capacity == 32
     dead = np.zeros(N_FEATURES, bool)
     dead[np.random.default_rng(n_dead).permutation(N_FEATURES)[:n_dead]] = True
     sparse = _loss_and_grads(program, dead, any_dead=True)
-    compact = _loss_and_grads(program, dead, any_dead=True, dead_capacity=capacity)
+    compact = _loss_and_grads(program, dead, any_dead=True, few_dead=True)
     assert sparse[1]["aux_loss"] > 0
     _assert_same_loss_and_grads(compact, sparse)
 
