@@ -273,6 +273,9 @@ def main() -> None:
         ),
     )
     args = parser.parse_args()
+    if args.parts and any(args.dead_latents):
+        # The parts are timed as separate programs on the step's state, without AuxK.
+        parser.error("--parts times the step's parts without AuxK: use it without --dead-latents")
     if args.accelerator_block:
         topk_select.accelerator_block = lambda n, k: args.accelerator_block
     if args.encode_chunk_tokens:
